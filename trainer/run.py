@@ -1,0 +1,52 @@
+"""`python -m trainer.run`: one harness run from the command line, as the runners invoke it.
+
+Prints the summary block and exits 0 for `ok`, 1 for `crash`, 3 for `timeout`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from trainer.harness import run
+from trainer.result import summary_block
+
+EXIT_CODES = {"ok": 0, "crash": 1, "timeout": 3}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m trainer.run", description=__doc__.splitlines()[0])
+    p.add_argument("--script", type=Path, required=True, help="the train.py to run")
+    p.add_argument("--data", type=Path, required=True, help="a prepared data directory (manifest.json)")
+    p.add_argument("--budget-s", type=float, required=True, help="training time budget, seconds")
+    p.add_argument("--out", type=Path, required=True, help="where to write result.json")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scale", type=json.loads, default={}, help='JSON overrides for ctx.scale, e.g. \'{"depth": 12}\'')
+    p.add_argument("--eval-tokens", type=int, default=None, help="validation tokens to score (default by device)")
+    p.add_argument("--seq-len", type=int, default=None, help="context length (default by device)")
+    p.add_argument("--grace-s", type=float, default=None, help="seconds past the budget before a timeout "
+                   "(default 60 + budget/2)")
+    p.add_argument("--curve", type=Path, default=None, help="training curve JSONL (default beside --out)")
+    p.add_argument("--warmup-steps", type=int, default=None, help="steps not counted against the budget")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    if not isinstance(a.scale, dict):
+        print("--scale must be a JSON object", file=sys.stderr)
+        return 2
+    res = run(script=a.script, data_dir=a.data, budget_s=a.budget_s, out=a.out, device=a.device, seed=a.seed,
+              scale=a.scale, eval_tokens=a.eval_tokens, seq_len=a.seq_len, grace_s=a.grace_s, curve=a.curve,
+              warmup_steps=a.warmup_steps)
+    if res.log_tail and res.status != "ok":
+        print("\n".join(res.log_tail), file=sys.stderr)
+    print(summary_block(res), flush=True)
+    return EXIT_CODES.get(res.status, 1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
