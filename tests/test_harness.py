@@ -1,0 +1,114 @@
+"""The harness on real text: budget, scoring, and every bad-input case ends in a clear status."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from trainer import data as tdata
+from trainer.result import read_result
+
+REPO = Path(__file__).resolve().parents[1]
+
+BIGRAM = """
+import torch, torch.nn as nn, torch.nn.functional as F
+class Bigram(nn.Module):
+    def __init__(self, V):
+        super().__init__()
+        self.emb = nn.Embedding(V, 32)
+        self.head = nn.Linear(32, V)
+    def forward(self, x):
+        return self.head(self.emb(x))
+def train(ctx):
+    model = Bigram(ctx.vocab_size).to(ctx.device)
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-2)
+    step = 0
+    for x, y in ctx.train_batches(4):
+        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        opt.zero_grad(); loss.backward(); opt.step()
+        ctx.log(step, loss); step += 1
+        if ctx.should_stop():
+            break
+    {ret}
+"""
+
+
+def harness(tmp_path: Path, script: str, data_dir: Path, budget: float = 1.0, *extra: str):
+    path = tmp_path / "train.py"
+    path.write_text(textwrap.dedent(script))
+    out = tmp_path / "result.json"
+    proc = subprocess.run([sys.executable, "-m", "trainer.run", "--script", str(path), "--data", str(data_dir),
+                           "--budget-s", str(budget), "--out", str(out), "--eval-tokens", "4096", *extra],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    return proc, read_result(out)
+
+
+def test_short_run_beats_an_untrained_model(tmp_path, data_dir):
+    proc, r = harness(tmp_path, BIGRAM.format(ret="return model"), data_dir, 4.0)
+    assert proc.returncode == 0, proc.stderr
+    m = tdata.load_manifest(data_dir)
+    uniform_bpb = math.log2(m["vocab_size"]) * m["tokens"]["val"] / m["bytes"]["val"]  # an untrained model's
+    assert r.status == "ok" and r.val_bpb < 0.8 * uniform_bpb
+    assert 4.0 <= r.training_seconds < 5.5  # the budget is enforced through should_stop
+    assert r.steps > 5 and r.tokens > 0 and r.params > 0 and r.peak_memory_mb > 0
+    assert "val_bpb:" in proc.stdout and proc.stdout.splitlines()[0] == "---"
+    curve = [json.loads(line) for line in (tmp_path / "result.curve.jsonl").read_text().splitlines()]
+    assert len(curve) == r.steps + 1 and curve[-1]["loss"] < curve[0]["loss"]
+    assert {"step", "elapsed_s", "loss"} <= set(curve[0])
+
+
+@pytest.mark.parametrize("ret, status, error", [
+    ("raise ValueError('boom')", "crash", r"ValueError: boom \(train.py:\d+\)"),
+    ("return 42", "crash", "returned int, expected a torch.nn.Module"),
+    ("return nn.Sequential(model.emb, nn.Linear(32, 7))", "crash", r"logits of shape \(2, 256, 7\)"),
+    ("return nn.Sequential(model.emb, type('Mix', (nn.Module,), {'forward': lambda s, h: h.cumsum(1).flip(1)})(), model.head)",
+     "crash", "not causal"),
+])
+def test_bad_scripts_get_a_clear_status(tmp_path, data_dir, ret, status, error):
+    import re
+
+    proc, r = harness(tmp_path, BIGRAM.format(ret=ret), data_dir, 0.5)
+    assert r.status == status and re.search(error, r.error), r.error
+    assert "\n" not in r.error and r.val_bpb is None and r.log_tail
+    assert proc.returncode == 1
+
+
+def test_divergence_fast_fails(tmp_path, data_dir):
+    script = BIGRAM.format(ret="return model").replace("ctx.log(step, loss)", "ctx.log(step, loss * float('nan'))")
+    _, r = harness(tmp_path, script, data_dir, 30.0)
+    assert r.status == "crash" and "nan" in r.error.lower() and r.training_seconds < 10
+
+
+def test_hang_past_budget_and_grace_is_a_timeout(tmp_path, data_dir):
+    script = "import time\ndef train(ctx):\n    while True:\n        time.sleep(0.05)\n"
+    proc, r = harness(tmp_path, script, data_dir, 0.5, "--grace-s", "4")
+    assert proc.returncode == 3 and r.status == "timeout"
+    assert "budget + grace" in r.error and any("sleep" in line for line in r.log_tail)
+
+
+@pytest.mark.parametrize("swallow", [False, True])
+def test_reading_validation_data_is_refused(tmp_path, data_dir, swallow):
+    val = tdata.val_paths(data_dir, tdata.load_manifest(data_dir))[0]
+    peek = f"open({str(val)!r}, 'rb').read(10)"
+    if swallow:  # catching the refusal does not help: the run still crashes
+        peek = f"try:\n        {peek}\n    except PermissionError:\n        pass"
+    script = BIGRAM.format(ret="return model").replace("    model = Bigram", f"    {peek}\n    model = Bigram")
+    _, r = harness(tmp_path, script, data_dir, 0.5)
+    assert r.status == "crash" and "validation data" in r.error
+
+
+def test_fingerprint_mismatch_refuses_to_score(tmp_path, data_dir):
+    import shutil
+
+    copy = tmp_path / "data"
+    shutil.copytree(data_dir, copy)
+    tok = copy / "tokenizer.json"
+    tok.write_text(tok.read_text().replace('"<|bos|>"', '"<|BOS|>"', 1))
+    _, r = harness(tmp_path, BIGRAM.format(ret="return model"), copy, 0.5)
+    assert r.status == "crash" and "fingerprint mismatch for tokenizer.json" in r.error
