@@ -1,0 +1,206 @@
+"""The research repo: a plain git repository driven through the `git` CLI.
+Only `Workspace.init` touches the working tree or the index; everything else is plumbing on refs."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import trainer.templates
+
+TEMPLATE = Path(trainer.templates.__file__).parent / "train.py"
+PROGRAM = Path(__file__).parent / "program.md"
+
+IDENTITY = {"GIT_AUTHOR_NAME": "ratchet", "GIT_AUTHOR_EMAIL": "ratchet@localhost",
+            "GIT_COMMITTER_NAME": "ratchet", "GIT_COMMITTER_EMAIL": "ratchet@localhost"}
+# Settings a user's config must not be able to change under us (hooks, signing, line endings).
+SAFE_CONFIG = ("core.hooksPath=/dev/null", "commit.gpgsign=false", "core.autocrlf=false",
+               "core.safecrlf=false", "core.fsmonitor=false", "init.templateDir=")
+BASELINE_MESSAGE = "baseline: train.py and program.md"
+_RUN_NAME = re.compile(r"[A-Za-z0-9._-]+")
+
+
+class WorkspaceError(RuntimeError):
+    """A git command failed or a request was refused (message: git's last stderr line or the reason)."""
+
+
+def _error(command: str, proc: subprocess.CompletedProcess) -> WorkspaceError:
+    lines = proc.stderr.decode("utf-8", "replace").strip().splitlines()
+    return WorkspaceError(f"git {command}: {lines[-1] if lines else f'exit status {proc.returncode}'}")
+
+
+class Workspace:
+    """The research repo at `path`: run branches refs/heads/ratchet/<run>, experiments refs/ratchet/exp/<id>."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    # ---- git ----
+
+    def _git(self, *args: str, input: bytes | None = None, check: bool = True,
+             env: dict | None = None) -> subprocess.CompletedProcess:
+        # Inherited GIT_* (GIT_DIR, GIT_INDEX_FILE, ... from a hook or a parent git) would redirect us.
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+        full_env.update(IDENTITY, LC_ALL="C", GIT_TERMINAL_PROMPT="0", **(env or {}))
+        cmd = ["git", "-C", str(self.path)]
+        for setting in SAFE_CONFIG:
+            cmd += ["-c", setting]
+        try:
+            proc = subprocess.run(cmd + list(args), input=input, capture_output=True, env=full_env)
+        except OSError as e:
+            raise WorkspaceError(f"cannot run git: {e}") from e
+        if check and proc.returncode != 0:
+            raise _error(args[0], proc)
+        return proc
+
+    def _out(self, *args: str, **kw) -> str:
+        return self._git(*args, **kw).stdout.decode("utf-8").strip()
+
+    # ---- creation ----
+
+    @classmethod
+    def init(cls, path: Path, *, force: bool = False) -> "Workspace":
+        """`ratchet init [DIR]`: create DIR, `git init -b main`, commit train.py (TEMPLATE) and program.md.
+
+        Idempotent: an existing workspace (a git repo with train.py committed) is returned untouched.
+        With `force` a non-empty directory is accepted; a train.py or program.md already there is
+        kept and committed as the baseline, nothing else in it is added.
+        Returns the Workspace. Raises WorkspaceError when DIR is non-empty and not a workspace
+        (unless force), is not a directory, or git fails.
+        """
+        ws = cls(path)
+        if ws.exists():
+            return ws
+        if ws.path.exists() and not ws.path.is_dir():
+            raise WorkspaceError(f"{ws.path} exists and is not a directory")
+        if ws.path.is_dir() and any(ws.path.iterdir()) and not force:
+            raise WorkspaceError(f"{ws.path} is not empty and not a ratchet workspace (use --force to init there)")
+        ws.path.mkdir(parents=True, exist_ok=True)
+        ws._git("init", "-q", "-b", "main")
+        for name, src in (("train.py", TEMPLATE), ("program.md", PROGRAM)):
+            if not (ws.path / name).exists():
+                (ws.path / name).write_bytes(src.read_bytes())
+        ws._git("add", "--", "train.py", "program.md")
+        ws._git("commit", "-q", "--no-verify", "-m", BASELINE_MESSAGE, "--", "train.py", "program.md")
+        return ws
+
+    def exists(self) -> bool:
+        """True when `path` is the top of a git repo whose HEAD has train.py committed."""
+        if not self.path.is_dir():
+            return False
+        top = self._git("rev-parse", "--show-toplevel", check=False)
+        if top.returncode != 0 or Path(top.stdout.decode().strip()).resolve() != self.path.resolve():
+            return False
+        return self._git("cat-file", "-e", "HEAD:train.py", check=False).returncode == 0
+
+    # ---- reading ----
+
+    def head_commit(self, ref: str = "HEAD") -> str:
+        """Full sha of the commit `ref` names. Raises WorkspaceError if it names none."""
+        return self._out("rev-parse", "--verify", "--end-of-options", f"{ref}^{{commit}}")
+
+    def read_file(self, commit: str, path: str = "train.py") -> str:
+        """Text (UTF-8) of `path` in `commit`. Raises WorkspaceError if it is not there."""
+        return self._git("cat-file", "blob", f"{commit}:{path}").stdout.decode("utf-8")
+
+    def diff(self, a: str, b: str, path: str = "train.py") -> str:
+        """Unified diff of `path` from commit `a` to commit `b` ("" when equal)."""
+        return self._git("diff", "--no-color", "--no-ext-diff", "--no-textconv", a, b, "--", path
+                         ).stdout.decode("utf-8")
+
+    # ---- refs ----
+
+    def run_branch(self, run: str) -> str:
+        """Branch name of a run: "ratchet/<run>". Raises WorkspaceError on a bad run name."""
+        if (not _RUN_NAME.fullmatch(run) or run.startswith((".", "-")) or run.endswith((".", ".lock"))
+                or ".." in run):
+            raise WorkspaceError(f"bad run name {run!r}: use letters, digits, '.', '_', '-'")
+        return f"ratchet/{run}"
+
+    def exp_ref(self, exp_id: int) -> str:
+        """Ref of an experiment's commit: "refs/ratchet/exp/<id>"."""
+        if isinstance(exp_id, bool) or not isinstance(exp_id, int) or exp_id < 0:
+            raise WorkspaceError(f"bad experiment id {exp_id!r}")
+        return f"refs/ratchet/exp/{exp_id}"
+
+    def branch_tip(self, run: str) -> str | None:
+        """Sha at the tip of ratchet/<run>, or None when the branch does not exist."""
+        proc = self._git("rev-parse", "--verify", "--quiet", f"refs/heads/{self.run_branch(run)}^{{commit}}",
+                         check=False)
+        return proc.stdout.decode().strip() if proc.returncode == 0 else None
+
+    def ensure_run_branch(self, run: str, start: str) -> str:
+        """Create ratchet/<run> at commit `start` unless it exists; return its tip (sha)."""
+        tip = self.branch_tip(run)
+        if tip is not None:
+            return tip
+        sha = self.head_commit(start)
+        ref = f"refs/heads/{self.run_branch(run)}"
+        created = self._git("update-ref", "-m", f"ratchet: start run {run}", ref, sha, "", check=False)
+        tip = self.branch_tip(run)  # another caller may have created it first: theirs wins
+        if tip is None:
+            raise _error("update-ref", created)
+        return tip
+
+    def commit_experiment(self, exp_id: int, parent: str, source: str, message: str,
+                          path: str = "train.py") -> str:
+        """Commit `source` as `path` on top of `parent` (parent's tree, that one file replaced).
+
+        The commit is stored under refs/ratchet/exp/<exp_id> (replacing an earlier one of that id);
+        no branch moves. Returns the new commit's sha. Raises WorkspaceError when git fails.
+        """
+        ref = self.exp_ref(exp_id)
+        parent = self.head_commit(parent)
+        listed = self._out("ls-tree", parent, "--", path).split()
+        mode = listed[0] if listed and listed[0] in ("100644", "100755") else "100644"
+        blob = self._out("hash-object", "-w", "--no-filters", "--stdin", input=source.encode("utf-8"))
+        with tempfile.TemporaryDirectory(prefix="ratchet-index-") as tmp:
+            env = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
+            self._git("read-tree", parent, env=env)
+            self._git("update-index", "--add", "--cacheinfo", f"{mode},{blob},{path}", env=env)
+            tree = self._out("write-tree", env=env)
+        sha = self._out("commit-tree", tree, "-p", parent, "-F", "-", input=message.encode("utf-8"))
+        self._git("update-ref", "-m", f"ratchet: experiment {exp_id}", ref, sha)
+        return sha
+
+    def fast_forward(self, run: str, commit: str, expected_old: str) -> None:
+        """Keep: move ratchet/<run> from `expected_old` to `commit` (compare-and-swap).
+
+        Raises WorkspaceError when `commit` does not descend from `expected_old`, or when the
+        branch is no longer at `expected_old` (someone moved it first).
+        """
+        ref = f"refs/heads/{self.run_branch(run)}"
+        new, old = self.head_commit(commit), self.head_commit(expected_old)
+        if self._git("merge-base", "--is-ancestor", old, new, check=False).returncode != 0:
+            raise WorkspaceError(f"{new[:12]} is not a descendant of {old[:12]}: not a fast-forward")
+        self._git("update-ref", "-m", f"ratchet: keep {new[:12]}", ref, new, old)
+
+    def set_branch(self, run: str, commit: str) -> None:
+        """Force ratchet/<run> to `commit` (reconciling with the database after a crash)."""
+        sha = self.head_commit(commit)
+        self._git("update-ref", "-m", f"ratchet: set to {sha[:12]}", f"refs/heads/{self.run_branch(run)}", sha)
+
+    # ---- merging ----
+
+    def rebase_source(self, source_parent: str, source_commit: str, new_parent: str,
+                      path: str = "train.py") -> str | None:
+        """Re-apply the change source_parent→source_commit to new_parent's `path` (3-way merge).
+
+        Returns the merged text, or None when the change does not apply cleanly (conflicts).
+        Raises WorkspaceError when a commit or the file is missing or git fails.
+        """
+        texts = [self._git("cat-file", "blob", f"{c}:{path}").stdout
+                 for c in (new_parent, source_parent, source_commit)]
+        with tempfile.TemporaryDirectory(prefix="ratchet-merge-") as tmp:
+            files = [Path(tmp) / name for name in ("ours", "base", "theirs")]
+            for f, text in zip(files, texts):
+                f.write_bytes(text)
+            proc = self._git("merge-file", "-p", *map(str, files), check=False)
+        if proc.returncode == 0:
+            return proc.stdout.decode("utf-8")
+        if 0 < proc.returncode < 128:  # the number of conflicts
+            return None
+        raise _error("merge-file", proc)
