@@ -1,0 +1,122 @@
+"""The `ratchet` command line (typer): serve, init, data prepare, train.
+
+Parses arguments and prints; the work is done by bot/serve.py, loop/ and trainer/.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from loop.config import ConfigError, load_settings
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Ratchet: automated pretraining research.")
+data_app = typer.Typer(no_args_is_help=True, help="Prepare training data.")
+app.add_typer(data_app, name="data")
+console = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+ConfigOpt = typer.Option(None, "--config", "-c", envvar="RATCHET_CONFIG", help="ratchet.toml")
+
+
+def _settings(config: Optional[Path], **overrides):
+    try:
+        return load_settings(config, **overrides)
+    except ConfigError as e:
+        err.print(f"[red]{e}[/red]")
+        raise typer.Exit(2)
+
+
+@app.command()
+def serve(config: Optional[Path] = ConfigOpt,
+          max_experiments: Optional[int] = typer.Option(None, min=1, help="stop after this many experiments"),
+          budget_s: Optional[float] = typer.Option(None, min=0.1, help="training budget per experiment, seconds"),
+          run: Optional[str] = typer.Option(None, help="run name (branch ratchet/<run>)"),
+          home: Optional[Path] = typer.Option(None, envvar="RATCHET_HOME", help="state directory")):
+    """Run the loop: baseline repeats, then propose → train → keep or revert, with the shell chat."""
+    from bot.serve import ServeError, serve as run_serve
+    from trainer.data import CorpusError
+
+    settings = _settings(config, budget_s=budget_s, run=run, home=home)
+    try:
+        code = run_serve(settings, max_experiments=max_experiments, budget_explicit=budget_s is not None,
+                         console=console)
+    except (ServeError, CorpusError) as e:
+        err.print(f"[red]{e}[/red]")
+        raise typer.Exit(2)
+    raise typer.Exit(code)
+
+
+@app.command()
+def init(directory: Optional[Path] = typer.Argument(None, help="default: <home>/workspace"),
+         config: Optional[Path] = ConfigOpt):
+    """Create the research repo: train.py from the template and program.md, committed on main."""
+    from loop.workspace import Workspace, WorkspaceError
+
+    settings = _settings(config)
+    path = directory or settings.workspace
+    try:
+        ws = Workspace.init(path)
+    except WorkspaceError as e:
+        err.print(f"[red]{e}[/red]")
+        raise typer.Exit(2)
+    console.print(f"workspace ready: {ws.path} (baseline {ws.head_commit()[:10]})")
+
+
+@data_app.command("prepare")
+def data_prepare(corpus: Optional[str] = typer.Option(None, help="shakespeare | stdlib | parquet:DIR | text:GLOB"),
+                 vocab_size: Optional[int] = typer.Option(None, help="BPE vocabulary size (default 4096)"),
+                 config: Optional[Path] = ConfigOpt):
+    """Fetch or read a corpus, train the tokenizer, write token shards and the manifest (idempotent)."""
+    from trainer.data import CorpusError, load_manifest, prepare
+
+    settings = _settings(config, corpus=corpus, vocab_size=vocab_size)
+    try:
+        out, did = prepare(settings.corpus, settings.vocab_size, home=settings.home, console=err)
+    except (CorpusError, ValueError) as e:
+        err.print(f"[red]{e}[/red]")
+        raise typer.Exit(2)
+    m = load_manifest(out)
+    if not did:
+        console.print(f"already prepared, nothing to do: {out}")
+    console.print(f"{m['corpus']}: vocab {m['vocab_size']}, {m['tokens']['train']:,} train / "
+                  f"{m['tokens']['val']:,} validation tokens ({m['documents']['val']} held-out documents) in {out}")
+
+
+@app.command()
+def train(script: Optional[Path] = typer.Option(None, help="a train.py (default: the workspace's)"),
+          budget_s: Optional[float] = typer.Option(None, min=0.1, help="training budget, seconds"),
+          seed: int = typer.Option(0), device: str = typer.Option("auto"),
+          config: Optional[Path] = ConfigOpt):
+    """One manual run through the harness, with the summary printed (like `uv run train.py`)."""
+    from trainer.data import CorpusError, prepare
+
+    settings = _settings(config, budget_s=budget_s)
+    try:
+        data_dir, _ = prepare(settings.corpus, settings.vocab_size, home=settings.home, console=err)
+    except CorpusError as e:
+        err.print(f"[red]{e}[/red]")
+        raise typer.Exit(2)
+    if script is None:
+        from loop.workspace import TEMPLATE
+
+        ws_script = Path(settings.workspace) / "train.py"
+        script = ws_script if ws_script.exists() else TEMPLATE
+    out_dir = Path(tempfile.mkdtemp(prefix="ratchet-train-"))
+    cmd = [sys.executable, "-m", "trainer.run", "--script", str(Path(script).resolve()), "--data", str(data_dir),
+           "--budget-s", str(settings.budget_s), "--out", str(out_dir / "result.json"), "--seed", str(seed),
+           "--device", device]
+    if settings.eval_tokens:
+        cmd += ["--eval-tokens", str(settings.eval_tokens)]
+    err.print(f"training {script} for {settings.budget_s:g} s; curve and result in {out_dir}")
+    raise typer.Exit(subprocess.call(cmd))
+
+
+if __name__ == "__main__":
+    app()

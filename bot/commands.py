@@ -1,0 +1,204 @@
+"""The command grammar shared by every chat backend: parse text, check the role, call the control API.
+
+Knows nothing about which chat it runs in; backends only carry text in and replies out.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+
+from loop.control import Control, ControlError
+
+MAX_COMMAND_CHARS = 4000
+ROLES = ("viewer", "operator", "admin")
+# Access control in one place: the least role each command needs. Anyone may pause (safety first).
+REQUIRED_ROLE = {
+    "help": "viewer",
+    "status": "viewer",
+    "history": "viewer",
+    "show": "viewer",
+    "pause": "viewer",
+    "hint": "viewer",
+    "resume": "operator",
+}
+
+HELP = """\
+commands:
+  status                  the run at a glance: head, noise floor, counts, what is training
+  pause [now] [reason]    start no new experiment (now: also kill the running ones)
+  resume                  start experiments again
+  history [N]             the last N experiments (default 10)
+  show <id>               one experiment: numbers, the keep rule's verdict, the diff
+  hint <text>             a suggestion for the proposer (read as data, not as orders)
+  help                    this text"""
+
+
+class ParseError(ValueError):
+    """Malformed or unknown command; the message ends with the help text."""
+
+
+@dataclass
+class Command:
+    name: str
+    args: dict = field(default_factory=dict)
+    text: str = ""
+
+
+@dataclass
+class Reply:
+    """What a backend shows. `public`: a state change to announce to everyone, not just the sender."""
+
+    text: str
+    ok: bool = True
+    public: bool = False
+
+
+def _fail(msg: str) -> ParseError:
+    return ParseError(f"{msg}\n\n{HELP}")
+
+
+def parse(text: str) -> Command:
+    """Parse one command line. Raises ParseError (with the help text) for anything malformed."""
+    text = (text or "").strip()
+    if len(text) > MAX_COMMAND_CHARS:
+        raise _fail(f"command too long ({len(text)} characters, at most {MAX_COMMAND_CHARS})")
+    if not text:
+        raise _fail("empty command")
+    head, _, rest = text.partition(" ")
+    name, rest = head.lower().lstrip("/"), rest.strip()
+    if name in ("help", "status", "resume"):
+        if rest:
+            raise _fail(f"`{name}` takes no arguments")
+        return Command(name, {}, text)
+    if name == "pause":
+        now = False
+        if rest.split(" ", 1)[0].lower() == "now":
+            now, rest = True, rest[3:].strip()
+        return Command("pause", {"now": now, "reason": rest}, text)
+    if name == "history":
+        if not rest:
+            return Command("history", {"n": 10}, text)
+        if not rest.isdigit() or not 1 <= int(rest) <= 1000:
+            raise _fail(f"history takes a number from 1 to 1000, got {rest!r}")
+        return Command("history", {"n": int(rest)}, text)
+    if name == "show":
+        ident = rest.lstrip("#")
+        if not ident.isdigit():
+            raise _fail(f"show takes an experiment id, e.g. `show 12`, got {rest!r}")
+        return Command("show", {"id": int(ident)}, text)
+    if name == "hint":
+        if not rest:
+            raise _fail("hint needs some text, e.g. `hint try a longer warmup`")
+        return Command("hint", {"text": rest}, text)
+    raise _fail(f"unknown command {shlex.quote(head)}")
+
+
+def role_allows(role: str, command: str) -> bool:
+    """True when `role` is at least the role REQUIRED_ROLE names for `command`."""
+    need = REQUIRED_ROLE.get(command, "admin")
+    return role in ROLES and ROLES.index(role) >= ROLES.index(need)
+
+
+# ---- text rendering (shell; Slack renders Block Kit from the same data) ----
+
+
+def _bpb(v) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
+def format_status(st) -> str:
+    """Status as a few lines of text."""
+    lines = [f"run {st.run}: {st.state}" + (f" ({st.pause_reason})" if st.state == "paused" else "")]
+    if st.noise_sigma is None:
+        lines.append(f"measuring the noise floor: {st.baseline_runs} baseline run(s) done")
+    else:
+        imp = st.improvement_pct
+        lines.append(f"head val_bpb {_bpb(st.head_val_bpb)} (baseline {_bpb(st.baseline_val_bpb)}, "
+                     f"{imp:+.2f}% better) · noise σ {st.noise_sigma:.4f} · budget {st.budget_s:g} s"
+                     if imp is not None else f"head val_bpb {_bpb(st.head_val_bpb)}")
+    total = sum(st.counts.values())
+    parts = ", ".join(f"{k} {v}" for k, v in sorted(st.counts.items()))
+    lines.append(f"experiments: {total}" + (f" ({parts})" if parts else ""))
+    for r in st.running:
+        loss = f", loss {r.loss:.3f}" if r.loss is not None else ""
+        lines.append(f"training #{r.exp_id} {r.description} on {r.slot}: {r.elapsed_s:.0f}/{r.budget_s:.0f} s{loss}")
+    if st.open_hints:
+        lines.append(f"open hints: {st.open_hints}")
+    return "\n".join(lines)
+
+
+def format_history(rows) -> str:
+    """One line per experiment, newest first."""
+    if not rows:
+        return "no experiments yet"
+    out = []
+    for e in rows:
+        delta = e.decision.get("delta") if e.decision else None
+        d = f"{delta:+.4f}" if delta is not None else ""
+        out.append(f"#{e.id:<5} {e.status:<8} {_bpb(e.val_bpb):>7} {d:>8}  {e.description or e.kind}")
+    return "\n".join(out)
+
+
+def format_experiment(e) -> str:
+    """The whole record of one experiment, with the rule's verdict and the diff."""
+    lines = [f"#{e.id} {e.kind} · {e.status}" + (f" · {e.reason}" if e.reason else ""),
+             f"description: {e.description}", f"hypothesis: {e.hypothesis}" if e.hypothesis else "",
+             f"val_bpb {_bpb(e.val_bpb)} · training {e.training_seconds or 0:.1f} s · steps {e.steps or 0} · "
+             f"params {(e.params or 0) / 1e6:.2f}M · peak {e.peak_memory_mb or 0:.0f} MiB · {e.slot or '-'}",
+             f"parent {e.parent_commit[:10]} → commit {e.commit[:10]}" if e.commit else ""]
+    if e.decision:
+        d = e.decision
+        lines.append(f"rule: {d['verdict']}: {d['val_bpb']:.4f} vs head {d['head_val_bpb']:.4f} "
+                     f"(Δ {d['delta']:+.4f}; needs < −{d['threshold']:.4f} = max({d['min_delta']}, "
+                     f"{d['z']}·σ {d['sigma']:.4f}))")
+    if e.log_tail:
+        lines.append("log tail:\n" + e.log_tail)
+    if e.diff:
+        lines.append(e.diff.rstrip())
+    return "\n".join(x for x in lines if x)
+
+
+# ---- execution ----
+
+
+def execute(cmd: Command, control: Control, user: str) -> Reply:
+    """Run a parsed command against the control API. ControlError becomes a failed reply."""
+    try:
+        if cmd.name == "help":
+            return Reply(HELP)
+        if cmd.name == "status":
+            return Reply(format_status(control.status()))
+        if cmd.name == "history":
+            return Reply(format_history(control.history(cmd.args["n"])))
+        if cmd.name == "show":
+            return Reply(format_experiment(control.show(cmd.args["id"])))
+        if cmd.name == "pause":
+            return Reply(control.pause(user, now=cmd.args["now"], reason=cmd.args["reason"]), public=True)
+        if cmd.name == "resume":
+            return Reply(control.resume(user), public=True)
+        if cmd.name == "hint":
+            h = control.hint(user, cmd.args["text"])
+            return Reply(f"hint #{h.id} noted; the proposer sees it with the next proposal", public=True)
+    except ControlError as e:
+        return Reply(str(e), ok=False)
+    return Reply(f"not implemented: {cmd.name}\n\n{HELP}", ok=False)
+
+
+def handle(text: str, control: Control, *, user: str, backend: str, role: str = "admin") -> Reply:
+    """Parse, check the role, execute, and write the audit log. Never raises for bad input."""
+    try:
+        cmd = parse(text)
+    except ParseError as e:
+        reply = Reply(str(e), ok=False)
+        control.audit(user=user, backend=backend, text=text, command="", allowed=True, result="parse error")
+        return reply
+    if not role_allows(role, cmd.name):
+        need = REQUIRED_ROLE.get(cmd.name, "admin")
+        reply = Reply(f"`{cmd.name}` needs the {need} role; you are {role}", ok=False)
+        control.audit(user=user, backend=backend, text=text, command=cmd.name, allowed=False, result=reply.text)
+        return reply
+    reply = execute(cmd, control, user)
+    control.audit(user=user, backend=backend, text=text, command=cmd.name, allowed=True,
+                  result=("ok: " if reply.ok else "error: ") + reply.text.splitlines()[0][:200])
+    return reply

@@ -1,0 +1,164 @@
+"""`ratchet serve`: one process with the scheduler, the engine and the chat backend.
+
+Wiring only: the loop's rules live in loop/, the chat's in bot/commands.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from rich.console import Console
+
+from bot.commands import format_status
+from bot.shell import ShellBackend
+from db.session import create_tables, make_engine
+from loop.config import Settings
+from loop.control import Control
+from loop.engine import Engine
+from loop.proposers.offline import OfflineProposer
+from loop.runners.local import LocalRunner
+from loop.workspace import Workspace
+from trainer import data as tdata
+
+log = logging.getLogger("ratchet")
+
+
+class ServeError(RuntimeError):
+    """serve cannot start as configured; the message says what to do."""
+
+
+def setup_logging(home: Path) -> Path:
+    """Log to `<home>/logs/ratchet.log` (rotated at 10 MB, 5 kept); the console shows events, not logs."""
+    path = home / "logs" / "ratchet.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.handlers.RotatingFileHandler(path, maxBytes=10_000_000, backupCount=5)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers = [h for h in root.handlers if not isinstance(h, logging.handlers.RotatingFileHandler)]
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    return path
+
+
+def resolve_device(name: str) -> str:
+    """The device type experiments will use: cuda / mps / cpu (what `auto` picks on this machine)."""
+    from trainer.harness import pick_device
+
+    return pick_device(name).type
+
+
+def make_proposer(settings: Settings, device: str, console: Console):
+    """The configured proposer. The Claude proposer is not wired in yet: the offline one stands in."""
+    if settings.proposer_name == "claude":
+        console.print("[yellow]the Claude proposer is not available in this version; using the offline "
+                      "proposer[/yellow]")
+    return OfflineProposer(seed=settings.seed, device=device)
+
+
+def prepare_everything(settings: Settings, console: Console):
+    """Data (prepared if missing), workspace (created if missing), database (tables). Returns them."""
+    data_dir, did = tdata.prepare(settings.corpus, settings.vocab_size, home=settings.home, console=console)
+    console.print(f"data: {data_dir} ({'prepared now' if did else 'ready'})")
+    ws = Workspace.init(settings.workspace)
+    db = make_engine(settings.db_url)
+    create_tables(db)
+    return data_dir, ws, db
+
+
+def serve(settings: Settings, *, max_experiments: Optional[int] = None, budget_explicit: bool = False,
+          console: Optional[Console] = None, read_commands: Optional[bool] = None) -> int:
+    """Run the loop until max_experiments are done (forever when None) or SIGINT/SIGTERM.
+
+    On a signal the running experiments are killed and re-run at the next start. Returns an exit code.
+    Raises ServeError when the existing run's budget conflicts with an explicit --budget-s.
+    """
+    console = console or Console(highlight=False)
+    log_path = setup_logging(settings.home)
+    data_dir, ws, db = prepare_everything(settings, console)
+    device = resolve_device(settings.device)
+    runner = LocalRunner(settings.device)
+    engine = Engine(settings, db, ws, runner, make_proposer(settings, device, console), data_dir,
+                    max_experiments=max_experiments)
+    run = engine.setup()
+    if budget_explicit and abs(run.budget_s - settings.budget_s) > 1e-9:
+        raise ServeError(f"run {run.name!r} measured its noise floor at a {run.budget_s:g} s budget; results at "
+                         f"{settings.budget_s:g} s would not compare. Start a new run: --run NAME --budget-s "
+                         f"{settings.budget_s:g}")
+    control = Control(db, run.name, engine)
+    shell = ShellBackend(control, console, read_commands=read_commands)
+    engine.on_change = shell.deliver
+    console.print(f"ratchet: run {run.name!r} on branch {run.branch} in {ws.path}; {len(runner.slots())} slot(s) "
+                  f"({', '.join(s.name for s in runner.slots())}), {device}, budget {run.budget_s:g} s, proposer "
+                  f"{engine.proposer.name}; log {log_path}")
+    console.print("type `help` for commands" if shell.read_commands else "no terminal: printing events only")
+
+    scheduler = BackgroundScheduler(timezone="UTC")
+    scheduler.add_job(shell.deliver, "interval", seconds=2, id="deliver-outbox", max_instances=1, coalesce=True)
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):
+        console.print(f"[yellow]signal {signal.Signals(signum).name}: stopping; running experiments will be "
+                      f"re-run at the next start[/yellow]")
+        stop.set()
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    scheduler.start()
+    engine.start()
+    shell.start()
+    progress = _Progress(console, engine)
+    try:
+        while not stop.is_set():
+            shell.deliver()
+            progress.update()
+            if engine.reached_max() and not engine.handles:
+                break
+            stop.wait(0.5)
+    finally:
+        progress.close()
+        engine.stop(kill=stop.is_set())
+        scheduler.shutdown(wait=False)
+        shell.deliver()
+        for s, h in old.items():
+            signal.signal(s, h)
+    console.print(format_status(control.status()))
+    return 0
+
+
+class _Progress:
+    """A live progress bar per training experiment (terminals only; elsewhere the events suffice)."""
+
+    def __init__(self, console: Console, engine: Engine):
+        self.engine = engine
+        self.tasks: dict[int, int] = {}
+        self.bar = None
+        if console.is_terminal:
+            from rich.progress import BarColumn, Progress, TextColumn
+
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
+                                console=console, transient=True)
+            self.bar.start()
+
+    def update(self) -> None:
+        if self.bar is None:
+            return
+        live = {r.exp_id: r for r in self.engine.running()}
+        for exp_id in list(self.tasks):
+            if exp_id not in live:
+                self.bar.remove_task(self.tasks.pop(exp_id))
+        for exp_id, r in live.items():
+            info = f"{r.elapsed_s:.0f}/{r.budget_s:.0f} s" + (f" loss {r.loss:.3f}" if r.loss is not None else "")
+            if exp_id not in self.tasks:
+                self.tasks[exp_id] = self.bar.add_task(f"#{exp_id} {r.description}"[:60], total=r.budget_s, info=info)
+            self.bar.update(self.tasks[exp_id], completed=min(r.elapsed_s, r.budget_s), info=info)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()

@@ -1,0 +1,98 @@
+"""The shell chat backend (the embedded default): commands on stdin, events and replies on stdout.
+
+Carries text only: parsing and execution are bot/commands.py's, state changes the control API's.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import stat
+import sys
+import threading
+from typing import Optional, TextIO
+
+from rich.console import Console
+from rich.markup import escape
+
+from bot.commands import handle
+from loop.control import Control
+
+EVENT_STYLE = {"kept": "bold green", "discarded": "yellow", "crashed": "red", "invalid": "magenta",
+               "aborted": "red", "paused": "bold cyan", "resumed": "bold cyan", "baseline": "bold",
+               "baseline_run": "dim", "infra_failed": "red", "proposer_error": "red", "hint": "cyan"}
+EVENT_MARK = {"kept": "✓", "discarded": "✗", "crashed": "!", "invalid": "⊘", "aborted": "■", "paused": "⏸",
+              "resumed": "▶", "baseline": "≈", "baseline_run": "·", "infra_failed": "↻", "hint": "✎"}
+
+
+def stdin_is_interactive(stream: TextIO = sys.stdin) -> bool:
+    """Read commands from a terminal or a pipe; not from /dev/null, a file or a closed stdin (a service)."""
+    try:
+        if stream.isatty():
+            return True
+        mode = os.fstat(stream.fileno()).st_mode
+    except (OSError, ValueError, AttributeError):
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
+
+
+class ShellBackend:
+    """Prints every outbox event as one line and answers commands typed on stdin.
+
+    Delivery is at-least-once: an event is marked delivered only after it was printed, so a crash
+    between the two prints it again after the restart rather than losing it.
+    """
+
+    name = "shell"
+
+    def __init__(self, control: Control, console: Optional[Console] = None, *, user: Optional[str] = None,
+                 stdin: TextIO = sys.stdin, read_commands: Optional[bool] = None):
+        self.control = control
+        self.console = console or Console(highlight=False)
+        self.user = user or os.environ.get("USER") or getpass.getuser()
+        self.stdin = stdin
+        self.read_commands = stdin_is_interactive(stdin) if read_commands is None else read_commands
+        self._lock = threading.Lock()
+
+    def render_event(self, ev) -> str:
+        """One readable line, with rich markup."""
+        mark = EVENT_MARK.get(ev.kind, "•")
+        style = EVENT_STYLE.get(ev.kind, "")
+        when = ev.created_at.strftime("%H:%M:%S")
+        body = f"{mark} {escape(ev.text)}"
+        return f"[dim]{when}[/dim] " + (f"[{style}]{body}[/{style}]" if style else body)
+
+    def deliver(self) -> int:
+        """Print undelivered events in order and mark them delivered. Returns how many were printed."""
+        with self._lock:
+            n = 0
+            for ev in self.control.pending_events(self.name):
+                self.console.print(self.render_event(ev))
+                self.control.mark_delivered(ev.id, self.name)
+                n += 1
+            return n
+
+    def answer(self, line: str) -> None:
+        """Run one typed command and print its reply."""
+        if not line.strip():
+            return
+        reply = handle(line, self.control, user=self.user, backend=self.name)
+        style = "" if reply.ok else "red"
+        text = escape(reply.text)
+        self.console.print(f"[{style}]{text}[/{style}]" if style else text)
+        self.deliver()  # a pause/resume announcement shows at once
+
+    def start(self) -> Optional[threading.Thread]:
+        """Start reading commands in a daemon thread (when stdin is a terminal or a pipe)."""
+        if not self.read_commands:
+            return None
+        t = threading.Thread(target=self._read_loop, name="shell-input", daemon=True)
+        t.start()
+        return t
+
+    def _read_loop(self) -> None:
+        for line in self.stdin:
+            try:
+                self.answer(line)
+            except Exception as e:  # noqa: BLE001 - a bad command must never end the session
+                self.console.print(f"[red]error: {escape(str(e))}[/red]")

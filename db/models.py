@@ -1,0 +1,161 @@
+"""SQLModel tables: runs, experiments, the event outbox, the audit log, the budget ledger, hosts, hints.
+
+Tables only: no business rules live here (those are in loop/).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any, Optional
+
+from sqlalchemy import JSON, Column, Text
+from sqlmodel import Field, SQLModel
+
+
+def utcnow() -> datetime:
+    """Timezone-aware UTC now (SQLModel refuses naive datetimes)."""
+    return datetime.now(timezone.utc)
+
+
+RUN_STATES = ("running", "paused")
+EXPERIMENT_STATUSES = ("proposed", "queued", "running", "keep", "discard", "crash", "timeout", "pruned",
+                       "invalid", "aborted", "infra_failed")
+FINAL_STATUSES = frozenset({"keep", "discard", "crash", "timeout", "pruned", "invalid", "aborted"})
+ACTIVE_STATUSES = frozenset({"proposed", "queued", "running"})
+
+
+class Run(SQLModel, table=True):
+    """One research campaign on branch `ratchet/<name>`. Seconds for budgets, val_bpb in bits per byte."""
+
+    __tablename__ = "runs"
+    id: Optional[int] = Field(default=None, primary_key=True)
+    name: str = Field(index=True, unique=True)
+    branch: str
+    workspace: str
+    baseline_commit: str
+    head_commit: str
+    head_val_bpb: Optional[float] = None  # mean of head's runs
+    head_runs: list = Field(default_factory=list, sa_column=Column(JSON))  # val_bpb of each run of head
+    noise_sigma: Optional[float] = None  # σ of the baseline repeats
+    budget_s: float
+    device: str = "cpu"
+    state: str = "running"  # running | paused
+    pause_reason: str = ""
+    pause_now: bool = False  # paused with `pause now`: running experiments are killed
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class Experiment(SQLModel, table=True):
+    """One proposal trained once (or a baseline repeat). Seconds, MiB, USD; val_bpb in bits per byte."""
+
+    __tablename__ = "experiments"
+    id: Optional[int] = Field(default=None, primary_key=True)
+    run_id: int = Field(foreign_key="runs.id", index=True)
+    kind: str = "experiment"  # baseline | experiment
+    status: str = Field(default="proposed", index=True)
+    reason: str = Field(default="", sa_column=Column(Text))  # why invalid / crashed / aborted
+    parent_commit: str = ""
+    commit: str = ""  # under refs/ratchet/exp/<id>
+    proposer: str = ""
+    description: str = Field(default="", sa_column=Column(Text))
+    hypothesis: str = Field(default="", sa_column=Column(Text))
+    diff: str = Field(default="", sa_column=Column(Text))
+    edit_key: str = ""
+    ast_hash: str = Field(default="", index=True)
+    seed: int = 0
+    val_bpb: Optional[float] = None
+    training_seconds: Optional[float] = None
+    total_seconds: Optional[float] = None
+    wall_seconds: Optional[float] = None  # submit → result, as the engine saw it
+    peak_memory_mb: Optional[float] = None
+    mfu_percent: Optional[float] = None
+    tokens: Optional[int] = None
+    steps: Optional[int] = None
+    params: Optional[int] = None
+    host: str = ""
+    slot: str = ""
+    cost_usd: float = 0.0  # proposer spend for this proposal
+    usage: dict = Field(default_factory=dict, sa_column=Column(JSON))  # proposer token accounting
+    decision: dict = Field(default_factory=dict, sa_column=Column(JSON))  # ratchet rule inputs and verdict
+    log_tail: str = Field(default="", sa_column=Column(Text))
+    attempts: int = 0  # starts, re-runs after a restart or a dead host included
+    pid: Optional[int] = None  # local runner: the process group, to clean up after a crash of serve
+    workdir: str = ""
+    created_at: datetime = Field(default_factory=utcnow)
+    started_at: Optional[datetime] = None
+    finished_at: Optional[datetime] = None
+
+
+class Event(SQLModel, table=True):
+    """The outbox: what the loop has to say, stored in the same transaction as the change it reports."""
+
+    __tablename__ = "events"
+    id: Optional[int] = Field(default=None, primary_key=True)
+    run_id: Optional[int] = Field(default=None, foreign_key="runs.id", index=True)
+    experiment_id: Optional[int] = Field(default=None, foreign_key="experiments.id")
+    kind: str  # kept | discarded | crashed | invalid | aborted | baseline | paused | resumed | ...
+    text: str = Field(sa_column=Column(Text))  # one readable line
+    payload: dict = Field(default_factory=dict, sa_column=Column(JSON))
+    created_at: datetime = Field(default_factory=utcnow)
+    delivered_at: Optional[datetime] = Field(default=None, index=True)
+    delivery_ref: str = ""  # e.g. the Slack message ts, so a restart never posts twice
+    attempts: int = 0
+
+
+class CommandLog(SQLModel, table=True):
+    """Audit: every command, allowed or refused, with who, what, when and the result."""
+
+    __tablename__ = "command_log"
+    id: Optional[int] = Field(default=None, primary_key=True)
+    at: datetime = Field(default_factory=utcnow)
+    user: str
+    backend: str  # shell | slack
+    text: str = Field(sa_column=Column(Text))
+    command: str = ""
+    allowed: bool = True
+    result: str = Field(default="", sa_column=Column(Text))
+
+
+class BudgetLedger(SQLModel, table=True):
+    """Spend by UTC day: GPU-seconds of trainer slots and Claude USD."""
+
+    __tablename__ = "budget_ledger"
+    id: Optional[int] = Field(default=None, primary_key=True)
+    day: str = Field(index=True)  # YYYY-MM-DD
+    run_id: Optional[int] = Field(default=None, foreign_key="runs.id")
+    experiment_id: Optional[int] = Field(default=None, foreign_key="experiments.id")
+    kind: str  # gpu_seconds | claude_usd
+    amount: float
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Host(SQLModel, table=True):
+    """A runner host and its slots (the local machine counts as one)."""
+
+    __tablename__ = "hosts"
+    id: Optional[int] = Field(default=None, primary_key=True)
+    name: str = Field(unique=True)
+    runner: str = "local"
+    address: str = ""
+    slots: int = 1
+    state: str = "up"  # up | down
+    last_error: str = Field(default="", sa_column=Column(Text))
+    last_seen: Optional[datetime] = None
+
+
+class Hint(SQLModel, table=True):
+    """A team member's suggestion for the proposer; data, never instructions."""
+
+    __tablename__ = "hints"
+    id: Optional[int] = Field(default=None, primary_key=True)
+    run_id: Optional[int] = Field(default=None, foreign_key="runs.id")
+    author: str
+    text: str = Field(sa_column=Column(Text))
+    created_at: datetime = Field(default_factory=utcnow)
+    closed_at: Optional[datetime] = None
+
+
+def as_dict(row: SQLModel) -> dict[str, Any]:
+    """A row as a plain dict (for JSON output and rendering)."""
+    return row.model_dump()

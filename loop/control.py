@@ -1,0 +1,190 @@
+"""The control API: the one door every front end (shell, Slack, CLI) uses to read and steer a run.
+
+State lives in the database, so a restart comes back in the same state. Front ends never write tables.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Optional
+
+from sqlmodel import Session, func, select
+
+from db.models import CommandLog, Event, Experiment, Hint, Run, utcnow
+from db.session import session_scope
+from loop import events
+
+MAX_HINT_CHARS = 2000
+
+
+class ControlError(ValueError):
+    """A request that cannot be done as asked (unknown experiment, bad value); the message says why."""
+
+
+@dataclass
+class Status:
+    """A run at a glance. val_bpb in bits per byte, seconds for times."""
+
+    run: str
+    state: str
+    pause_reason: str
+    baseline_val_bpb: Optional[float]
+    head_val_bpb: Optional[float]
+    head_commit: str
+    noise_sigma: Optional[float]
+    budget_s: float
+    counts: dict  # experiment status → count (baseline repeats excluded)
+    baseline_runs: int  # finished baseline repeats
+    running: list = field(default_factory=list)  # engine.Running rows when the engine is in this process
+    open_hints: int = 0
+
+    @property
+    def improvement_pct(self) -> Optional[float]:
+        """% lower val_bpb than the baseline (positive is better)."""
+        if self.baseline_val_bpb and self.head_val_bpb is not None:
+            return 100.0 * (self.baseline_val_bpb - self.head_val_bpb) / self.baseline_val_bpb
+        return None
+
+
+class Control:
+    """Read and steer one run. With `engine` (same process) commands take its lock and wake it, so
+    `pause` is in force before the next experiment can start; without, the engine sees the database
+    change at its next tick."""
+
+    def __init__(self, db, run_name: str, engine=None):
+        self.db = db
+        self.run_name = run_name
+        self.engine = engine
+
+    # ---- helpers ----
+
+    def _run(self, db: Session) -> Run:
+        run = db.exec(select(Run).where(Run.name == self.run_name)).first()
+        if run is None:
+            raise ControlError(f"no run named {self.run_name!r} yet; start one with `ratchet serve`")
+        return run
+
+    def _locked(self):
+        import contextlib
+
+        return self.engine.lock if self.engine is not None else contextlib.nullcontext()
+
+    def _wake(self) -> None:
+        if self.engine is not None:
+            self.engine.wake()
+            self.engine.on_change()
+
+    # ---- reads ----
+
+    def status(self) -> Status:
+        """The run's state, head, noise floor, experiment counts and what is training now."""
+        with Session(self.db) as db:
+            run = self._run(db)
+            rows = db.exec(select(Experiment.kind, Experiment.status, func.count()).where(Experiment.run_id == run.id)
+                           .group_by(Experiment.kind, Experiment.status)).all()
+            counts = Counter({st: n for kind, st, n in rows if kind == "experiment"})
+            baseline_runs = sum(n for kind, st, n in rows if kind == "baseline" and st == "keep")
+            hints = db.exec(select(func.count()).select_from(Hint).where(Hint.run_id == run.id,
+                                                                          Hint.closed_at.is_(None))).one()
+            base = None
+            if run.noise_sigma is not None:
+                vals = db.exec(select(Experiment.val_bpb).where(Experiment.run_id == run.id,
+                                                                Experiment.kind == "baseline",
+                                                                Experiment.status == "keep")).all()
+                base = sum(vals) / len(vals) if vals else None
+            st = Status(run=run.name, state=run.state, pause_reason=run.pause_reason, baseline_val_bpb=base,
+                        head_val_bpb=run.head_val_bpb, head_commit=run.head_commit, noise_sigma=run.noise_sigma,
+                        budget_s=run.budget_s, counts=dict(counts), baseline_runs=baseline_runs, open_hints=hints)
+        if self.engine is not None:
+            st.running = self.engine.running()
+        return st
+
+    def history(self, n: int = 10) -> list[Experiment]:
+        """The last n experiments of the run, newest first (baseline repeats included)."""
+        if not 1 <= n <= 1000:
+            raise ControlError("history takes a count between 1 and 1000")
+        with Session(self.db) as db:
+            run = self._run(db)
+            return list(db.exec(select(Experiment).where(Experiment.run_id == run.id)
+                                .order_by(Experiment.id.desc()).limit(n)).all())
+
+    def show(self, exp_id: int) -> Experiment:
+        """One experiment of this run. Raises ControlError for an unknown id."""
+        with Session(self.db) as db:
+            run = self._run(db)
+            exp = db.get(Experiment, exp_id)
+            if exp is None or exp.run_id != run.id:
+                raise ControlError(f"no experiment #{exp_id} in run {run.name!r}")
+            return exp
+
+    def events_after(self, after_id: int, limit: int = 100) -> list[Event]:
+        """Outbox events with id > after_id, oldest first (for front ends that print them)."""
+        with Session(self.db) as db:
+            return list(db.exec(select(Event).where(Event.id > after_id).order_by(Event.id).limit(limit)).all())
+
+    def pending_events(self, backend: str, limit: int = 100) -> list[Event]:
+        """Events not yet delivered, oldest first. One chat backend is active per service."""
+        with Session(self.db) as db:
+            return list(db.exec(select(Event).where(Event.delivered_at.is_(None)).order_by(Event.id)
+                                .limit(limit)).all())
+
+    def mark_delivered(self, event_id: int, backend: str, ref: str = "") -> None:
+        """Record that an event reached the chat (with its message reference, e.g. a Slack ts)."""
+        with session_scope(self.db) as db:
+            ev = db.get(Event, event_id)
+            ev.delivered_at, ev.delivery_ref, ev.attempts = utcnow(), ref or backend, ev.attempts + 1
+            db.add(ev)
+
+    # ---- changes ----
+
+    def pause(self, user: str, now: bool = False, reason: str = "") -> str:
+        """Pause the run. Graceful: running experiments finish and none starts. `now`: they are killed
+        (status `aborted`). Returns the announcement line."""
+        with self._locked(), session_scope(self.db) as db:
+            run = self._run(db)
+            if run.state == "paused" and not (now and not run.pause_now):
+                return f"already paused: {run.pause_reason or 'no reason given'}"
+            run.state, run.pause_now, run.updated_at = "paused", now, utcnow()
+            run.pause_reason = reason or ("paused now" if now else "paused")
+            text = f"paused{' now' if now else ''} by {user}" + (f": {reason}" if reason else "")
+            db.add(run)
+            db.add(events.run_event(run, "paused", text, by=user, reason=reason, now=now))
+        self._wake()
+        return text
+
+    def resume(self, user: str) -> str:
+        """Resume a paused run. Returns the announcement line."""
+        with self._locked(), session_scope(self.db) as db:
+            run = self._run(db)
+            if run.state != "paused":
+                return "not paused"
+            was = run.pause_reason
+            run.state, run.pause_reason, run.pause_now, run.updated_at = "running", "", False, utcnow()
+            text = f"resumed by {user}" + (f" (was: {was})" if was else "")
+            db.add(run)
+            db.add(events.run_event(run, "resumed", text, by=user))
+        self._wake()
+        return text
+
+    def hint(self, user: str, text: str) -> Hint:
+        """Store a team member's hint for the proposer (data, never instructions). Raises ControlError."""
+        text = text.strip()
+        if not text:
+            raise ControlError("a hint needs some text: hint <text>")
+        if len(text) > MAX_HINT_CHARS:
+            raise ControlError(f"a hint is at most {MAX_HINT_CHARS} characters (got {len(text)})")
+        with session_scope(self.db) as db:
+            run = self._run(db)
+            h = Hint(run_id=run.id, author=user, text=text)
+            db.add(h)
+            db.flush()
+            db.add(events.run_event(run, "hint", f"hint #{h.id} from {user}: {text[:200]}", by=user))
+        self._wake()
+        return h
+
+    def audit(self, *, user: str, backend: str, text: str, command: str, allowed: bool, result: str) -> None:
+        """Append one command to the audit log (allowed or refused)."""
+        with session_scope(self.db) as db:
+            db.add(CommandLog(user=user, backend=backend, text=text[:4000], command=command, allowed=allowed,
+                              result=result[:4000]))

@@ -1,0 +1,405 @@
+"""The engine: fills free slots with the baseline repeats, then with validated proposals, and applies the
+ratchet rule to every result.
+
+The database is the source of truth (a restart resumes from it); the branch follows the database.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+from typing import Callable, Optional
+
+from sqlmodel import Session, select
+
+from db.models import FINAL_STATUSES, BudgetLedger, Experiment, Run, utcnow
+from db.session import session_scope
+from loop import events
+from loop.config import Settings
+from loop.proposers.base import ProposalError, ProposalExhausted, Proposer, TriedEdit
+from loop.rule import decide, noise_floor
+from loop.runners.base import Handle, Job, Outcome, Runner, Slot
+from loop.runners.local import is_harness_process, kill_group
+from loop.validate import normalised_ast_hash, validate_proposal
+from loop.workspace import Workspace, WorkspaceError
+
+log = logging.getLogger("ratchet.engine")
+
+MAX_ATTEMPTS = 3  # starts of one experiment before an infrastructure fault counts as a crash
+TICK_S = 1.0  # the engine also wakes at once on a result or a command
+PROPOSAL_BACKOFF_S = (5, 15, 60, 300)  # growing delay after proposer failures
+
+
+@dataclass
+class Running:
+    """A live experiment, for status and progress displays. Seconds."""
+
+    exp_id: int
+    kind: str
+    description: str
+    slot: str
+    elapsed_s: float  # counted training time reported by the harness
+    budget_s: float
+    step: Optional[int]
+    loss: Optional[float]
+    wall_s: float
+
+
+class Engine:
+    """The propose → train → decide loop for one run, in its own thread.
+
+    `tick()` does one round of work and may also be called directly (tests do). Thread-safety:
+    every state change happens under `self.lock`, which the control API also takes, so a pause that
+    has returned is seen before the next experiment starts.
+    """
+
+    def __init__(self, settings: Settings, db, workspace: Workspace, runner: Runner, proposer: Proposer,
+                 data_dir: Path, *, max_experiments: Optional[int] = None,
+                 on_change: Optional[Callable[[], None]] = None):
+        self.settings = settings
+        self.db = db
+        self.workspace = workspace
+        self.runner = runner
+        self.proposer = proposer
+        self.data_dir = Path(data_dir)
+        self.max_experiments = max_experiments
+        self.on_change = on_change or (lambda: None)  # e.g. wake the outbox delivery
+        self.lock = threading.RLock()
+        self.handles: dict[int, Handle] = {}
+        self.finished_here = 0  # experiments (not baseline repeats) finished by this process
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._propose_failures = 0
+        self._propose_after = 0.0
+        self.run_id: Optional[int] = None
+
+    # ---- set-up ----
+
+    def setup(self) -> Run:
+        """Create the run if needed (baseline = the workspace's HEAD) and reconcile after a restart."""
+        s = self.settings
+        with session_scope(self.db) as db:
+            run = db.exec(select(Run).where(Run.name == s.run)).first()
+            if run is None:
+                base = self.workspace.head_commit("HEAD")
+                run = Run(name=s.run, branch=self.workspace.run_branch(s.run), workspace=str(self.workspace.path),
+                          baseline_commit=base, head_commit=base, budget_s=s.budget_s, device=s.device)
+                db.add(run)
+                db.flush()
+            self.run_id = run.id
+        self.workspace.ensure_run_branch(run.name, run.baseline_commit)
+        self.reconcile()
+        return self.get_run()
+
+    def reconcile(self) -> None:
+        """After a restart: experiments found running are re-queued (their old process killed), and the
+        branch is moved to the head the database recorded (the database is written first)."""
+        with session_scope(self.db) as db:
+            run = db.get(Run, self.run_id)
+            stale = db.exec(select(Experiment).where(Experiment.run_id == run.id,
+                                                     Experiment.status.in_(("running", "proposed")))).all()
+            for exp in stale:
+                if exp.id in self.handles:
+                    continue
+                if exp.pid and is_harness_process(exp.pid):
+                    kill_group(exp.pid)
+                exp.status, exp.pid = "queued", None
+                exp.reason = "re-queued after a restart"
+                db.add(exp)
+            head = run.head_commit
+            name = run.name
+        tip = self.workspace.branch_tip(name)
+        if tip != head:
+            log.warning("branch %s at %s, database head %s: moving the branch", name, tip, head)
+            self.workspace.set_branch(name, head)
+
+    # ---- thread ----
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, kill: bool = True) -> None:
+        """Stop the thread; with kill, running experiments are killed (they are re-queued at the next start)."""
+        self._stop.set()
+        self.wake()
+        if self._thread:
+            self._thread.join(timeout=30)
+        if kill:
+            for h in list(self.handles.values()):
+                kill_group(h.pid) if h.pid else None
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except Exception:  # noqa: BLE001 - the loop must survive a bad tick; the error is logged
+                log.exception("engine tick failed")
+                self._stop.wait(5)
+            self._wake.wait(TICK_S)
+            self._wake.clear()
+
+    # ---- state ----
+
+    def get_run(self) -> Run:
+        with Session(self.db, expire_on_commit=False) as db:
+            return db.get(Run, self.run_id)
+
+    def reached_max(self) -> bool:
+        """True once this process has finished (or is finishing) max_experiments experiments."""
+        if self.max_experiments is None:
+            return False
+        live = sum(1 for h in self.handles.values() if getattr(h, "kind", "experiment") == "experiment")
+        return self.finished_here + live >= self.max_experiments
+
+    def idle(self) -> bool:
+        """Nothing is training and nothing more will start without a command."""
+        run = self.get_run()
+        return not self.handles and (self.reached_max() or run.state == "paused")
+
+    def running(self) -> list[Running]:
+        """Live experiments with their latest curve point."""
+        out = []
+        run = self.get_run()
+        for h in list(self.handles.values()):
+            p = h.progress() or {}
+            loss = p.get("loss")
+            out.append(Running(h.exp_id, getattr(h, "kind", "experiment"), getattr(h, "description", ""),
+                               h.slot.name, float(p.get("elapsed_s", 0.0)), run.budget_s, p.get("step"),
+                               loss if isinstance(loss, (int, float)) else None,
+                               time.time() - getattr(h, "started", time.time())))
+        return out
+
+    # ---- one round ----
+
+    def tick(self) -> None:
+        """Collect finished experiments, then fill free slots unless paused or at the limit."""
+        with self.lock:
+            for exp_id, h in list(self.handles.items()):
+                if h.done():
+                    del self.handles[exp_id]
+                    self._finish(exp_id, h.outcome())
+            run = self.get_run()
+            if run.state == "paused":
+                if run.pause_now:
+                    for h in list(self.handles.values()):
+                        h.kill(f"paused now: {run.pause_reason}" if run.pause_reason else "paused now")
+                return
+            busy = {h.slot.name for h in self.handles.values()}
+            for slot in self.runner.slots():
+                if slot.name in busy or self.reached_max():
+                    continue
+                exp = self._next_experiment()
+                if exp is None:
+                    break
+                self._start(exp, slot)
+
+    def _next_experiment(self) -> Optional[Experiment]:
+        run = self.get_run()
+        if run.noise_sigma is None:
+            return self._next_baseline(run)
+        with Session(self.db, expire_on_commit=False) as db:
+            queued = db.exec(select(Experiment).where(Experiment.run_id == run.id, Experiment.status == "queued",
+                                                      Experiment.kind == "experiment")
+                             .order_by(Experiment.id)).all()
+        for exp in queued:
+            if exp.id not in self.handles:
+                return exp
+        return self._propose(run)
+
+    def _next_baseline(self, run: Run) -> Optional[Experiment]:
+        with session_scope(self.db) as db:
+            base = db.exec(select(Experiment).where(Experiment.run_id == run.id, Experiment.kind == "baseline")
+                           .order_by(Experiment.id)).all()
+            failed = [e for e in base if e.status in ("crash", "timeout")]
+            if failed:
+                self._pause(db, run.id, f"baseline {failed[0].status}: {failed[0].reason}")
+                return None
+            for e in base:
+                if e.status == "queued" and e.id not in self.handles:
+                    return e
+            if len(base) >= self.settings.noise_repeats:
+                return None  # the remaining repeats are training
+            exp = Experiment(run_id=run.id, kind="baseline", status="queued", parent_commit=run.baseline_commit,
+                             commit=run.baseline_commit, proposer="baseline", seed=self.settings.seed + len(base),
+                             description=f"baseline repeat {len(base) + 1}/{self.settings.noise_repeats}",
+                             ast_hash=normalised_ast_hash(self.workspace.read_file(run.baseline_commit)))
+            db.add(exp)
+            db.flush()
+            return exp
+
+    def history(self, run_id: int) -> list[TriedEdit]:
+        """Every earlier experiment of the run, oldest first, for the proposer."""
+        with Session(self.db) as db:
+            rows = db.exec(select(Experiment).where(Experiment.run_id == run_id, Experiment.kind == "experiment")
+                           .order_by(Experiment.id)).all()
+            return [TriedEdit(e.parent_commit, e.edit_key, e.status, e.val_bpb, e.description) for e in rows]
+
+    def _propose(self, run: Run) -> Optional[Experiment]:
+        if time.time() < self._propose_after:
+            return None
+        head_source = self.workspace.read_file(run.head_commit)
+        try:
+            proposal = self.proposer.propose(head_source, run.head_commit, self.history(run.id))
+        except ProposalExhausted as e:
+            with session_scope(self.db) as db:
+                self._pause(db, run.id, f"proposer has nothing left to try: {e}")
+            return None
+        except ProposalError as e:
+            delay = PROPOSAL_BACKOFF_S[min(self._propose_failures, len(PROPOSAL_BACKOFF_S) - 1)]
+            self._propose_failures += 1
+            self._propose_after = time.time() + delay
+            if self._propose_failures == 1:
+                with session_scope(self.db) as db:
+                    db.add(events.run_event(run, "proposer_error", f"proposer failed: {e}; retrying with back-off"))
+                self.on_change()
+            return None
+        self._propose_failures = 0
+        with session_scope(self.db) as db:
+            seen = set(db.exec(select(Experiment.ast_hash).where(Experiment.run_id == run.id)).all())
+            verdict = validate_proposal(head_source, {"train.py": proposal.source}, seen_hashes=seen)
+            exp = Experiment(run_id=run.id, kind="experiment", parent_commit=run.head_commit,
+                             proposer=proposal.proposer, description=proposal.description,
+                             hypothesis=proposal.hypothesis, diff=verdict.diff, edit_key=proposal.edit_key,
+                             ast_hash=verdict.ast_hash, usage=proposal.usage, cost_usd=proposal.cost_usd,
+                             status="proposed")
+            db.add(exp)
+            db.flush()
+            if proposal.cost_usd:
+                db.add(BudgetLedger(day=date.today().isoformat(), run_id=run.id, experiment_id=exp.id,
+                                    kind="claude_usd", amount=proposal.cost_usd))
+            if not verdict.ok:
+                exp.status, exp.reason, exp.finished_at = "invalid", verdict.reason, utcnow()
+                db.add(events.experiment_event(exp, run))
+                self.finished_here += 1
+            else:
+                exp.commit = self.workspace.commit_experiment(
+                    exp.id, run.head_commit, proposal.source, f"exp {exp.id}: {proposal.description}")
+                exp.status = "queued"
+            db.add(exp)
+        if not verdict.ok:
+            self.on_change()
+            return None
+        return exp
+
+    def _start(self, exp: Experiment, slot: Slot) -> None:
+        run = self.get_run()
+        s = self.settings
+        workdir = s.home / "runs" / run.name / f"exp-{exp.id:06d}"
+        seed = exp.seed if exp.kind == "baseline" else s.seed + exp.id
+        job = Job(exp_id=exp.id, source=self.workspace.read_file(exp.commit), workdir=workdir,
+                  data_dir=self.data_dir, budget_s=run.budget_s, seed=seed, eval_tokens=s.eval_tokens,
+                  seq_len=s.seq_len, grace_s=s.grace_s, device=s.device)
+        with session_scope(self.db) as db:
+            row = db.get(Experiment, exp.id)
+            row.status, row.started_at, row.attempts = "running", utcnow(), row.attempts + 1
+            row.slot, row.host, row.workdir, row.seed = slot.name, slot.host, str(workdir), seed
+            db.add(row)
+        try:
+            handle = self.runner.start(job, slot, self.wake)
+        except OSError as e:
+            self._finish(exp.id, None, infra_error=f"could not start on {slot.name}: {e}")
+            return
+        handle.kind, handle.description = exp.kind, exp.description
+        self.handles[exp.id] = handle
+        with session_scope(self.db) as db:
+            row = db.get(Experiment, exp.id)
+            row.pid = handle.pid
+            db.add(row)
+
+    def _finish(self, exp_id: int, outcome: Optional[Outcome], infra_error: str = "") -> None:
+        """Record a result and apply the ratchet rule: decision, ledger and event in one transaction."""
+        keep_move: Optional[tuple[str, str, str]] = None
+        with session_scope(self.db) as db:
+            exp = db.get(Experiment, exp_id)
+            run = db.get(Run, exp.run_id)
+            head_before = run.head_val_bpb
+            exp.finished_at, exp.pid = utcnow(), None
+            if outcome is not None:
+                r = outcome.result
+                exp.val_bpb, exp.training_seconds, exp.total_seconds = r.val_bpb, r.training_seconds, r.total_seconds
+                exp.peak_memory_mb, exp.mfu_percent, exp.tokens = r.peak_memory_mb, r.mfu_percent, r.tokens
+                exp.steps, exp.params, exp.wall_seconds = r.steps, r.params, outcome.wall_seconds
+                exp.log_tail = "\n".join((r.log_tail or [])[-15:] + ["--- log ---"] + outcome.log_tail[-15:]) \
+                    if r.status != "ok" else ""
+                db.add(BudgetLedger(day=date.today().isoformat(), run_id=run.id, experiment_id=exp.id,
+                                    kind="gpu_seconds", amount=outcome.wall_seconds))
+                infra_error = infra_error or (f"infrastructure failure on {outcome.slot}: {r.error}"
+                                              if outcome.infra_failed else "")
+            if infra_error:
+                if exp.attempts < MAX_ATTEMPTS:
+                    exp.status, exp.reason = "queued", infra_error  # never counts against the idea
+                    db.add(events.run_event(run, "infra_failed", f"#{exp.id} re-queued: {infra_error}",
+                                            experiment_id=exp.id))
+                else:
+                    exp.status, exp.reason = "crash", f"{infra_error} (after {exp.attempts} attempts)"
+                    db.add(events.experiment_event(exp, run, head_before))
+            elif outcome.aborted:
+                exp.status, exp.reason, exp.val_bpb = "aborted", outcome.aborted, None
+                db.add(events.experiment_event(exp, run, head_before))
+            elif outcome.result.status != "ok":
+                exp.status, exp.reason, exp.val_bpb = outcome.result.status, outcome.result.error, None
+                db.add(events.experiment_event(exp, run, head_before))
+            elif exp.kind == "baseline":
+                exp.status = "keep"
+                db.add(events.experiment_event(exp, run))
+                self._maybe_measure_noise(db, run)
+            elif exp.parent_commit != run.head_commit:
+                # Only with several slots; rebase-and-confirm arrives with parallel slots. Discarding is safe.
+                exp.status, exp.reason = "discard", "parent is no longer head"
+                db.add(events.experiment_event(exp, run, head_before))
+            else:
+                d = decide(exp.val_bpb, run.head_val_bpb, run.noise_sigma, min_delta=self.settings.min_delta,
+                           z=self.settings.noise_z)
+                exp.decision, exp.status = d.as_dict(), d.verdict
+                if d.verdict == "keep":
+                    keep_move = (run.name, exp.commit, run.head_commit)
+                    run.head_commit, run.head_val_bpb, run.head_runs = exp.commit, exp.val_bpb, [exp.val_bpb]
+                    run.updated_at = utcnow()
+                    db.add(run)
+                db.add(events.experiment_event(exp, run, head_before))
+            db.add(exp)
+            if exp.kind == "experiment" and exp.status in FINAL_STATUSES:
+                self.finished_here += 1
+        if keep_move:
+            name, new, old = keep_move
+            try:
+                self.workspace.fast_forward(name, new, old)
+            except WorkspaceError:
+                log.exception("fast-forward of %s failed; forcing the branch to the database head", name)
+                self.workspace.set_branch(name, new)
+        self.on_change()
+
+    def _maybe_measure_noise(self, db: Session, run: Run) -> None:
+        done = db.exec(select(Experiment.val_bpb).where(Experiment.run_id == run.id, Experiment.kind == "baseline",
+                                                        Experiment.status == "keep")).all()
+        done = [v for v in done if v is not None]
+        if len(done) < self.settings.noise_repeats or run.noise_sigma is not None:
+            return
+        run.noise_sigma = noise_floor(done)
+        run.head_val_bpb = statistics.fmean(done)
+        run.head_runs = list(done)
+        run.updated_at = utcnow()
+        db.add(run)
+        db.add(events.run_event(run, "baseline", f"baseline measured: val_bpb {run.head_val_bpb:.4f}, noise σ "
+                                f"{run.noise_sigma:.4f} over {len(done)} runs; keep threshold "
+                                f"{max(self.settings.min_delta, self.settings.noise_z * run.noise_sigma):.4f}",
+                                val_bpb=run.head_val_bpb, sigma=run.noise_sigma, runs=list(done)))
+
+    def _pause(self, db: Session, run_id: int, reason: str, by: str = "ratchet") -> None:
+        run = db.get(Run, run_id)
+        if run.state == "paused":
+            return
+        run.state, run.pause_reason, run.pause_now, run.updated_at = "paused", reason, False, utcnow()
+        db.add(run)
+        db.add(events.run_event(run, "paused", f"paused by {by}: {reason}", by=by, reason=reason))
+        self.on_change()

@@ -1,0 +1,50 @@
+"""Outbox events: the one-line text and payload for each thing the loop has to say.
+
+Builds rows only; the caller adds them in the same transaction as the change they report.
+"""
+
+from __future__ import annotations
+
+from db.models import Event, Experiment, Run
+
+
+def _bpb(v) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
+def experiment_event(exp: Experiment, run: Run, head_before: float | None = None) -> Event:
+    """The event for a finished experiment: kept / discarded / crashed / timeout / invalid / aborted / baseline."""
+    what = exp.description or exp.edit_key or f"experiment {exp.id}"
+    payload = {"status": exp.status, "val_bpb": exp.val_bpb, "head_val_bpb": head_before, "sigma": run.noise_sigma,
+               "description": exp.description, "hypothesis": exp.hypothesis, "training_seconds": exp.training_seconds,
+               "host": exp.host, "slot": exp.slot, "commit": exp.commit, "decision": exp.decision}
+    if exp.kind == "baseline":
+        kind = "baseline_run" if exp.status == "keep" else "crashed"
+        text = (f"baseline run #{exp.id} (seed {exp.seed}): val_bpb {_bpb(exp.val_bpb)}" if exp.status == "keep"
+                else f"baseline run #{exp.id} {exp.status}: {exp.reason}")
+    elif exp.status == "keep":
+        kind = "kept"
+        d = exp.val_bpb - head_before
+        text = (f"kept #{exp.id} {what}: val_bpb {_bpb(head_before)} → {_bpb(exp.val_bpb)} "
+                f"({d:+.4f}, {100 * d / head_before:+.2f}%, noise σ {_bpb(run.noise_sigma)})")
+    elif exp.status == "discard":
+        kind = "discarded"
+        text = f"discarded #{exp.id} {what}: val_bpb {_bpb(exp.val_bpb)} vs head {_bpb(head_before)}"
+    elif exp.status in ("crash", "timeout"):
+        kind = "crashed"
+        text = f"{exp.status} #{exp.id} {what}: {exp.reason}"
+    elif exp.status == "invalid":
+        kind = "invalid"
+        text = f"invalid #{exp.id} {what}: {exp.reason}"
+    elif exp.status == "aborted":
+        kind = "aborted"
+        text = f"aborted #{exp.id} {what}: {exp.reason}"
+    else:
+        kind = exp.status
+        text = f"{exp.status} #{exp.id} {what}: {exp.reason}"
+    return Event(run_id=run.id, experiment_id=exp.id, kind=kind, text=text, payload=payload)
+
+
+def run_event(run: Run, kind: str, text: str, **payload) -> Event:
+    """A run-level event: baseline measured, paused, resumed, exhausted, …"""
+    return Event(run_id=run.id, kind=kind, text=text, payload=payload)

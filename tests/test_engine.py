@@ -1,0 +1,142 @@
+"""The engine end to end with the real local runner, real git and real text (tiny model, 1 s budgets)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from sqlmodel import Session, select
+
+from db.models import BudgetLedger, Event, Experiment, Run
+from db.session import create_tables, make_engine
+from loop.config import Settings
+from loop.control import Control
+from loop.engine import Engine
+from loop.proposers.base import Proposal
+from loop.proposers.offline import OfflineProposer
+from loop.runners.local import LocalRunner
+
+
+def make_engine_for(tmp_path, data_dir, ws, proposer=None, **kw):
+    settings = Settings(home=tmp_path / "home", workspace=ws.path, budget_s=kw.pop("budget_s", 1.0),
+                        noise_repeats=kw.pop("noise_repeats", 2), eval_tokens=2048, grace_s=30, device="cpu")
+    db = make_engine(f"sqlite:///{tmp_path / 'r.db'}")
+    create_tables(db)
+    eng = Engine(settings, db, ws, LocalRunner("cpu"), proposer or OfflineProposer(seed=1), data_dir, **kw)
+    eng.setup()
+    return eng, db
+
+
+def tick_until(eng, cond, timeout=180):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        eng.tick()
+        if cond():
+            return
+        time.sleep(0.2)
+    raise AssertionError("timed out waiting for the engine")
+
+
+def rows(db, model=Experiment):
+    with Session(db) as s:
+        return s.exec(select(model).order_by(model.id)).all()
+
+
+class FixedProposer:
+    """Hands out prepared train.py texts in order (to exercise invalid and crashing proposals)."""
+
+    name = "fixed"
+
+    def __init__(self, sources):
+        self.sources = list(sources)
+
+    def propose(self, head_source, parent, history):
+        src = self.sources.pop(0)(head_source)
+        return Proposal(source=src, description=f"fixed #{len(history) + 1}", hypothesis="test", proposer="fixed",
+                        edit_key=str(len(history)))
+
+
+def test_baseline_then_experiments_with_the_ratchet_rule(tmp_path, data_dir, tiny_workspace):
+    eng, db = make_engine_for(tmp_path, data_dir, tiny_workspace, max_experiments=3)
+    tick_until(eng, lambda: eng.reached_max() and not eng.handles)
+    exps = rows(db)
+    base = [e for e in exps if e.kind == "baseline"]
+    search = [e for e in exps if e.kind == "experiment"]
+    assert [e.status for e in base] == ["keep", "keep"] and len({e.seed for e in base}) == 2
+    assert len(search) == 3 and all(e.status in ("keep", "discard", "crash", "timeout", "invalid") for e in search)
+    run = rows(db, Run)[0]
+    assert run.noise_sigma is not None and run.noise_sigma >= 0
+    for e in search:
+        assert e.diff.startswith("--- a/train.py") and e.description and e.hypothesis
+        if e.status in ("keep", "discard"):
+            d = e.decision
+            assert d["verdict"] == e.status and d["val_bpb"] == e.val_bpb and d["sigma"] == run.noise_sigma
+            assert (e.val_bpb < d["head_val_bpb"] - d["threshold"]) == (e.status == "keep")
+    kept = [e for e in search if e.status == "keep"]
+    assert run.head_commit == (kept[-1].commit if kept else run.baseline_commit)
+    assert tiny_workspace.branch_tip("main") == run.head_commit  # branch and database agree
+    kinds = [ev.kind for ev in rows(db, Event)]
+    assert kinds.count("baseline_run") == 2 and "baseline" in kinds
+    assert sum(kinds.count(k) for k in ("kept", "discarded", "crashed", "invalid")) == 3
+    assert len([r for r in rows(db, BudgetLedger) if r.kind == "gpu_seconds"]) == 5
+
+
+def test_invalid_and_crashing_proposals(tmp_path, data_dir, tiny_workspace):
+    proposer = FixedProposer([
+        lambda src: "import os\n" + src,  # file access: invalid, never runs
+        lambda src: src.replace("    step = 0\n", "    step = 0\n    raise RuntimeError('exploded')\n"),
+        lambda src: src.replace("LR = 0.02", "LR = 0.03"),
+    ])
+    eng, db = make_engine_for(tmp_path, data_dir, tiny_workspace, proposer=proposer, max_experiments=3)
+    tick_until(eng, lambda: eng.reached_max() and not eng.handles)
+    search = [e for e in rows(db) if e.kind == "experiment"]
+    assert [e.status for e in search[:2]] == ["invalid", "crash"]
+    assert "`os` import" in search[0].reason and search[0].commit == "" and search[0].started_at is None
+    assert "RuntimeError: exploded (train.py:" in search[1].reason and "exploded" in search[1].log_tail
+    assert search[2].status in ("keep", "discard")
+    texts = [ev.text for ev in rows(db, Event)]
+    assert any(t.startswith("invalid #") for t in texts) and any(t.startswith("crash #") for t in texts)
+
+
+def test_pause_graceful_and_now(tmp_path, data_dir, tiny_workspace):
+    eng, db = make_engine_for(tmp_path, data_dir, tiny_workspace, budget_s=3.0)
+    control = Control(db, "main", eng)
+    tick_until(eng, lambda: bool(eng.handles))
+    first = next(iter(eng.handles))
+    control.pause("alice", reason="checking something")
+    tick_until(eng, lambda: not eng.handles)
+    time.sleep(0.5)
+    eng.tick()
+    exps = rows(db)
+    assert len(exps) == 1 and exps[0].id == first and exps[0].status == "keep"  # finished; nothing new started
+    assert control.status().state == "paused"
+
+    control.resume("bob")
+    tick_until(eng, lambda: bool(eng.handles))
+    second = next(iter(eng.handles))
+    control.pause("carol", now=True, reason="on-call stop")
+    tick_until(eng, lambda: not eng.handles, timeout=30)
+    exp = [e for e in rows(db) if e.id == second][0]
+    assert exp.status == "aborted" and "on-call stop" in exp.reason
+    assert [ev.kind for ev in rows(db, Event) if ev.kind in ("paused", "resumed")] == ["paused", "resumed", "paused"]
+
+
+def test_restart_requeues_running_and_moves_the_branch(tmp_path, data_dir, tiny_workspace):
+    eng, db = make_engine_for(tmp_path, data_dir, tiny_workspace, budget_s=20.0)
+    tick_until(eng, lambda: bool(eng.handles))
+    exp_id = next(iter(eng.handles))
+    pid = eng.handles[exp_id].pid
+    # simulate a crash of the service: the engine object is dropped, its harness process keeps running
+    base = tiny_workspace.head_commit("HEAD")
+    tiny_workspace.set_branch("main", tiny_workspace.commit_experiment(999, base, "# stray\n", "stray"))
+    eng2, _ = make_engine_for(tmp_path, data_dir, tiny_workspace)
+    exp = [e for e in rows(db) if e.id == exp_id][0]
+    assert exp.status == "queued" and exp.attempts == 1
+    assert tiny_workspace.branch_tip("main") == rows(db, Run)[0].head_commit
+    import os
+
+    time.sleep(0.5)
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # the orphaned run was killed, not left to compete for the CPU
+    tick_until(eng2, lambda: exp_id in eng2.handles)  # and it is re-run
+    eng2.stop()
