@@ -5,7 +5,6 @@ Knows nothing about which chat it runs in; backends only carry text in and repli
 
 from __future__ import annotations
 
-import shlex
 from dataclasses import dataclass, field
 
 from loop.control import Control, ControlError
@@ -91,7 +90,7 @@ def parse(text: str) -> Command:
         if not rest:
             raise _fail("hint needs some text, e.g. `hint try a longer warmup`")
         return Command("hint", {"text": rest}, text)
-    raise _fail(f"unknown command {shlex.quote(head)}")
+    raise _fail(f"unknown command {head!r}")
 
 
 def role_allows(role: str, command: str) -> bool:

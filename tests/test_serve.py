@@ -1,0 +1,135 @@
+"""`ratchet serve` as a person runs it: the real CLI in a subprocess, real text, the shell chat."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from sqlmodel import Session, select
+
+from db.models import CommandLog, Event, Experiment, Run
+from db.session import make_engine
+from loop.workspace import Workspace
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def serve_env(home: Path, data_dir: Path, workspace: Path | None = None, **extra) -> dict:
+    """Environment for a serve in `home`, reusing the session's prepared corpus (no new download)."""
+    (home / "data").mkdir(parents=True, exist_ok=True)
+    link = home / "data" / data_dir.name
+    if not link.exists():
+        link.symlink_to(data_dir, target_is_directory=True)
+    env = {**os.environ, "RATCHET_HOME": str(home), "RATCHET_EVAL_TOKENS": "4096", "RATCHET_DEVICE": "cpu",
+           "RATCHET_GRACE_S": "60", "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
+    env.pop("ANTHROPIC_API_KEY", None)
+    if workspace is not None:
+        env["RATCHET_WORKSPACE"] = str(workspace)
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def start(args, env, out: Path, stdin=subprocess.DEVNULL):
+    return subprocess.Popen([sys.executable, "-m", "bot.cli", "serve", *args], cwd=REPO, env=env, stdin=stdin,
+                            stdout=open(out, "ab"), stderr=subprocess.STDOUT)
+
+
+def db_rows(home: Path, model):
+    with Session(make_engine(f"sqlite:///{home / 'ratchet.db'}")) as s:
+        return s.exec(select(model).order_by(model.id)).all()
+
+
+def wait_for(cond, timeout=180, what="condition"):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        try:
+            if cond():
+                return
+        except Exception:  # the database may not exist yet
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.slow
+def test_main_command_runs_baseline_and_five_experiments(tmp_path, data_dir):
+    """The README's main command on a fresh home: template train.py, real text, CPU, offline proposer."""
+    home = tmp_path / "home"
+    out = tmp_path / "out.txt"
+    proc = start(["--max-experiments", "5", "--budget-s", "2"], serve_env(home, data_dir), out)
+    assert proc.wait(timeout=600) == 0, out.read_text()[-3000:]
+    exps = db_rows(home, Experiment)
+    base = [e for e in exps if e.kind == "baseline"]
+    search = [e for e in exps if e.kind == "experiment"]
+    assert [e.status for e in base] == ["keep"] * 3
+    assert len(search) == 5
+    for e in search:
+        assert e.status in ("keep", "discard", "crash", "timeout", "invalid") and e.diff and e.description
+        if e.status in ("keep", "discard"):
+            assert e.val_bpb > 0 and e.training_seconds >= 2 and e.decision["verdict"] == e.status
+    run = db_rows(home, Run)[0]
+    kept = [e for e in search if e.status == "keep"]
+    assert run.head_commit == (kept[-1].commit if kept else run.baseline_commit)
+    assert Workspace(home / "workspace").branch_tip("main") == run.head_commit
+    text = out.read_text()
+    assert text.count("baseline run #") == 3 and "baseline measured" in text
+    for e in search:  # the shell printed each event
+        assert f"#{e.id} " in text
+    assert all(ev.delivered_at is not None for ev in db_rows(home, Event))
+
+
+def test_kill_9_during_an_experiment_loses_nothing(tmp_path, data_dir, tiny_workspace):
+    home = tmp_path / "home"
+    out = tmp_path / "out.txt"
+    env = serve_env(home, data_dir, tiny_workspace.path, RATCHET_NOISE_REPEATS=2)
+    proc = start(["--budget-s", "4"], env, out)
+
+    def an_experiment_is_training():
+        return any(e.kind == "experiment" and e.status == "running" and e.pid for e in db_rows(home, Experiment))
+
+    wait_for(an_experiment_is_training, what="an experiment to train")
+    victim = next(e for e in db_rows(home, Experiment) if e.status == "running")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+
+    proc = start(["--max-experiments", "1"], env, out)
+    assert proc.wait(timeout=300) == 0, out.read_text()[-3000:]
+    exps = db_rows(home, Experiment)
+    again = next(e for e in exps if e.id == victim.id)
+    assert again.status in ("keep", "discard", "crash") and again.attempts == 2 and again.val_bpb is not None
+    assert not [e for e in exps if e.status in ("running", "queued", "proposed")]
+    run = db_rows(home, Run)[0]
+    assert tiny_workspace.branch_tip("main") == run.head_commit
+    assert all(ev.delivered_at is not None for ev in db_rows(home, Event))
+    assert f"#{victim.id} " in out.read_text().split("re-run")[-1]
+
+
+def test_pause_typed_in_the_shell_takes_effect_before_the_next_experiment(tmp_path, data_dir, tiny_workspace):
+    home = tmp_path / "home"
+    out = tmp_path / "out.txt"
+    env = serve_env(home, data_dir, tiny_workspace.path, RATCHET_NOISE_REPEATS=2, USER="dana")
+    proc = start(["--budget-s", "3"], env, out, stdin=subprocess.PIPE)
+    wait_for(lambda: any(e.status == "running" for e in db_rows(home, Experiment)), what="the first run")
+    proc.stdin.write(b"frobnicate\npause lunch break\n")
+    proc.stdin.flush()
+    wait_for(lambda: "paused by dana: lunch break" in out.read_text(), timeout=30, what="the pause reply")
+    wait_for(lambda: all(e.status != "running" for e in db_rows(home, Experiment)), timeout=60, what="idle")
+    time.sleep(3)
+    exps = db_rows(home, Experiment)
+    assert len(exps) == 1 and exps[0].status == "keep"  # the running one finished; no new one started
+    proc.stdin.write(b"status\nresume\n")
+    proc.stdin.flush()
+    wait_for(lambda: len(db_rows(home, Experiment)) >= 2, timeout=30, what="a start after resume")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    text = out.read_text()
+    assert "unknown command 'frobnicate'" in text and "pause [now] [reason]" in text  # help text
+    assert "run main: paused (lunch break)" in text and "resumed by dana" in text
+    audit = db_rows(home, CommandLog)
+    assert [(a.user, a.command) for a in audit] == [("dana", ""), ("dana", "pause"), ("dana", "status"),
+                                                    ("dana", "resume")]
