@@ -14,7 +14,7 @@ from loop.proposers.offline import (
     read_constants,
 )
 from loop.validate import normalised_ast_hash, validate_proposal
-from test_validate import TRAIN_PY
+from tests.test_validate import TRAIN_PY
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "trainer" / "templates" / "train.py"
 PARENT = "a" * 40
