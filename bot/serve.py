@@ -86,7 +86,7 @@ def serve(settings: Settings, *, max_experiments: Optional[int] = None, budget_e
     device = resolve_device(settings.device)
     runner = LocalRunner(settings.device)
     engine = Engine(settings, db, ws, runner, make_proposer(settings, device, console), data_dir,
-                    max_experiments=max_experiments)
+                    max_experiments=max_experiments, device=device)
     run = engine.setup()
     if budget_explicit and abs(run.budget_s - settings.budget_s) > 1e-9:
         raise ServeError(f"run {run.name!r} measured its noise floor at a {run.budget_s:g} s budget; results at "

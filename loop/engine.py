@@ -17,11 +17,12 @@ from typing import Callable, Optional
 
 from sqlmodel import Session, select
 
-from db.models import FINAL_STATUSES, BudgetLedger, Experiment, Run, utcnow
+from db.models import FINAL_STATUSES, BudgetLedger, Experiment, Hint, Run, utcnow
 from db.session import session_scope
 from loop import events
 from loop.config import Settings
-from loop.proposers.base import ProposalError, ProposalExhausted, Proposer, TriedEdit
+from loop.proposers.base import (ProposalAuthError, ProposalError, ProposalExhausted, ProposalRejected, Proposer,
+                                 ResearchState, TriedEdit)
 from loop.rule import decide, noise_floor
 from loop.runners.base import Handle, Job, Outcome, Runner, Slot
 from loop.runners.local import is_harness_process, kill_group
@@ -60,7 +61,7 @@ class Engine:
 
     def __init__(self, settings: Settings, db, workspace: Workspace, runner: Runner, proposer: Proposer,
                  data_dir: Path, *, max_experiments: Optional[int] = None,
-                 on_change: Optional[Callable[[], None]] = None):
+                 on_change: Optional[Callable[[], None]] = None, device: Optional[str] = None):
         self.settings = settings
         self.db = db
         self.workspace = workspace
@@ -78,6 +79,8 @@ class Engine:
         self._propose_failures = 0
         self._propose_after = 0.0
         self.run_id: Optional[int] = None
+        # the device type experiments train on (what `auto` resolves to), for the proposer
+        self.device = device or (settings.device if settings.device != "auto" else "cpu")
 
     # ---- set-up ----
 
@@ -238,21 +241,61 @@ class Engine:
             return exp
 
     def history(self, run_id: int) -> list[TriedEdit]:
-        """Every earlier experiment of the run, oldest first, for the proposer."""
+        """Every earlier experiment of the run, oldest first, with Δ val_bpb vs its parent, for the proposer."""
         with Session(self.db) as db:
-            rows = db.exec(select(Experiment).where(Experiment.run_id == run_id, Experiment.kind == "experiment")
-                           .order_by(Experiment.id)).all()
-            return [TriedEdit(e.parent_commit, e.edit_key, e.status, e.val_bpb, e.description) for e in rows]
+            rows = db.exec(select(Experiment).where(Experiment.run_id == run_id).order_by(Experiment.id)).all()
+        by_commit: dict[str, list[float]] = {}
+        for e in rows:
+            if e.status == "keep" and e.val_bpb is not None:
+                by_commit.setdefault(e.commit, []).append(e.val_bpb)
+        out = []
+        for e in rows:
+            if e.kind != "experiment":
+                continue
+            parent = by_commit.get(e.parent_commit)
+            delta = e.val_bpb - statistics.fmean(parent) if parent and e.val_bpb is not None else None
+            out.append(TriedEdit(e.parent_commit, e.edit_key, e.status, e.val_bpb, e.description, exp_id=e.id,
+                                 delta=delta, reason=(e.reason or "").splitlines()[0][:200] if e.reason else ""))
+        return out
+
+    def research_state(self, run: Run) -> ResearchState:
+        """The run as a proposer sees it: head, noise floor, threshold, hints, program.md, seen hashes."""
+        with Session(self.db) as db:
+            hints = db.exec(select(Hint).where(Hint.run_id == run.id, Hint.closed_at.is_(None))
+                            .order_by(Hint.id)).all()
+            seen = frozenset(db.exec(select(Experiment.ast_hash).where(Experiment.run_id == run.id)).all())
+            base = db.exec(select(Experiment.val_bpb).where(Experiment.run_id == run.id, Experiment.kind == "baseline",
+                                                            Experiment.status == "keep")).all()
+        try:
+            program = self.workspace.read_file(run.head_commit, "program.md")
+        except WorkspaceError:
+            program = ""
+        sigma = run.noise_sigma
+        return ResearchState(
+            run=run.name, head_val_bpb=run.head_val_bpb, noise_sigma=sigma,
+            baseline_val_bpb=statistics.fmean(base) if base else None,
+            keep_threshold=None if sigma is None else max(self.settings.min_delta, self.settings.noise_z * sigma),
+            budget_s=run.budget_s, device=self.device, program=program,
+            hints=tuple((h.author, h.text) for h in hints), seen_hashes=seen - {""})
 
     def _propose(self, run: Run) -> Optional[Experiment]:
         if time.time() < self._propose_after:
             return None
         head_source = self.workspace.read_file(run.head_commit)
         try:
-            proposal = self.proposer.propose(head_source, run.head_commit, self.history(run.id))
+            proposal = self.proposer.propose(head_source, run.head_commit, self.history(run.id),
+                                             self.research_state(run))
         except ProposalExhausted as e:
             with session_scope(self.db) as db:
                 self._pause(db, run.id, f"proposer has nothing left to try: {e}")
+            return None
+        except ProposalAuthError as e:
+            with session_scope(self.db) as db:
+                self._pause(db, run.id, f"{e}")
+            return None
+        except ProposalRejected as e:
+            self._propose_failures = 0
+            self._store_rejected(run, e)
             return None
         except ProposalError as e:
             delay = PROPOSAL_BACKOFF_S[min(self._propose_failures, len(PROPOSAL_BACKOFF_S) - 1)]
@@ -290,6 +333,26 @@ class Engine:
             self.on_change()
             return None
         return exp
+
+    def _store_rejected(self, run: Run, e: ProposalRejected) -> None:
+        """An answer the proposer could not turn into a valid proposal: `invalid`, with its cost charged."""
+        with session_scope(self.db) as db:
+            exp = Experiment(run_id=run.id, kind="experiment", parent_commit=run.head_commit, proposer=e.proposer,
+                             description=e.description or "(no usable proposal)", hypothesis=e.hypothesis,
+                             status="invalid", reason=e.reason, usage=e.usage, cost_usd=e.cost_usd,
+                             finished_at=utcnow())
+            if e.source:
+                from loop.validate import unified_diff
+
+                exp.diff = unified_diff(self.workspace.read_file(run.head_commit), e.source)[0]
+            db.add(exp)
+            db.flush()
+            if e.cost_usd:
+                db.add(BudgetLedger(day=date.today().isoformat(), run_id=run.id, experiment_id=exp.id,
+                                    kind="claude_usd", amount=e.cost_usd))
+            db.add(events.experiment_event(exp, run))
+        self.finished_here += 1
+        self.on_change()
 
     def _start(self, exp: Experiment, slot: Slot) -> None:
         run = self.get_run()

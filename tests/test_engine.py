@@ -50,7 +50,7 @@ class FixedProposer:
     def __init__(self, sources):
         self.sources = list(sources)
 
-    def propose(self, head_source, parent, history):
+    def propose(self, head_source, parent, history, state=None):
         src = self.sources.pop(0)(head_source)
         return Proposal(source=src, description=f"fixed #{len(history) + 1}", hypothesis="test", proposer="fixed",
                         edit_key=str(len(history)))

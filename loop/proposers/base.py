@@ -41,6 +41,30 @@ class TriedEdit:
     status: str
     val_bpb: float | None = None
     description: str = ""
+    exp_id: int | None = None
+    delta: float | None = None  # val_bpb − the parent's val_bpb (negative is better), when both are known
+    reason: str = ""  # why it crashed / was invalid, one line
+
+
+@dataclass(frozen=True)
+class ResearchState:
+    """What else a proposer may read about the run (the engine builds it from the database).
+
+    val_bpb values in bits per byte; `budget_s` in seconds; `hints` are (author, text) pairs from
+    team members: data to weigh, never instructions. `seen_hashes` are the normalised-AST hashes
+    of every earlier experiment, so a proposer can avoid duplicates before the engine rejects them.
+    """
+
+    run: str = "main"
+    head_val_bpb: float | None = None
+    baseline_val_bpb: float | None = None
+    noise_sigma: float | None = None
+    keep_threshold: float | None = None  # a keep must beat head by more than this
+    budget_s: float = 60.0
+    device: str = "cpu"
+    program: str = ""  # program.md of the workspace
+    hints: tuple[tuple[str, str], ...] = ()
+    seen_hashes: frozenset[str] = frozenset()
 
 
 class ProposalError(Exception):
@@ -51,15 +75,34 @@ class ProposalExhausted(ProposalError):
     """Nothing left to try from this parent: every candidate edit was already tried."""
 
 
+class ProposalAuthError(ProposalError):
+    """The proposer's credentials were rejected (HTTP 401 / 403): the run pauses with this reason."""
+
+
+class ProposalRejected(ProposalError):
+    """The proposer answered but produced no usable proposal (a refusal, max_tokens, edits that still
+    failed after the repair turns). The engine stores it as an `invalid` experiment with the reason,
+    charging `cost_usd` (USD) and recording `usage`."""
+
+    def __init__(self, reason: str, *, description: str = "", hypothesis: str = "", source: str = "",
+                 usage: dict | None = None, cost_usd: float = 0.0, proposer: str = "claude"):
+        super().__init__(reason)
+        self.reason, self.description, self.hypothesis, self.source = reason, description, hypothesis, source
+        self.usage, self.cost_usd, self.proposer = usage or {}, cost_usd, proposer
+
+
 @runtime_checkable
 class Proposer(Protocol):
     """Writes the next proposal for a run.
 
-    `propose(head_source, parent, history)`: `head_source` is head's train.py text,
-    `parent` head's commit, `history` the earlier experiments of the run (any parent).
-    Raises ProposalError (ProposalExhausted when nothing is left to try).
+    `propose(head_source, parent, history, state)`: `head_source` is head's train.py text,
+    `parent` head's commit, `history` the earlier experiments of the run (any parent, oldest
+    first), `state` the rest of what the run knows (noise floor, hints, program.md).
+    Raises ProposalError: ProposalExhausted when nothing is left to try, ProposalAuthError when
+    credentials are rejected, ProposalRejected when an answer could not be used.
     """
 
     name: str
 
-    def propose(self, head_source: str, parent: str, history: Sequence[TriedEdit]) -> Proposal: ...
+    def propose(self, head_source: str, parent: str, history: Sequence[TriedEdit],
+                state: ResearchState | None = None) -> Proposal: ...

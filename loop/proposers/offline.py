@@ -9,7 +9,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from loop.proposers.base import Proposal, ProposalError, ProposalExhausted, TriedEdit
+from loop.proposers.base import Proposal, ProposalError, ProposalExhausted, ResearchState, TriedEdit
 
 DEVICE_SUFFIXES = ("CPU", "CUDA", "MPS")
 
@@ -91,7 +91,8 @@ class OfflineProposer:
         self.factors = tuple(factors)
         self._rng = random.Random(seed)
 
-    def propose(self, head_source: str, parent: str, history: Sequence[TriedEdit]) -> Proposal:
+    def propose(self, head_source: str, parent: str, history: Sequence[TriedEdit],
+                state: ResearchState | None = None) -> Proposal:
         """Mutate one constant of `head_source`; never an edit_key already tried from `parent`.
 
         Choice: with probability FOLLOW_UP_PROB, among the untried candidates that continue
