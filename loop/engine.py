@@ -10,6 +10,7 @@ import logging
 import statistics
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -78,6 +79,10 @@ class Engine:
         self._thread: Optional[threading.Thread] = None
         self._propose_failures = 0
         self._propose_after = 0.0
+        # Proposals are made in the background while slots train, so a free slot never waits on the API.
+        self._proposer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="proposer")
+        self._pending: Optional[Future] = None
+        self._pending_parent = ""
         self.run_id: Optional[int] = None
         # the device type experiments train on (what `auto` resolves to), for the proposer
         self.device = device or (settings.device if settings.device != "auto" else "cpu")
@@ -134,6 +139,7 @@ class Engine:
         self.wake()
         if self._thread:
             self._thread.join(timeout=30)
+        self._proposer_pool.shutdown(wait=False, cancel_futures=True)
         if kill:
             for h in list(self.handles.values()):
                 kill_group(h.pid) if h.pid else None
@@ -205,6 +211,8 @@ class Engine:
                 if exp is None:
                     break
                 self._start(exp, slot)
+            if not self.reached_max():
+                self.prefetch(self.get_run())
 
     def _next_experiment(self) -> Optional[Experiment]:
         run = self.get_run()
@@ -278,13 +286,57 @@ class Engine:
             budget_s=run.budget_s, device=self.device, program=program,
             hints=tuple((h.author, h.text) for h in hints), seen_hashes=seen - {""})
 
+    def prefetch(self, run: Run) -> None:
+        """Ask the proposer for the next proposal in the background (at most one in flight)."""
+        if self._pending is not None or time.time() < self._propose_after or run.noise_sigma is None:
+            return
+        parent = run.head_commit
+        head_source = self.workspace.read_file(parent)
+        history, state = self.history(run.id), self.research_state(run)
+
+        def work():
+            return parent, head_source, self.proposer.propose(head_source, parent, history, state)
+
+        self._pending, self._pending_parent = self._proposer_pool.submit(work), parent
+        self._pending.add_done_callback(lambda _f: self.wake())
+
+    def _take_proposal(self, run: Run):
+        """The finished background proposal, moved onto the current head if head advanced meanwhile.
+
+        Returns (head_source, proposal), or None when none is ready. Raises what the proposer raised.
+        """
+        if self._pending is None:
+            self.prefetch(run)
+            return None
+        if not self._pending.done():
+            return None
+        fut, self._pending = self._pending, None
+        try:
+            parent, parent_source, proposal = fut.result()
+        except ProposalError:
+            if self._pending_parent != run.head_commit:
+                return None  # it was about an old head: ask again about the new one
+            raise
+        head_source = self.workspace.read_file(run.head_commit)
+        if parent != run.head_commit:
+            merged = self.workspace.merge_text(parent_source, head_source, proposal.source)
+            if merged is None and not proposal.cost_usd:
+                return None  # a free proposal that no longer applies: just ask again
+            if merged is None:
+                raise ProposalRejected(f"made for {parent[:10]}, does not apply to the new head {run.head_commit[:10]}",
+                                       description=proposal.description, hypothesis=proposal.hypothesis,
+                                       usage=proposal.usage, cost_usd=proposal.cost_usd, proposer=proposal.proposer)
+            proposal.source = merged
+        return head_source, proposal
+
     def _propose(self, run: Run) -> Optional[Experiment]:
         if time.time() < self._propose_after:
             return None
-        head_source = self.workspace.read_file(run.head_commit)
         try:
-            proposal = self.proposer.propose(head_source, run.head_commit, self.history(run.id),
-                                             self.research_state(run))
+            taken = self._take_proposal(run)
+            if taken is None:
+                return None
+            head_source, proposal = taken
         except ProposalExhausted as e:
             with session_scope(self.db) as db:
                 self._pause(db, run.id, f"proposer has nothing left to try: {e}")

@@ -192,8 +192,16 @@ class Workspace:
         Returns the merged text, or None when the change does not apply cleanly (conflicts).
         Raises WorkspaceError when a commit or the file is missing or git fails.
         """
-        texts = [self._git("cat-file", "blob", f"{c}:{path}").stdout
-                 for c in (new_parent, source_parent, source_commit)]
+        ours, base, theirs = (self._git("cat-file", "blob", f"{c}:{path}").stdout
+                              for c in (new_parent, source_parent, source_commit))
+        return self.merge_text(base, ours, theirs)
+
+    def merge_text(self, base: str | bytes, ours: str | bytes, theirs: str | bytes) -> str | None:
+        """3-way merge of file texts with `git merge-file`: the change base→theirs applied to ours.
+
+        Returns the merged text, or None on conflicts. Raises WorkspaceError when git fails.
+        """
+        texts = [t.encode("utf-8") if isinstance(t, str) else t for t in (ours, base, theirs)]
         with tempfile.TemporaryDirectory(prefix="ratchet-merge-") as tmp:
             files = [Path(tmp) / name for name in ("ours", "base", "theirs")]
             for f, text in zip(files, texts):

@@ -140,3 +140,33 @@ def test_restart_requeues_running_and_moves_the_branch(tmp_path, data_dir, tiny_
         os.kill(pid, 0)  # the orphaned run was killed, not left to compete for the CPU
     tick_until(eng2, lambda: exp_id in eng2.handles)  # and it is re-run
     eng2.stop()
+
+
+def test_next_proposal_is_prepared_while_the_slot_trains(tmp_path, data_dir, tiny_workspace):
+    class Recording(OfflineProposer):
+        """The offline proposer, noting whether an experiment was training when it was asked."""
+
+        def __init__(self, db_url):
+            super().__init__(seed=3)
+            self.db, self.busy = make_engine(db_url), []
+
+        def propose(self, head_source, parent, history, state=None):
+            self.busy.append(any(e.status == "running" for e in rows(self.db)))
+            assert state is not None and state.noise_sigma is not None and state.program
+            return super().propose(head_source, parent, history, state)
+
+    proposer = Recording(f"sqlite:///{tmp_path / 'r.db'}")
+    eng, db = make_engine_for(tmp_path, data_dir, tiny_workspace, proposer=proposer, max_experiments=3)
+    tick_until(eng, lambda: eng.reached_max() and not eng.handles)
+    assert len(proposer.busy) >= 3 and sum(proposer.busy) >= 2  # all but the first were made during training
+
+
+def test_merge_text_moves_a_change_onto_a_new_head(tiny_workspace):
+    from tests.conftest import TINY_TRAIN_PY
+
+    new_head = TINY_TRAIN_PY.replace("WEIGHT_DECAY = 0.0", "WEIGHT_DECAY = 0.1")
+    change = TINY_TRAIN_PY.replace("LR = 0.02", "LR = 0.04")
+    merged = tiny_workspace.merge_text(TINY_TRAIN_PY, new_head, change)
+    assert "WEIGHT_DECAY = 0.1" in merged and "LR = 0.04" in merged
+    clash = TINY_TRAIN_PY.replace("WEIGHT_DECAY = 0.0", "WEIGHT_DECAY = 0.2")
+    assert tiny_workspace.merge_text(TINY_TRAIN_PY, new_head, clash) is None
