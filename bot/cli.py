@@ -54,6 +54,48 @@ def serve(config: Optional[Path] = ConfigOpt,
 
 
 @app.command()
+def propose(dry_run: bool = typer.Option(True, "--dry-run/--no-dry-run", help="print only (the default)"),
+            config: Optional[Path] = ConfigOpt,
+            run: Optional[str] = typer.Option(None, help="run name")):
+    """Print the next proposal for head (diff, description, hypothesis, cost) without running it."""
+    from bot.serve import ServeError, make_proposer, prepare_everything, resolve_device
+    from loop.engine import Engine
+    from loop.proposers.base import ProposalError, ProposalRejected
+    from loop.runners.local import LocalRunner
+    from loop.validate import validate_proposal
+
+    if not dry_run:
+        err.print("[red]only --dry-run is supported: `ratchet serve` runs proposals[/red]")
+        raise typer.Exit(2)
+    settings = _settings(config, run=run)
+    data_dir, ws, db = prepare_everything(settings, err)
+    device = resolve_device(settings.device)
+    try:
+        proposer = make_proposer(settings, device)
+    except ServeError as e:
+        err.print(f"[red]{e}[/red]")
+        raise typer.Exit(2)
+    engine = Engine(settings, db, ws, LocalRunner(settings.device), proposer, data_dir, device=device)
+    run_row = engine.setup(reconcile=False)  # read-only next to a live serve: never re-queue its experiments
+    head = ws.read_file(run_row.head_commit)
+    state = engine.research_state(run_row)
+    try:
+        p = proposer.propose(head, run_row.head_commit, engine.history(run_row.id), state)
+    except ProposalRejected as e:
+        console.print(f"no usable proposal: {e.reason} (cost ${e.cost_usd:.4f})")
+        raise typer.Exit(1)
+    except ProposalError as e:
+        err.print(f"[red]proposer failed: {e}[/red]")
+        raise typer.Exit(1)
+    verdict = validate_proposal(head, {"train.py": p.source}, seen_hashes=state.seen_hashes)
+    console.print(f"proposer: {p.proposer} · head {run_row.head_commit[:10]}")
+    console.print(f"description: {p.description}\nhypothesis: {p.hypothesis}")
+    console.print("validation: ok" if verdict.ok else f"validation: invalid: {verdict.reason}")
+    console.print(f"cost: ${p.cost_usd:.4f}" + (f" · usage {p.usage}" if p.usage else ""))
+    console.print(verdict.diff, markup=False, highlight=False)
+
+
+@app.command()
 def init(directory: Optional[Path] = typer.Argument(None, help="default: <home>/workspace"),
          config: Optional[Path] = ConfigOpt):
     """Create the research repo: train.py from the template and program.md, committed on main."""

@@ -55,11 +55,21 @@ def resolve_device(name: str) -> str:
     return pick_device(name).type
 
 
-def make_proposer(settings: Settings, device: str, console: Console):
-    """The configured proposer. The Claude proposer is not wired in yet: the offline one stands in."""
+def make_proposer(settings: Settings, device: str):
+    """The configured proposer: Claude (Anthropic API; ANTHROPIC_API_KEY, optional ANTHROPIC_BASE_URL) or offline.
+
+    Raises ServeError when the Claude proposer is configured without an API key.
+    """
     if settings.proposer_name == "claude":
-        console.print("[yellow]the Claude proposer is not available in this version; using the offline "
-                      "proposer[/yellow]")
+        from loop.proposers.claude import ClaudeProposer, make_client
+
+        try:
+            client = make_client(max_retries=settings.claude_max_retries, timeout=settings.claude_timeout_s)
+        except ValueError as e:
+            raise ServeError(f"proposer = claude needs ANTHROPIC_API_KEY ({e})") from None
+        return ClaudeProposer(client, model=settings.claude_model, max_tokens=settings.claude_max_tokens,
+                              repair_turns=settings.claude_repair_turns, prices=settings.claude_prices or None,
+                              history_rows=settings.claude_history_rows)
     return OfflineProposer(seed=settings.seed, device=device)
 
 
@@ -85,7 +95,7 @@ def serve(settings: Settings, *, max_experiments: Optional[int] = None, budget_e
     data_dir, ws, db = prepare_everything(settings, console)
     device = resolve_device(settings.device)
     runner = LocalRunner(settings.device)
-    engine = Engine(settings, db, ws, runner, make_proposer(settings, device, console), data_dir,
+    engine = Engine(settings, db, ws, runner, make_proposer(settings, device), data_dir,
                     max_experiments=max_experiments, device=device)
     run = engine.setup()
     if budget_explicit and abs(run.budget_s - settings.budget_s) > 1e-9:

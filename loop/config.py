@@ -50,6 +50,14 @@ class Settings(BaseSettings):
     noise_z: float = Field(default=2.0, ge=0, description="a keep must beat head by z·σ")
 
     proposer: Optional[Literal["offline", "claude"]] = None  # None: claude when ANTHROPIC_API_KEY is set
+    claude_model: str = Field(default="claude-opus-4-8", description="Anthropic model id for the Claude proposer")
+    claude_max_tokens: int = Field(default=8192, gt=0)
+    claude_repair_turns: int = Field(default=2, ge=0, description="turns to fix edits that fail to apply/validate")
+    claude_history_rows: int = Field(default=40, gt=0, description="experiments shown to Claude")
+    claude_max_retries: int = Field(default=4, ge=0, description="SDK retries on 429 / 529 / 5xx / connection errors")
+    claude_timeout_s: float = Field(default=120.0, gt=0)
+    claude_prices: dict[str, dict[str, float]] = Field(
+        default_factory=dict, description="USD per million tokens by model prefix, overriding loop/pricing.py")
     runner: Literal["local"] = "local"
     seed: int = 0
 

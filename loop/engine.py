@@ -89,8 +89,11 @@ class Engine:
 
     # ---- set-up ----
 
-    def setup(self) -> Run:
-        """Create the run if needed (baseline = the workspace's HEAD) and reconcile after a restart."""
+    def setup(self, reconcile: bool = True) -> Run:
+        """Create the run if needed (baseline = the workspace's HEAD); reconcile after a restart.
+
+        reconcile=False only attaches (for read-only tools next to a live service).
+        """
         s = self.settings
         with session_scope(self.db) as db:
             run = db.exec(select(Run).where(Run.name == s.run)).first()
@@ -102,7 +105,8 @@ class Engine:
                 db.flush()
             self.run_id = run.id
         self.workspace.ensure_run_branch(run.name, run.baseline_commit)
-        self.reconcile()
+        if reconcile:
+            self.reconcile()
         return self.get_run()
 
     def reconcile(self) -> None:
