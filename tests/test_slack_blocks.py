@@ -1,0 +1,145 @@
+"""Block Kit rendering (bot/blocks.py) without Slack: every payload checked against Block Kit's limits."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from types import SimpleNamespace
+
+import pytest
+
+from bot import blocks
+from bot.commands import HELP, Reply, handle, parse, ParseError, role_allows
+from tests.fakes.slack_api import _block_problem
+
+
+def ev(kind, text, payload=None, exp_id=None, id=1):
+    return SimpleNamespace(id=id, kind=kind, text=text, payload=payload or {}, experiment_id=exp_id,
+                           created_at=datetime(2026, 5, 4, 10, 3, tzinfo=timezone.utc))
+
+
+KEPT = ev("kept", "kept #12 WARMDOWN_RATIO 0.5 → 0.7: val_bpb 2.1042 → 2.0871 (-0.0171, -0.81%, noise σ 0.0061)",
+          {"status": "keep", "val_bpb": 2.0871, "head_val_bpb": 2.1042, "sigma": 0.0061,
+           "description": "WARMDOWN_RATIO 0.5 → 0.7", "hypothesis": "a longer warm-down <lowers> the final loss",
+           "training_seconds": 60.04, "host": "gpu-1", "slot": "gpu-1:0", "commit": "abcdef0123456789",
+           "decision": {"verdict": "keep", "threshold": 0.0122}}, exp_id=12)
+
+
+def all_text(bs) -> str:
+    import json
+
+    return json.dumps(bs, ensure_ascii=False)
+
+
+def buttons(bs) -> dict:
+    out = {}
+    for b in bs:
+        for e in b.get("elements", []) if b["type"] == "actions" else [b.get("accessory") or {}]:
+            if e.get("type") == "button":
+                out[e["action_id"]] = e
+    return out
+
+
+def test_kept_post_has_the_numbers_and_the_four_buttons():
+    bs = blocks.kept_blocks(KEPT)
+    assert _block_problem(bs) is None
+    text = all_text(bs)
+    for piece in ("Kept #12", "WARMDOWN_RATIO 0.5 → 0.7", "2.1042 → 2.0871", "-0.0171 (-0.81%)", "σ 0.0061",
+                  "keep below −0.0122", "60.0 s on gpu-1", "experiment #12", "abcdef0123"):
+        assert piece in text, piece
+    assert "&lt;lowers&gt;" in text  # proposal text is escaped
+    b = buttons(bs)
+    assert list(b) == [blocks.PROMOTE, blocks.REVERT, blocks.SHOW_DIFF, blocks.PAUSE]
+    assert b[blocks.PROMOTE]["value"] == b[blocks.REVERT]["value"] == b[blocks.SHOW_DIFF]["value"] == "12"
+    assert "confirm" in b[blocks.REVERT] and "confirm" in b[blocks.PAUSE]
+    assert b[blocks.PAUSE]["style"] == "danger"
+
+
+@pytest.mark.parametrize("kind,text", [
+    ("discarded", "discarded #4 MATRIX_LR 0.004 → 0.008: val_bpb 2.1110 vs head 2.1042"),
+    ("crashed", "crash #5 DIM 32 → 64: RuntimeError: shapes\nTraceback (most recent call last):\n  ..."),
+    ("invalid", "invalid #6 something: imports os"),
+    ("pruned", "pruned #7 LR 0.02 → 0.04: loss curve behind head at 40%"),
+])
+def test_failed_experiments_are_one_compact_line_with_pause(kind, text):
+    m = blocks.event_message(ev(kind, text))
+    assert m.compact and len(m.blocks) == 1 and _block_problem(m.blocks) is None
+    line = m.blocks[0]["text"]["text"]
+    assert "\n" not in line and text.splitlines()[0][:40].replace(">", "&gt;") in line
+    assert m.blocks[0]["accessory"]["action_id"] == blocks.PAUSE
+
+
+def test_state_changes_carry_pause_and_a_paused_post_offers_resume():
+    paused = blocks.event_message(ev("paused", "paused by <@U1>: lunch", {"by": "<@U1>", "reason": "lunch"}))
+    assert not paused.compact and _block_problem(paused.blocks) is None
+    assert "*Paused*" in all_text(paused.blocks) and "<@U1>" in paused.blocks[0]["text"]["text"]  # mention kept
+    assert list(buttons(paused.blocks)) == [blocks.RESUME, blocks.PAUSE]
+    key = blocks.event_message(ev("paused", "paused by ratchet: Anthropic API key rejected",
+                                  {"by": "ratchet", "reason": "Anthropic API key rejected"}))
+    assert "API key rejected" in all_text(key.blocks) and "ANTHROPIC_API_KEY" in all_text(key.blocks)
+    budget = blocks.event_message(ev("budget_reached", "daily GPU budget reached: 86400 s"))
+    assert "Budget reached" in all_text(budget.blocks)
+    for kind in ("resumed", "baseline", "reverted", "hint", "proposer_error", "something_new"):
+        m = blocks.event_message(ev(kind, f"{kind} happened"))
+        assert _block_problem(m.blocks) is None and blocks.PAUSE in buttons(m.blocks), kind
+
+
+def test_text_cannot_ping_the_channel_or_break_limits():
+    m = blocks.event_message(ev("hint", "hint #3 from <@U1>: <!channel> try <https://x|this> & that " + "x" * 5000))
+    t = all_text(m.blocks)
+    assert "<!channel>" not in t and "&lt;!channel&gt;" in t and "&amp; that" in t and "<@U1>" in t
+    assert _block_problem(m.blocks) is None and len(m.text) <= blocks.FALLBACK_MAX
+
+
+def test_a_sparse_payload_falls_back_to_the_line():
+    m = blocks.event_message(ev("kept", "kept #9 x", {"val_bpb": None}, exp_id=9))
+    assert _block_problem(m.blocks) is None and "Kept #9" in all_text(m.blocks)
+    m = blocks.event_message(SimpleNamespace(id=2, kind="kept", text="kept #9", payload={"sigma": "bad"},
+                                             experiment_id=9, created_at=None))
+    assert _block_problem(m.blocks) is None and blocks.PAUSE in buttons(m.blocks)
+
+
+def test_metadata_daily_thread_and_revert_update():
+    assert blocks.event_metadata(ev("kept", "x", id=42)) == {"event_type": "ratchet_event",
+                                                              "event_payload": {"id": 42, "kind": "kept"}}
+    d = blocks.daily_thread_message("2026-05-04")
+    assert "2026-05-04" in d.text and _block_problem(d.blocks) is None
+    after = blocks.reverted_blocks(blocks.kept_blocks(KEPT), "<@U2>")
+    assert _block_problem(after) is None and list(buttons(after)) == [blocks.SHOW_DIFF, blocks.PAUSE]
+    assert "reverted by <@U2>" in all_text(after)
+
+
+def test_diff_is_split_into_code_blocks_at_lines():
+    diff = "".join(f"-LR = {i}\n+LR = {i + 1}\n" for i in range(2000))
+    parts = blocks.diff_messages(diff, 7)
+    assert len(parts) == blocks.DIFF_MAX_MESSAGES and parts[0].startswith("diff of #7 (part 1/")
+    assert all(p.count("```") == 2 and len(p) < 4000 for p in parts)
+    assert "more part(s) left out" in parts[-1]
+    assert blocks.diff_messages("--- a\n+++ b\n", 3) == ["diff of #3\n```\n--- a\n+++ b\n```"]
+
+
+def test_replies_keep_columns_in_a_code_block():
+    assert blocks.reply_text("one line with `code` & <b>") == "one line with `code` &amp; &lt;b&gt;"
+    multi = blocks.reply_text(HELP)
+    assert multi.startswith("```\n") and multi.endswith("\n```")
+
+
+def test_grammar_revert_promote_diff_and_their_roles():
+    assert parse("revert #12").args == {"id": 12} and parse("promote 3").name == "promote"
+    assert parse("diff 4").name == "diff"
+    with pytest.raises(ParseError, match="revert takes an experiment id"):
+        parse("revert head")
+    assert role_allows("viewer", "pause") and role_allows("viewer", "diff")
+    for cmd in ("resume", "revert", "promote"):
+        assert not role_allows("viewer", cmd) and role_allows("operator", cmd) and role_allows("admin", cmd)
+    assert "revert <id>" in HELP and "promote <id>" in HELP
+
+
+def test_promote_answers_clearly_that_it_is_not_available_yet():
+    class NoControl:
+        def audit(self, **kw):
+            self.row = kw
+
+    c = NoControl()
+    r = handle("promote 5", c, user="u", backend="slack", role="operator")
+    assert isinstance(r, Reply) and not r.ok and "not available yet" in r.text
+    assert c.row["command"] == "promote" and c.row["allowed"]
