@@ -130,6 +130,19 @@ class BudgetLedger(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow)
 
 
+class BudgetLimit(SQLModel, table=True):
+    """A cap set by a command (`budget gpu 24h/day`); overrides the config default for that cap."""
+
+    __tablename__ = "budget_limits"
+    id: Optional[int] = Field(default=None, primary_key=True)
+    run_id: int = Field(foreign_key="runs.id", index=True)
+    resource: str  # gpu (limit in GPU-seconds) | claude (limit in USD)
+    period: str  # day | total
+    limit: Optional[float] = None  # None: no cap
+    set_by: str = ""
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
 class Host(SQLModel, table=True):
     """A runner host and its slots (the local machine counts as one)."""
 

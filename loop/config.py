@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Literal, Optional
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 
@@ -58,14 +58,59 @@ class Settings(BaseSettings):
     claude_timeout_s: float = Field(default=120.0, gt=0)
     claude_prices: dict[str, dict[str, float]] = Field(
         default_factory=dict, description="USD per million tokens by model prefix, overriding loop/pricing.py")
+    timezone: str = Field(default="UTC", description="IANA zone for budget days and the digest's cron")
+    digest_cron: str = Field(default="0 9 * * *", description="crontab (minute hour dom month dow) of the daily digest")
+    budget_gpu_hours_per_day: Optional[float] = Field(default=None, gt=0, description="None: no cap")
+    budget_gpu_hours_total: Optional[float] = Field(default=None, gt=0)
+    budget_claude_usd_per_day: Optional[float] = Field(default=None, gt=0)
+    budget_claude_usd_total: Optional[float] = Field(default=None, gt=0)
     runner: Literal["local"] = "local"
     seed: int = 0
+
+    # Slack (bot/slack_app.py): used when SLACK_BOT_TOKEN and SLACK_APP_TOKEN (Socket Mode) or
+    # SLACK_SIGNING_SECRET (HTTP mode) are set; tokens come from the environment only, never from this file.
+    slack_channel: str = Field(default="", description="channel id (C…) for posts; default $SLACK_CHANNEL")
+    slack_api_url: str = Field(default="", description="Web API base URL; default $SLACK_API_URL or "
+                                                       "https://slack.com/api/ (GovSlack: https://slack-gov.com/api/)")
+    slack_mode: Optional[Literal["socket", "http"]] = None  # None: socket with SLACK_APP_TOKEN, else http
+    slack_http_host: str = "0.0.0.0"
+    slack_http_port: int = Field(default=3000, ge=0, le=65535, description="HTTP mode: port of /slack/events")
+    slack_roles: dict[Literal["viewer", "operator", "admin"], list[str]] = Field(
+        default_factory=dict, description="role → Slack user ids (U…/W…) and user-group ids (S…); others are viewers")
+    slack_daily_thread: bool = Field(default=False, description="discarded / crashed / invalid / pruned posts go "
+                                                                "into one thread per day instead of the channel")
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, v: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown timezone {v!r} (an IANA name such as Europe/Berlin)") from None
+        return v
+
+    @field_validator("digest_cron")
+    @classmethod
+    def _valid_cron(cls, v: str) -> str:
+        from apscheduler.triggers.cron import CronTrigger
+
+        try:
+            CronTrigger.from_crontab(v)
+        except ValueError as e:
+            raise ValueError(f"not a crontab expression ({e}): {v!r}") from None
+        return v
 
     @model_validator(mode="after")
     def _derive(self) -> "Settings":
         self.home = Path(self.home).expanduser()
         if self.workspace is None:
             self.workspace = self.home / "workspace"
+        self.slack_channel = self.slack_channel or os.environ.get("SLACK_CHANNEL", "")
+        self.slack_api_url = self.slack_api_url or os.environ.get("SLACK_API_URL", "") or "https://slack.com/api/"
+        if not self.slack_api_url.endswith("/"):
+            self.slack_api_url += "/"
         return self
 
     @property

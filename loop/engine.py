@@ -12,7 +12,6 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import date
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -20,7 +19,7 @@ from sqlmodel import Session, select
 
 from db.models import FINAL_STATUSES, BudgetLedger, Experiment, Hint, Run, utcnow
 from db.session import session_scope
-from loop import events
+from loop import budget, events
 from loop.config import Settings
 from loop.proposers.base import (ProposalAuthError, ProposalError, ProposalExhausted, ProposalRejected, Proposer,
                                  ResearchState, TriedEdit)
@@ -207,6 +206,8 @@ class Engine:
                     for h in list(self.handles.values()):
                         h.kill(f"paused now: {run.pause_reason}" if run.pause_reason else "paused now")
                 return
+            if self._budget_reached(run):
+                return
             busy = {h.slot.name for h in self.handles.values()}
             for slot in self.runner.slots():
                 if slot.name in busy or self.reached_max():
@@ -374,7 +375,7 @@ class Engine:
             db.add(exp)
             db.flush()
             if proposal.cost_usd:
-                db.add(BudgetLedger(day=date.today().isoformat(), run_id=run.id, experiment_id=exp.id,
+                db.add(BudgetLedger(day=self._today(), run_id=run.id, experiment_id=exp.id,
                                     kind="claude_usd", amount=proposal.cost_usd))
             if not verdict.ok:
                 exp.status, exp.reason, exp.finished_at = "invalid", verdict.reason, utcnow()
@@ -404,7 +405,7 @@ class Engine:
             db.add(exp)
             db.flush()
             if e.cost_usd:
-                db.add(BudgetLedger(day=date.today().isoformat(), run_id=run.id, experiment_id=exp.id,
+                db.add(BudgetLedger(day=self._today(), run_id=run.id, experiment_id=exp.id,
                                     kind="claude_usd", amount=e.cost_usd))
             db.add(events.experiment_event(exp, run))
         self.finished_here += 1
@@ -450,7 +451,7 @@ class Engine:
                 exp.steps, exp.params, exp.wall_seconds = r.steps, r.params, outcome.wall_seconds
                 exp.log_tail = "\n".join((r.log_tail or [])[-15:] + ["--- log ---"] + outcome.log_tail[-15:]) \
                     if r.status != "ok" else ""
-                db.add(BudgetLedger(day=date.today().isoformat(), run_id=run.id, experiment_id=exp.id,
+                db.add(BudgetLedger(day=self._today(), run_id=run.id, experiment_id=exp.id,
                                     kind="gpu_seconds", amount=outcome.wall_seconds))
                 infra_error = infra_error or (f"infrastructure failure on {outcome.slot}: {r.error}"
                                               if outcome.infra_failed else "")
@@ -514,11 +515,42 @@ class Engine:
                                 f"{max(self.settings.min_delta, self.settings.noise_z * run.noise_sigma):.4f}",
                                 val_bpb=run.head_val_bpb, sigma=run.noise_sigma, runs=list(done)))
 
-    def _pause(self, db: Session, run_id: int, reason: str, by: str = "ratchet") -> None:
+    def _today(self) -> str:
+        """The budget day the ledger books spend under (configured timezone)."""
+        return budget.budget_day(None, self.settings.timezone)
+
+    def _budget_reached(self, run: Run) -> bool:
+        """Pause the run when a GPU or Claude cap is reached (reason `budget: <which> …`); True if so."""
+        with session_scope(self.db) as db:
+            cap = budget.reached(db, run.id, self.settings)
+            if cap is None:
+                return False
+            self._pause(db, run.id, budget.pause_reason(cap), budget=cap.name)
+        return True
+
+    def rollover(self) -> bool:
+        """At the budget day's rollover: resume a run that only a daily budget had paused, if no cap is
+        reached now. Returns True when the run was resumed."""
+        with self.lock, session_scope(self.db) as db:
+            run = db.get(Run, self.run_id)
+            if run.state != "paused" or not run.pause_reason.startswith("budget:"):
+                return False
+            if budget.reached(db, run.id, self.settings) is not None:
+                return False
+            was = run.pause_reason
+            run.state, run.pause_reason, run.pause_now, run.updated_at = "running", "", False, utcnow()
+            db.add(run)
+            db.add(events.run_event(run, "resumed", f"resumed by ratchet: new budget day (was: {was})",
+                                    by="ratchet", reason="budget rollover"))
+        self.wake()
+        self.on_change()
+        return True
+
+    def _pause(self, db: Session, run_id: int, reason: str, by: str = "ratchet", **payload) -> None:
         run = db.get(Run, run_id)
         if run.state == "paused":
             return
         run.state, run.pause_reason, run.pause_now, run.updated_at = "paused", reason, False, utcnow()
         db.add(run)
-        db.add(events.run_event(run, "paused", f"paused by {by}: {reason}", by=by, reason=reason))
+        db.add(events.run_event(run, "paused", f"paused by {by}: {reason}", by=by, reason=reason, **payload))
         self.on_change()
