@@ -19,8 +19,13 @@ REQUIRED_ROLE = {
     "show": "viewer",
     "pause": "viewer",
     "hint": "viewer",
+    "diff": "viewer",
     "resume": "operator",
+    "revert": "operator",
+    "promote": "operator",
 }
+PROMOTE_NOT_YET = ("promotion is not available yet: re-running head against the baseline at a larger scale "
+                   "arrives with the scale ladder; nothing was changed")
 
 HELP = """\
 commands:
@@ -29,6 +34,9 @@ commands:
   resume                  start experiments again
   history [N]             the last N experiments (default 10)
   show <id>               one experiment: numbers, the keep rule's verdict, the diff
+  diff <id>               only the experiment's diff
+  revert <id>             undo the last keep: head goes back to that experiment's parent (operator)
+  promote <id>            re-run head vs baseline at a larger scale (operator; not available yet)
   hint <text>             a suggestion for the proposer (read as data, not as orders)
   help                    this text"""
 
@@ -81,11 +89,11 @@ def parse(text: str) -> Command:
         if not rest.isdigit() or not 1 <= int(rest) <= 1000:
             raise _fail(f"history takes a number from 1 to 1000, got {rest!r}")
         return Command("history", {"n": int(rest)}, text)
-    if name == "show":
+    if name in ("show", "diff", "revert", "promote"):
         ident = rest.lstrip("#")
         if not ident.isdigit():
-            raise _fail(f"show takes an experiment id, e.g. `show 12`, got {rest!r}")
-        return Command("show", {"id": int(ident)}, text)
+            raise _fail(f"{name} takes an experiment id, e.g. `{name} 12`, got {rest!r}")
+        return Command(name, {"id": int(ident)}, text)
     if name == "hint":
         if not rest:
             raise _fail("hint needs some text, e.g. `hint try a longer warmup`")
@@ -176,6 +184,13 @@ def execute(cmd: Command, control: Control, user: str) -> Reply:
             return Reply(control.pause(user, now=cmd.args["now"], reason=cmd.args["reason"]), public=True)
         if cmd.name == "resume":
             return Reply(control.resume(user), public=True)
+        if cmd.name == "diff":
+            e = control.show(cmd.args["id"])
+            return Reply(e.diff.rstrip() or f"#{e.id} has no diff ({e.kind}, {e.status})")
+        if cmd.name == "revert":
+            return Reply(control.revert(user, cmd.args["id"]), public=True)
+        if cmd.name == "promote":
+            return Reply(PROMOTE_NOT_YET, ok=False)
         if cmd.name == "hint":
             h = control.hint(user, cmd.args["text"])
             return Reply(f"hint #{h.id} noted; the proposer sees it with the next proposal", public=True)

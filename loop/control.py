@@ -5,6 +5,7 @@ State lives in the database, so a restart comes back in the same state. Front en
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
@@ -14,6 +15,8 @@ from sqlmodel import Session, func, select
 from db.models import CommandLog, Event, Experiment, Hint, Run, utcnow
 from db.session import session_scope
 from loop import events
+
+log = logging.getLogger("ratchet.control")
 
 MAX_HINT_CHARS = 2000
 
@@ -52,10 +55,12 @@ class Control:
     `pause` is in force before the next experiment can start; without, the engine sees the database
     change at its next tick."""
 
-    def __init__(self, db, run_name: str, engine=None):
+    def __init__(self, db, run_name: str, engine=None, workspace=None):
         self.db = db
         self.run_name = run_name
         self.engine = engine
+        # the research repo whose branch `revert` moves; default: the engine's, else the run's recorded path
+        self.workspace = workspace if workspace is not None else getattr(engine, "workspace", None)
 
     # ---- helpers ----
 
@@ -182,6 +187,62 @@ class Control:
             db.add(events.run_event(run, "hint", f"hint #{h.id} from {user}: {text[:200]}", by=user))
         self._wake()
         return h
+
+    def revert(self, user: str, exp_id: int) -> str:
+        """Undo the last keep: head moves back to the parent of experiment `exp_id`, which must be head's.
+
+        The database changes first, in one transaction with a "reverted" event: the experiment becomes
+        `discard` (reason and decision["reverted"] say who and when), head's val_bpb becomes the mean of the
+        parent's recorded runs. Then the branch follows (a failure there is repaired at the next start, when
+        the engine moves the branch to the database head). Returns the announcement line.
+        Raises ControlError when the experiment is unknown, was not kept, or is no longer head.
+        """
+        from loop.workspace import Workspace, WorkspaceError
+
+        with self._locked():
+            with session_scope(self.db) as db:
+                run = self._run(db)
+                exp = db.get(Experiment, exp_id)
+                if exp is None or exp.run_id != run.id:
+                    raise ControlError(f"no experiment #{exp_id} in run {run.name!r}")
+                if exp.kind != "experiment" or exp.status != "keep":
+                    raise ControlError(f"#{exp_id} is not a kept experiment ({exp.kind}, {exp.status}); "
+                                       "only head's experiment can be reverted")
+                if exp.commit != run.head_commit:
+                    head = db.exec(select(Experiment.id).where(Experiment.run_id == run.id,
+                                                               Experiment.kind == "experiment",
+                                                               Experiment.status == "keep",
+                                                               Experiment.commit == run.head_commit)).first()
+                    raise ControlError(f"#{exp_id} is not head" + (f" (head is #{head})" if head else "") +
+                                       "; only head's experiment can be reverted")
+                parent = exp.parent_commit
+                runs = [v for v in db.exec(select(Experiment.val_bpb).where(
+                    Experiment.run_id == run.id, Experiment.commit == parent, Experiment.id != exp.id,
+                    Experiment.val_bpb.is_not(None))).all()]
+                if not runs:
+                    raise ControlError(f"#{exp_id}'s parent {parent[:10]} has no recorded val_bpb; cannot revert")
+                before = run.head_val_bpb
+                run.head_commit, run.head_runs = parent, runs
+                run.head_val_bpb, run.updated_at = sum(runs) / len(runs), utcnow()
+                exp.status = "discard"
+                exp.reason = f"reverted by {user}"
+                exp.decision = {**(exp.decision or {}), "reverted": {"by": user, "at": utcnow().isoformat()}}
+                what = exp.description or exp.edit_key or f"experiment {exp.id}"
+                text = (f"reverted #{exp.id} {what} by {user}: head back to {parent[:10]}, "
+                        f"val_bpb {before:.4f} → {run.head_val_bpb:.4f}")
+                db.add(run)
+                db.add(exp)
+                ev = events.run_event(run, "reverted", text, by=user, val_bpb=before, head_val_bpb=run.head_val_bpb,
+                                      commit=exp.commit, parent_commit=parent, description=exp.description)
+                ev.experiment_id = exp.id
+                db.add(ev)
+                name, workspace_path = run.name, run.workspace
+            try:
+                (self.workspace or Workspace(workspace_path)).set_branch(name, parent)
+            except WorkspaceError:
+                log.exception("revert: branch of %s not moved yet", name)
+        self._wake()
+        return text
 
     def audit(self, *, user: str, backend: str, text: str, command: str, allowed: bool, result: str) -> None:
         """Append one command to the audit log (allowed or refused)."""
