@@ -194,11 +194,12 @@ def compact_blocks(ev) -> list[dict]:
 
 def state_title(ev) -> str:
     """The bold title of a state change: "Paused", "API key rejected", "Budget reached", ..."""
-    reason = str((ev.payload or {}).get("reason") or "")
+    payload = ev.payload or {}
+    reason = str(payload.get("reason") or "")
     if ev.kind == "paused" and "API key rejected" in (reason + ev.text):
         return "API key rejected: the run is paused"
-    if ev.kind.startswith("budget"):
-        return "Budget reached"
+    if ev.kind.startswith("budget") or (ev.kind == "paused" and (payload.get("budget") or reason.startswith("budget:"))):
+        return "Budget reached" + (": the run is paused" if ev.kind == "paused" else "")
     return {"paused": "Paused", "resumed": "Resumed", "baseline": "Baseline measured", "reverted": "Reverted",
             "hint": "Hint", "proposer_error": "Proposer failing"}.get(ev.kind, ev.kind.replace("_", " ").capitalize())
 

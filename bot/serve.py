@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import logging.handlers
+import os
 import signal
 import threading
 import time
@@ -73,6 +74,21 @@ def make_proposer(settings: Settings, device: str):
     return OfflineProposer(seed=settings.seed, device=device)
 
 
+def make_chat(settings: Settings, control: Control, console: Console, read_commands: Optional[bool] = None):
+    """The chat backend: Slack (bot/slack_app.py) when SLACK_BOT_TOKEN and SLACK_APP_TOKEN or
+    SLACK_SIGNING_SECRET are set, else the shell. Raises ServeError when Slack is configured wrongly."""
+    if os.environ.get("SLACK_BOT_TOKEN"):
+        from bot.slack_app import SlackBackend, SlackConfig, SlackConfigError, slack_configured
+
+        if slack_configured():
+            try:
+                return SlackBackend(SlackConfig.from_settings(settings), control,
+                                    on_posted=lambda ev, ts: console.print(f"→ slack: {ev.text}", markup=False))
+            except SlackConfigError as e:
+                raise ServeError(str(e)) from None
+    return ShellBackend(control, console, read_commands=read_commands)
+
+
 def prepare_everything(settings: Settings, console: Console):
     """Data (prepared if missing), workspace (created if missing), database (tables). Returns them."""
     data_dir, did = tdata.prepare(settings.corpus, settings.vocab_size, home=settings.home, console=console)
@@ -103,12 +119,15 @@ def serve(settings: Settings, *, max_experiments: Optional[int] = None, budget_e
                          f"{settings.budget_s:g} s would not compare. Start a new run: --run NAME --budget-s "
                          f"{settings.budget_s:g}")
     control = Control(db, run.name, engine)
-    shell = ShellBackend(control, console, read_commands=read_commands)
+    shell = make_chat(settings, control, console, read_commands)
     engine.on_change = shell.deliver
     console.print(f"ratchet: run {run.name!r} on branch {run.branch} in {ws.path}; {len(runner.slots())} slot(s) "
                   f"({', '.join(s.name for s in runner.slots())}), {device}, budget {run.budget_s:g} s, proposer "
                   f"{engine.proposer.name}; log {log_path}")
-    console.print("type `help` for commands" if shell.read_commands else "no terminal: printing events only")
+    if shell.name == "slack":
+        console.print(shell.describe())
+    else:
+        console.print("type `help` for commands" if shell.read_commands else "no terminal: printing events only")
 
     scheduler = BackgroundScheduler(timezone="UTC")
     scheduler.add_job(shell.deliver, "interval", seconds=2, id="deliver-outbox", max_instances=1, coalesce=True)
@@ -136,6 +155,8 @@ def serve(settings: Settings, *, max_experiments: Optional[int] = None, budget_e
         engine.stop(kill=stop.is_set())
         scheduler.shutdown(wait=False)
         shell.deliver()
+        if hasattr(shell, "stop"):
+            shell.stop()  # Slack: post what is pending (bounded), then disconnect
         for s, h in old.items():
             signal.signal(s, h)
     console.print(format_status(control.status()))

@@ -445,12 +445,13 @@ class SlackBackend:
     read_commands = False
 
     def __init__(self, config: SlackConfig, control: Control, *, client: Optional[WebClient] = None,
-                 notifier_backoff_s: Optional[tuple] = None):
+                 notifier_backoff_s: Optional[tuple] = None, on_posted: Optional[Callable[[object, str], None]] = None):
         self.config = config
         self.control = control
         self.client = client or make_client(config.bot_token, config.api_url)
         kw = {"backoff_s": notifier_backoff_s} if notifier_backoff_s else {}
-        self.notifier = Notifier(control, self.client, config.channel, daily_thread=config.daily_thread, **kw)
+        self.notifier = Notifier(control, self.client, config.channel, daily_thread=config.daily_thread,
+                                 on_posted=on_posted, **kw)
         self.front = SlackFront(control, self.client, Roles(config.roles, self.client),
                                 signing_secret=config.signing_secret if config.mode == "http" else "",
                                 notify=self.notifier.wake)

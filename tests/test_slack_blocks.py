@@ -78,6 +78,10 @@ def test_state_changes_carry_pause_and_a_paused_post_offers_resume():
     assert "API key rejected" in all_text(key.blocks) and "ANTHROPIC_API_KEY" in all_text(key.blocks)
     budget = blocks.event_message(ev("budget_reached", "daily GPU budget reached: 86400 s"))
     assert "Budget reached" in all_text(budget.blocks)
+    capped = blocks.event_message(ev("paused", "paused by ratchet: budget: gpu/day (24.0 h used of 24.0 h)",
+                                     {"by": "ratchet", "reason": "budget: gpu/day (24.0 h used of 24.0 h)",
+                                      "budget": "gpu/day"}))
+    assert "Budget reached: the run is paused" in all_text(capped.blocks)
     for kind in ("resumed", "baseline", "reverted", "hint", "proposer_error", "something_new"):
         m = blocks.event_message(ev(kind, f"{kind} happened"))
         assert _block_problem(m.blocks) is None and blocks.PAUSE in buttons(m.blocks), kind
