@@ -147,3 +147,18 @@ def test_promote_answers_clearly_that_it_is_not_available_yet():
     r = handle("promote 5", c, user="u", backend="slack", role="operator")
     assert isinstance(r, Reply) and not r.ok and "not available yet" in r.text
     assert c.row["command"] == "promote" and c.row["allowed"]
+
+
+def test_the_manifest_matches_the_app():
+    yaml = pytest.importorskip("yaml")
+    from pathlib import Path
+
+    from bot.slack_app import SLASH_COMMAND
+
+    m = yaml.safe_load((Path(__file__).resolve().parents[1] / "deploy" / "slack-manifest.yml").read_text())
+    scopes = set(m["oauth_config"]["scopes"]["bot"])
+    assert {"chat:write", "commands", "files:write", "app_mentions:read", "channels:history", "groups:history",
+            "usergroups:read", "users:read"} <= scopes
+    assert [c["command"] for c in m["features"]["slash_commands"]] == [SLASH_COMMAND]
+    assert m["settings"]["event_subscriptions"]["bot_events"] == ["app_mention"]
+    assert m["settings"]["interactivity"]["is_enabled"] and m["settings"]["socket_mode_enabled"]

@@ -455,7 +455,7 @@ class FakeSlack:
     def _handle(self, path: str, headers: dict, args: dict) -> Reply:
         if path.startswith("/respond/"):
             with self._lock:
-                self.responses.append({"path": path, **args})
+                self.responses.append({"path": path, "at": time.time(), **args})
                 self._changed.notify_all()
             return Reply(200, {"ok": True})
         if not path.startswith("/api/"):
