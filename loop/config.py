@@ -94,11 +94,11 @@ class Settings(BaseSettings):
     @field_validator("digest_cron")
     @classmethod
     def _valid_cron(cls, v: str) -> str:
-        from apscheduler.triggers.cron import CronTrigger
+        from loop.scheduler import crontab_trigger
 
         try:
-            CronTrigger.from_crontab(v)
-        except ValueError as e:
+            crontab_trigger(v, "UTC")
+        except (ValueError, IndexError) as e:
             raise ValueError(f"not a crontab expression ({e}): {v!r}") from None
         return v
 

@@ -1,0 +1,133 @@
+"""The digest's numbers: what improved in a window, spend against budget, and the points of the progress plot.
+
+Reads the database only (column queries, so 100 000 experiments stay fast); rendering is bot/digest.py's.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Optional
+
+from sqlmodel import Session, select
+
+from db.models import Experiment, Run, utcnow
+from loop import budget
+
+PLOTTED_STATUSES = ("keep", "discard", "crash", "timeout", "pruned")
+
+
+@dataclass(frozen=True)
+class KeptChange:
+    """A kept experiment: val_bpb in bits per byte, delta vs the head it beat (negative is better)."""
+
+    id: int
+    description: str
+    val_bpb: float
+    delta: Optional[float]
+    finished_at: Optional[datetime]
+
+
+@dataclass
+class PlotData:
+    """What the progress plot draws, in experiment order (x = position in the run, 0-based).
+
+    points: (x, val_bpb, status) for every experiment with a score; head: the running best as a
+    step line, (x, val_bpb) at the baseline and at each keep; labels: (x, val_bpb, description) of keeps.
+    """
+
+    points: list[tuple[int, float, str]] = field(default_factory=list)
+    head: list[tuple[int, float]] = field(default_factory=list)
+    labels: list[tuple[int, float, str]] = field(default_factory=list)
+
+
+@dataclass
+class Digest:
+    """A run over [since, until): improvements, counts, spend, candidates to promote, the plot's data."""
+
+    run: str
+    since: datetime
+    until: datetime
+    kept: list[KeptChange]
+    best_then: Optional[float]
+    best_now: Optional[float]
+    baseline: Optional[float]
+    counts: dict[str, int]
+    caps: list[budget.Cap]
+    candidates: list[KeptChange]
+    plot: PlotData
+    total_experiments: int = 0
+
+    @property
+    def finished(self) -> int:
+        return sum(n for s, n in self.counts.items() if s not in ("queued", "running", "proposed"))
+
+    @property
+    def keep_rate(self) -> Optional[float]:
+        """Kept ÷ finished in the window (invalid ones included: they cost a proposal)."""
+        return self.counts.get("keep", 0) / self.finished if self.finished else None
+
+    @property
+    def improvement_pct(self) -> Optional[float]:
+        """% lower val_bpb than the run's baseline, now."""
+        if self.baseline and self.best_now is not None:
+            return 100.0 * (self.baseline - self.best_now) / self.baseline
+        return None
+
+
+def _aware(t: Optional[datetime]) -> Optional[datetime]:
+    return t.replace(tzinfo=timezone.utc) if t is not None and t.tzinfo is None else t
+
+
+def build_digest(db_engine, run_name: str, settings, *, now: Optional[datetime] = None, hours: float = 24.0,
+                 candidates: int = 3) -> Digest:
+    """Compute the digest of `run_name` for the `hours` before `now`. Raises LookupError for an unknown run."""
+    until = now or utcnow()
+    since = until - timedelta(hours=hours)
+    with Session(db_engine) as db:
+        run = db.exec(select(Run).where(Run.name == run_name)).first()
+        if run is None:
+            raise LookupError(f"no run named {run_name!r}")
+        rows = db.exec(select(Experiment.id, Experiment.kind, Experiment.status, Experiment.val_bpb,
+                              Experiment.finished_at, Experiment.description)
+                       .where(Experiment.run_id == run.id).order_by(Experiment.id)).all()
+        kept_rows = db.exec(select(Experiment.id, Experiment.description, Experiment.val_bpb, Experiment.decision,
+                                   Experiment.finished_at)
+                            .where(Experiment.run_id == run.id, Experiment.kind == "experiment",
+                                   Experiment.status == "keep").order_by(Experiment.id)).all()
+        caps = budget.caps(db, run.id, settings, until)
+    kept_all = [KeptChange(i, d, v, (dec or {}).get("delta"), _aware(f)) for i, d, v, dec, f in kept_rows]
+    base_vals = [v for _, kind, st, v, _, _ in rows if kind == "baseline" and st == "keep" and v is not None]
+    baseline = statistics.fmean(base_vals) if base_vals else None
+
+    counts: dict[str, int] = {}
+    for _, kind, st, _, fin, _ in rows:
+        fin = _aware(fin)
+        if kind == "experiment" and fin is not None and since <= fin < until:
+            counts[st] = counts.get(st, 0) + 1
+    kept = [k for k in kept_all if k.finished_at is not None and since <= k.finished_at < until]
+    before = [k for k in kept_all if k.finished_at is not None and k.finished_at < since]
+    best_then = before[-1].val_bpb if before else baseline
+
+    plot = PlotData()
+    kept_ids = {k.id for k in kept_all}
+    best = baseline
+    x = 0
+    for exp_id, kind, st, v, _, desc in rows:
+        if v is None or st not in PLOTTED_STATUSES:
+            continue
+        plot.points.append((x, v, "baseline" if kind == "baseline" else st))
+        if kind == "baseline" and best is not None and not plot.head:
+            plot.head.append((x, best))
+        if exp_id in kept_ids:
+            best = v
+            plot.head.append((x, v))
+            plot.labels.append((x, v, desc))
+        x += 1
+    if plot.head and x:
+        plot.head.append((x - 1, plot.head[-1][1]))  # carry the step line to the last experiment
+    top = sorted((k for k in kept_all if k.delta is not None), key=lambda k: k.delta)[:candidates]
+    return Digest(run=run.name, since=since, until=until, kept=kept, best_then=best_then,
+                  best_now=run.head_val_bpb, baseline=baseline, counts=counts, caps=caps, candidates=top, plot=plot,
+                  total_experiments=sum(1 for r in rows if r[1] == "experiment"))
