@@ -96,6 +96,28 @@ def propose(dry_run: bool = typer.Option(True, "--dry-run/--no-dry-run", help="p
 
 
 @app.command()
+def digest(out: Path = typer.Option(..., "--out", help="where to write the progress plot (PNG)"),
+           hours: float = typer.Option(24.0, min=0.1, help="the window, hours before now"),
+           config: Optional[Path] = ConfigOpt, run: Optional[str] = typer.Option(None, help="run name")):
+    """Render the digest: print its text and write the progress plot, without posting anything."""
+    from bot.digest import digest_text, render_plot
+    from db.session import create_tables, make_engine
+    from loop.digest import build_digest
+
+    settings = _settings(config, run=run)
+    db = make_engine(settings.db_url)
+    create_tables(db)
+    try:
+        d = build_digest(db, settings.run, settings, hours=hours)
+    except LookupError as e:
+        err.print(f"[red]{e}; start it with `ratchet serve`[/red]")
+        raise typer.Exit(2)
+    render_plot(d, out)
+    console.print(digest_text(d), markup=False, highlight=False)
+    console.print(f"progress plot: {out}")
+
+
+@app.command()
 def init(directory: Optional[Path] = typer.Argument(None, help="default: <home>/workspace"),
          config: Optional[Path] = ConfigOpt):
     """Create the research repo: train.py from the template and program.md, committed on main."""

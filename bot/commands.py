@@ -20,7 +20,10 @@ REQUIRED_ROLE = {
     "pause": "viewer",
     "hint": "viewer",
     "diff": "viewer",
+    "budget": "viewer",
+    "digest": "viewer",
     "resume": "operator",
+    "budget_set": "operator",
     "revert": "operator",
     "promote": "operator",
 }
@@ -38,6 +41,10 @@ commands:
   revert <id>             undo the last keep: head goes back to that experiment's parent (operator)
   promote <id>            re-run head vs baseline at a larger scale (operator; not available yet)
   hint <text>             a suggestion for the proposer (read as data, not as orders)
+  budget                  GPU-hours and Claude USD used / left, per day and in total
+  budget <gpu|claude> <amount>/day | <amount> total
+                          change a cap, e.g. `budget gpu 24h/day`, `budget claude $40/day` (operator)
+  digest                  post the digest of the last 24 h now, with the progress plot
   help                    this text"""
 
 
@@ -98,6 +105,20 @@ def parse(text: str) -> Command:
         if not rest:
             raise _fail("hint needs some text, e.g. `hint try a longer warmup`")
         return Command("hint", {"text": rest}, text)
+    if name == "digest":
+        if rest:
+            raise _fail("`digest` takes no arguments")
+        return Command("digest", {}, text)
+    if name == "budget":
+        if not rest:
+            return Command("budget", {}, text)
+        from loop.budget import BudgetError, parse_budget
+
+        try:
+            resource, period, limit = parse_budget(rest)
+        except BudgetError as e:
+            raise _fail(str(e)) from None
+        return Command("budget_set", {"resource": resource, "period": period, "limit": limit}, text)
     raise _fail(f"unknown command {head!r}")
 
 
@@ -191,6 +212,15 @@ def execute(cmd: Command, control: Control, user: str) -> Reply:
             return Reply(control.revert(user, cmd.args["id"]), public=True)
         if cmd.name == "promote":
             return Reply(PROMOTE_NOT_YET, ok=False)
+        if cmd.name == "budget":
+            from bot.digest import budget_bar
+
+            return Reply("budget (used / cap):\n" + "\n".join("  " + budget_bar(c) for c in control.budget()))
+        if cmd.name == "budget_set":
+            return Reply(control.set_budget(user, **cmd.args), public=True)
+        if cmd.name == "digest":
+            control.request_digest(user)
+            return Reply("digest requested: it is posted in a moment")
         if cmd.name == "hint":
             h = control.hint(user, cmd.args["text"])
             return Reply(f"hint #{h.id} noted; the proposer sees it with the next proposal", public=True)

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from apscheduler.schedulers.background import BackgroundScheduler
 from rich.console import Console
 
 from bot.commands import format_status
@@ -25,6 +24,7 @@ from loop.control import Control
 from loop.engine import Engine
 from loop.proposers.offline import OfflineProposer
 from loop.runners.local import LocalRunner
+from loop.scheduler import make_scheduler, next_digest
 from loop.workspace import Workspace
 from trainer import data as tdata
 
@@ -86,7 +86,7 @@ def make_chat(settings: Settings, control: Control, console: Console, read_comma
                                     on_posted=lambda ev, ts: console.print(f"→ slack: {ev.text}", markup=False))
             except SlackConfigError as e:
                 raise ServeError(str(e)) from None
-    return ShellBackend(control, console, read_commands=read_commands)
+    return ShellBackend(control, console, read_commands=read_commands, digest_dir=settings.home / "digests")
 
 
 def prepare_everything(settings: Settings, console: Console):
@@ -129,8 +129,11 @@ def serve(settings: Settings, *, max_experiments: Optional[int] = None, budget_e
     else:
         console.print("type `help` for commands" if shell.read_commands else "no terminal: printing events only")
 
-    scheduler = BackgroundScheduler(timezone="UTC")
-    scheduler.add_job(shell.deliver, "interval", seconds=2, id="deliver-outbox", max_instances=1, coalesce=True)
+    scheduler = make_scheduler(settings, db, engine, run_name=run.name)  # digest, budget rollover (persisted)
+    scheduler.add_job(shell.deliver, "interval", seconds=2, id="deliver-outbox", max_instances=1, coalesce=True,
+                      jobstore="memory", replace_existing=True)
+    engine.rollover()  # a budget-only pause from a day that has ended
+    console.print(f"next digest: {next_digest(settings):%Y-%m-%d %H:%M %Z}")
     stop = threading.Event()
 
     def on_signal(signum, _frame):
@@ -139,7 +142,6 @@ def serve(settings: Settings, *, max_experiments: Optional[int] = None, budget_e
         stop.set()
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    scheduler.start()
     engine.start()
     shell.start()
     progress = _Progress(console, engine)

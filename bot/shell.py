@@ -10,6 +10,7 @@ import os
 import stat
 import sys
 import threading
+from pathlib import Path
 from typing import Optional, TextIO
 
 from rich.console import Console
@@ -46,8 +47,10 @@ class ShellBackend:
     name = "shell"
 
     def __init__(self, control: Control, console: Optional[Console] = None, *, user: Optional[str] = None,
-                 stdin: TextIO = sys.stdin, read_commands: Optional[bool] = None):
+                 stdin: TextIO = sys.stdin, read_commands: Optional[bool] = None,
+                 digest_dir: Optional[Path] = None):
         self.control = control
+        self.digest_dir = Path(digest_dir) if digest_dir else Path.home() / ".ratchet" / "digests"
         self.console = console or Console(highlight=False)
         self.user = user or os.environ.get("USER") or getpass.getuser()
         self.stdin = stdin
@@ -67,10 +70,27 @@ class ShellBackend:
         with self._lock:
             n = 0
             for ev in self.control.pending_events(self.name):
-                self.console.print(self.render_event(ev))
+                if ev.kind == "digest":
+                    self.print_digest(ev)
+                else:
+                    self.console.print(self.render_event(ev))
                 self.control.mark_delivered(ev.id, self.name)
                 n += 1
             return n
+
+    def print_digest(self, ev) -> Path:
+        """Render a digest event: its text, and the progress plot written to a PNG whose path is printed."""
+        from datetime import datetime
+
+        from bot.digest import digest_text, render_plot
+
+        until = datetime.fromisoformat(ev.payload["until"]) if ev.payload.get("until") else None
+        d = self.control.digest(until=until)
+        path = self.digest_dir / f"digest-{d.run}-{d.until:%Y%m%d-%H%M}-{ev.id}.png"
+        render_plot(d, path)
+        self.console.print(escape(digest_text(d)))
+        self.console.print(f"progress plot: {path}")
+        return path
 
     def answer(self, line: str) -> None:
         """Run one typed command and print its reply."""

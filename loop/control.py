@@ -249,3 +249,46 @@ class Control:
         with session_scope(self.db) as db:
             db.add(CommandLog(user=user, backend=backend, text=text[:4000], command=command, allowed=allowed,
                               result=result[:4000]))
+
+    # ---- budgets and the digest ----
+
+    def _settings(self):
+        if self.engine is not None:
+            return self.engine.settings
+        from loop.config import Settings
+
+        return Settings()
+
+    def budget(self) -> list:
+        """Every budget line (loop.budget.Cap): GPU-seconds / USD used today and in total, and the caps."""
+        from loop import budget
+
+        with Session(self.db) as db:
+            return budget.caps(db, self._run(db).id, self._settings())
+
+    def set_budget(self, user: str, resource: str, period: str, limit: Optional[float]) -> str:
+        """Set a cap (GPU-seconds or USD; None removes it). Returns the announcement line."""
+        from loop import budget
+
+        with self._locked(), session_scope(self.db) as db:
+            run = self._run(db)
+            budget.set_limit(db, run.id, resource, period, limit, user)
+            text = f"budget {resource}/{period} set to {budget.fmt_amount(resource, limit)} by {user}"
+            db.add(events.run_event(run, "budget_changed", text, by=user, resource=resource, period=period,
+                                    limit=limit))
+        self._wake()
+        return text
+
+    def digest(self, until=None, hours: float = 24.0):
+        """The digest numbers (loop.digest.Digest) for the `hours` before `until` (default now)."""
+        from loop.digest import build_digest
+
+        return build_digest(self.db, self.run_name, self._settings(), now=until, hours=hours)
+
+    def request_digest(self, user: str) -> Optional[int]:
+        """Ask for a digest now: a `digest` event the chat backend renders and posts. Returns its id."""
+        from loop.scheduler import request_digest
+
+        ev = request_digest(self.db, self.run_name, self._settings().timezone, by=user)
+        self._wake()
+        return ev

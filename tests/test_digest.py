@@ -84,3 +84,50 @@ def test_plot_draws_exactly_the_experiments_in_the_database(tmp_path, db_url):
     assert plot_series(d.plot) == series
     text = digest_text(d)
     assert "best val_bpb" in text and "gpu/day" in text and "keep rate" in text
+
+
+def test_budget_and_digest_commands_in_the_shell(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from bot.shell import ShellBackend
+    from db.models import CommandLog
+    from loop.control import Control
+
+    db = make_engine(f"sqlite:///{tmp_path / 'r.db'}")
+    create_tables(db)
+    fill(db, 50, keep_percent=10)
+    buf = io.StringIO()
+    shell = ShellBackend(Control(db, "main"), Console(file=buf, width=120), user="olga", read_commands=False,
+                         digest_dir=tmp_path / "digests")
+    shell.answer("budget gpu 24h/day")
+    shell.answer("budget claude 24h/day")  # wrong unit: refused with the accepted forms
+    shell.answer("budget")
+    shell.answer("digest")
+    out = buf.getvalue()
+    assert "budget gpu/day set to 24.00 h by olga" in out
+    assert "a Claude budget is in US dollars" in out and "budget gpu 24h/day" in out
+    assert "gpu/day" in out and "of 24.00 h" in out
+    assert "Ratchet digest · run main" in out and "best val_bpb" in out
+    pngs = list((tmp_path / "digests").glob("*.png"))
+    assert len(pngs) == 1 and f"progress plot: {pngs[0]}" in out.replace("\n", "")
+    with Session(db) as s:
+        audit = [(a.command, a.allowed) for a in s.exec(select(CommandLog).order_by(CommandLog.id)).all()]
+    assert audit == [("budget_set", True), ("", True), ("budget", True), ("digest", True)]
+
+
+def test_ratchet_digest_renders_without_posting(tmp_path):
+    home = tmp_path / "home"
+    db = make_engine(f"sqlite:///{home / 'ratchet.db'}")
+    create_tables(db)
+    fill(db, 40, keep_percent=10)
+    out = tmp_path / "p.png"
+    import os
+
+    p = subprocess.run([sys.executable, "-m", "bot.cli", "digest", "--out", str(out)], capture_output=True, text=True,
+                       env={**os.environ, "RATCHET_HOME": str(home)}, cwd=Path(__file__).resolve().parents[1],
+                       timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "Ratchet digest" in p.stdout and out.exists() and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert digest_events(db, "main") == []  # nothing posted
