@@ -235,11 +235,11 @@ def event_metadata(ev) -> dict:
     return {"event_type": EVENT_METADATA_TYPE, "event_payload": {"id": ev.id, "kind": ev.kind}}
 
 
-def daily_thread_message(day: str) -> Message:
-    """The parent post of one day's thread of compact lines (`day` as YYYY-MM-DD, UTC)."""
-    text = f"Experiments on {day} (UTC): discarded, crashed, invalid and pruned runs are in this thread"
-    return Message(text, [section(f"🧵 *{day}* (UTC): discarded, crashed, invalid and pruned runs are in this "
-                                  "thread", accessory=pause_button())])
+def daily_thread_message(day: str, tz: str = "UTC") -> Message:
+    """The parent post of one day's thread of compact lines (`day` as YYYY-MM-DD in the zone `tz`)."""
+    text = f"Experiments on {day} ({tz}): discarded, crashed, invalid and pruned runs are in this thread"
+    return Message(text, [section(f"🧵 *{day}* ({escape(tz)}): discarded, crashed, invalid and pruned runs are in "
+                                  "this thread", accessory=pause_button())])
 
 
 def daily_metadata(day: str) -> dict:

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from datetime import datetime, timezone
 from typing import Callable, Iterator, Optional, Sequence
+from zoneinfo import ZoneInfo
 
 from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError, SlackClientError
@@ -35,11 +35,11 @@ class DeliveryError(RuntimeError):
     """A pass stopped: Slack could not be reached or refused; the remaining events wait, in order."""
 
 
-def utc_day(when: datetime) -> str:
-    """YYYY-MM-DD of `when` in UTC (naive datetimes are taken as UTC, as SQLite returns them)."""
+def local_day(when: datetime, tz: str = "UTC") -> str:
+    """YYYY-MM-DD of `when` in the IANA zone `tz` (naive datetimes are taken as UTC, as SQLite returns them)."""
     if when.tzinfo is None:
         when = when.replace(tzinfo=timezone.utc)
-    return when.astimezone(timezone.utc).strftime("%Y-%m-%d")
+    return when.astimezone(ZoneInfo(tz)).strftime("%Y-%m-%d")
 
 
 def _epoch(when: datetime) -> float:
@@ -64,7 +64,7 @@ class Notifier:
     name = "slack"
 
     def __init__(self, control: Control, client: WebClient, channel: str, *, daily_thread: bool = False,
-                 backoff_s: Sequence[float] = BACKOFF_S, poll_s: float = POLL_S,
+                 timezone_: str = "UTC", backoff_s: Sequence[float] = BACKOFF_S, poll_s: float = POLL_S,
                  on_posted: Optional[Callable[[object, str], None]] = None):
         if not channel:
             raise ValueError("no Slack channel: set slack_channel in ratchet.toml or SLACK_CHANNEL")
@@ -72,6 +72,7 @@ class Notifier:
         self.client = client
         self.channel = channel
         self.daily_thread = daily_thread
+        self.tz = timezone_  # the day of the daily thread (the team's day, as for budgets and the digest)
         self.backoff_s = tuple(backoff_s) or BACKOFF_S
         self.poll_s = poll_s
         self.on_posted = on_posted
@@ -79,7 +80,7 @@ class Notifier:
         self.last_error = ""
         self.posted = 0  # events posted by this notifier
         self.recovered = 0  # events found already posted by recover()
-        self._daily: dict[str, str] = {}  # UTC day → ts of its thread's parent post
+        self._daily: dict[str, str] = {}  # day → ts of its thread's parent post
         self._recover_needed = True
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -159,7 +160,7 @@ class Notifier:
 
     def _post_event(self, ev) -> None:
         msg = blocks.event_message(ev)
-        thread_ts = self._daily_parent(utc_day(ev.created_at)) if self.daily_thread and msg.compact else None
+        thread_ts = self._daily_parent(local_day(ev.created_at, self.tz)) if self.daily_thread and msg.compact else None
         metadata = {**blocks.event_metadata(ev)}
         metadata["event_payload"] = {**metadata["event_payload"], "run": self.control.run_name}
         try:
@@ -186,13 +187,13 @@ class Notifier:
         """ts of the day's thread parent: known, found in the channel (after a restart), or posted now."""
         if day in self._daily:
             return self._daily[day]
-        start = datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=timezone.utc).timestamp()
+        start = datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=ZoneInfo(self.tz)).timestamp()
         for m in self._history(start - 60):
             md = m.get("metadata") or {}
             if md.get("event_type") == blocks.DAILY_METADATA_TYPE and (md.get("event_payload") or {}).get("day") == day:
                 self._daily[day] = m["ts"]
                 return m["ts"]
-        msg = blocks.daily_thread_message(day)
+        msg = blocks.daily_thread_message(day, self.tz)
         resp = self._post(msg.text, msg.blocks, None, blocks.daily_metadata(day))
         self._daily[day] = resp["ts"]
         return resp["ts"]

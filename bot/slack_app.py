@@ -46,6 +46,7 @@ DEDUPE_MAX = 20000
 WORKERS = 4  # threads that run commands after the ack
 LISTENER_THREADS = 16  # bolt's pool that runs listeners until they ack
 _MENTION = re.compile(r"<@[UW][A-Z0-9]+(?:\|[^>]*)?>")
+_CHANNEL_ID = re.compile(r"[CG][A-Z0-9]{2,}")
 
 
 class SlackConfigError(ValueError):
@@ -70,6 +71,7 @@ class SlackConfig:
     http_port: int = 3000
     roles: dict = field(default_factory=dict)
     daily_thread: bool = False
+    timezone: str = "UTC"  # the day of the daily thread
 
     @classmethod
     def from_settings(cls, settings, env: Mapping[str, str] = os.environ) -> "SlackConfig":
@@ -86,10 +88,13 @@ class SlackConfig:
         if not settings.slack_channel:
             raise SlackConfigError("Slack needs a channel for posts: slack_channel in ratchet.toml or SLACK_CHANNEL "
                                    "(the channel id, C…; invite the app there)")
+        if not _CHANNEL_ID.fullmatch(settings.slack_channel):
+            raise SlackConfigError(f"slack_channel must be the channel's id (C… or G…, at the bottom of the channel's "
+                                   f"details), not {settings.slack_channel!r}")
         return cls(bot_token=bot, app_token=app, signing_secret=secret, channel=settings.slack_channel,
                    api_url=settings.slack_api_url, mode=mode, http_host=settings.slack_http_host,
                    http_port=settings.slack_http_port, roles=dict(settings.slack_roles),
-                   daily_thread=settings.slack_daily_thread)
+                   daily_thread=settings.slack_daily_thread, timezone=getattr(settings, "timezone", "UTC"))
 
 
 def slack_configured(env: Mapping[str, str] = os.environ) -> bool:
@@ -451,7 +456,7 @@ class SlackBackend:
         self.client = client or make_client(config.bot_token, config.api_url)
         kw = {"backoff_s": notifier_backoff_s} if notifier_backoff_s else {}
         self.notifier = Notifier(control, self.client, config.channel, daily_thread=config.daily_thread,
-                                 on_posted=on_posted, **kw)
+                                 timezone_=config.timezone, on_posted=on_posted, **kw)
         self.front = SlackFront(control, self.client, Roles(config.roles, self.client),
                                 signing_secret=config.signing_secret if config.mode == "http" else "",
                                 notify=self.notifier.wake)

@@ -14,7 +14,7 @@ from db.models import Event, Run
 from db.session import create_tables, make_engine, session_scope
 from loop import events
 from loop.control import Control
-from tests.fakes.slack_api import BOT_TOKEN, FakeSlack, api_error, fake_slack, ratelimited, server_error  # noqa: F401
+from tests.fakes.slack_api import BOT_TOKEN, api_error, fake_slack, ratelimited, server_error  # noqa: F401 - fixture
 
 CHANNEL = "C0RATCHET"
 
@@ -177,3 +177,13 @@ def test_rejected_token_keeps_events_waiting(tmp_path, fake_slack):
         n.deliver()
     assert rows(control)[0].delivered_at is None
     assert n.deliver() == 1 and len(fake_slack.event_posts()) == 1
+
+
+def test_the_daily_thread_follows_the_teams_day():
+    from datetime import datetime, timezone
+
+    from bot.notifier import local_day
+
+    late = datetime(2026, 5, 4, 23, 30, tzinfo=timezone.utc)
+    assert local_day(late) == "2026-05-04" and local_day(late, "Asia/Tokyo") == "2026-05-05"
+    assert local_day(late.replace(tzinfo=None), "America/New_York") == "2026-05-04"  # naive = UTC (SQLite)

@@ -59,3 +59,30 @@ def test_slack_roles_in_ratchet_toml(tmp_path, monkeypatch):
     cfg.write_text('slack_roles = {boss = ["U1"]}\n')
     with pytest.raises(ConfigError, match="slack_roles"):
         load_settings(cfg)
+
+
+def test_slack_config_says_what_is_missing(monkeypatch):
+    from bot.slack_app import SlackConfig, SlackConfigError, slack_configured
+    from loop.config import Settings
+
+    monkeypatch.delenv("SLACK_CHANNEL", raising=False)
+    s = Settings(slack_channel="C0RATCHET", timezone="Europe/Berlin")
+    env = {"SLACK_BOT_TOKEN": "xoxb-1", "SLACK_APP_TOKEN": "xapp-1"}
+    cfg = SlackConfig.from_settings(s, env)
+    assert (cfg.mode, cfg.channel, cfg.timezone, cfg.api_url) == ("socket", "C0RATCHET", "Europe/Berlin",
+                                                                  "https://slack.com/api/")
+    assert SlackConfig.from_settings(s, {"SLACK_BOT_TOKEN": "xoxb-1", "SLACK_SIGNING_SECRET": "x"}).mode == "http"
+    assert slack_configured(env) and not slack_configured({"SLACK_BOT_TOKEN": "xoxb-1"}) and not slack_configured({})
+    with pytest.raises(SlackConfigError, match="SLACK_BOT_TOKEN"):
+        SlackConfig.from_settings(s, {"SLACK_APP_TOKEN": "xapp-1"})
+    with pytest.raises(SlackConfigError, match="SLACK_SIGNING_SECRET"):
+        SlackConfig.from_settings(Settings(slack_channel="C0RATCHET", slack_mode="http"), env)
+    with pytest.raises(SlackConfigError, match="SLACK_APP_TOKEN"):
+        SlackConfig.from_settings(Settings(slack_channel="C0RATCHET", slack_mode="socket"),
+                                  {"SLACK_BOT_TOKEN": "xoxb-1", "SLACK_SIGNING_SECRET": "x"})
+    with pytest.raises(SlackConfigError, match="not '#ratchet'"):
+        SlackConfig.from_settings(Settings(slack_channel="#ratchet"), env)
+    monkeypatch.setenv("SLACK_CHANNEL", "G0PRIVATE")
+    monkeypatch.setenv("SLACK_API_URL", "https://slack-gov.com/api")
+    gov = SlackConfig.from_settings(Settings(), env)
+    assert gov.channel == "G0PRIVATE" and gov.api_url == "https://slack-gov.com/api/"

@@ -8,7 +8,7 @@ import time
 
 from db.models import CommandLog, Event, Run
 from tests.fakes.slack_api import APP_TOKEN, BOT_TOKEN, FakeSlack
-from tests.test_serve import db_rows, serve_env, start, wait_for
+from tests.test_serve import db_rows, serve_env, start
 
 CHANNEL = "C0RATCHET"
 
