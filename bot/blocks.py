@@ -24,7 +24,7 @@ DAILY_METADATA_TYPE = "ratchet_daily"
 COMPACT_KINDS = frozenset({"discarded", "crashed", "invalid", "pruned", "aborted", "baseline_run", "infra_failed"})
 MARK = {"kept": "✓", "discarded": "✗", "crashed": "!", "invalid": "⊘", "pruned": "✂", "aborted": "■",
         "paused": "⏸", "resumed": "▶", "baseline": "≈", "baseline_run": "·", "infra_failed": "↻", "hint": "✎",
-        "reverted": "↩", "proposer_error": "!", "budget": "$"}
+        "reverted": "↩", "proposer_error": "!", "budget": "$", "digest": "📈"}
 
 SECTION_MAX = 3000  # characters of a section's text
 HEADER_MAX = 150
@@ -198,10 +198,12 @@ def state_title(ev) -> str:
     reason = str(payload.get("reason") or "")
     if ev.kind == "paused" and "API key rejected" in (reason + ev.text):
         return "API key rejected: the run is paused"
-    if ev.kind.startswith("budget") or (ev.kind == "paused" and (payload.get("budget") or reason.startswith("budget:"))):
+    if ev.kind in ("budget_reached", "budget_hit") or (
+            ev.kind == "paused" and (payload.get("budget") or reason.startswith("budget:"))):
         return "Budget reached" + (": the run is paused" if ev.kind == "paused" else "")
     return {"paused": "Paused", "resumed": "Resumed", "baseline": "Baseline measured", "reverted": "Reverted",
-            "hint": "Hint", "proposer_error": "Proposer failing"}.get(ev.kind, ev.kind.replace("_", " ").capitalize())
+            "hint": "Hint", "proposer_error": "Proposer failing", "budget_changed": "Budget changed",
+            "digest": "Digest"}.get(ev.kind, ev.kind.replace("_", " ").capitalize())
 
 
 def state_blocks(ev) -> list[dict]:
@@ -228,6 +230,13 @@ def event_message(ev) -> Message:
         return Message(text, state_blocks(ev))
     except (KeyError, TypeError, ValueError, AttributeError):
         return Message(text, [section(text, accessory=pause_button())])
+
+
+def digest_message(ev, text: str) -> Message:
+    """A digest post: `text` (bot/digest.py's digest_text) in a code block, so its columns line up."""
+    body = reply_text(text) if "\n" in text else escape(text)
+    return Message(truncate(f"📈 {escape(first_line(text, 200))}", FALLBACK_MAX),
+                   [section(f"📈 *Digest*\n{truncate(body, 2900)}"), actions(pause_button())])
 
 
 def event_metadata(ev) -> dict:

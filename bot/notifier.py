@@ -65,7 +65,9 @@ class Notifier:
 
     def __init__(self, control: Control, client: WebClient, channel: str, *, daily_thread: bool = False,
                  timezone_: str = "UTC", backoff_s: Sequence[float] = BACKOFF_S, poll_s: float = POLL_S,
-                 on_posted: Optional[Callable[[object, str], None]] = None):
+                 on_posted: Optional[Callable[[object, str], None]] = None,
+                 renderers: Optional[dict[str, Callable[[object], blocks.Message]]] = None,
+                 followups: Optional[dict[str, Callable[["Notifier", object, str], None]]] = None):
         if not channel:
             raise ValueError("no Slack channel: set slack_channel in ratchet.toml or SLACK_CHANNEL")
         self.control = control
@@ -76,6 +78,10 @@ class Notifier:
         self.backoff_s = tuple(backoff_s) or BACKOFF_S
         self.poll_s = poll_s
         self.on_posted = on_posted
+        # kind → how to render it (default: blocks.event_message), and kind → what to do once it is posted
+        # (e.g. upload the digest's plot into its thread); a failed follow-up is logged, never re-posts.
+        self.renderers = {"digest": self._render_digest, **(renderers or {})}
+        self.followups = dict(followups or {})
         self.failures = 0  # consecutive failed passes (0 while Slack answers)
         self.last_error = ""
         self.posted = 0  # events posted by this notifier
@@ -158,8 +164,26 @@ class Notifier:
             self.failures, self.last_error = 0, ""
             return n
 
+    def _render_digest(self, ev) -> blocks.Message:
+        from datetime import datetime as _dt
+
+        from bot.digest import digest_text
+
+        until = (ev.payload or {}).get("until")
+        return blocks.digest_message(ev, digest_text(self.control.digest(until=_dt.fromisoformat(until)
+                                                                         if until else None)))
+
+    def _render(self, ev) -> blocks.Message:
+        render = self.renderers.get(ev.kind)
+        if render is not None:
+            try:
+                return render(ev)
+            except Exception:  # noqa: BLE001 - a renderer bug must not block the queue: post the line
+                log.exception("rendering event %s (%s) failed; posting its line", ev.id, ev.kind)
+        return blocks.event_message(ev)
+
     def _post_event(self, ev) -> None:
-        msg = blocks.event_message(ev)
+        msg = self._render(ev)
         thread_ts = self._daily_parent(local_day(ev.created_at, self.tz)) if self.daily_thread and msg.compact else None
         metadata = {**blocks.event_metadata(ev)}
         metadata["event_payload"] = {**metadata["event_payload"], "run": self.control.run_name}
@@ -173,6 +197,12 @@ class Notifier:
         ts = resp["ts"]
         self.control.mark_delivered(ev.id, self.name, ts)
         self.posted += 1
+        follow = self.followups.get(ev.kind)
+        if follow is not None:
+            try:
+                follow(self, ev, ts)
+            except Exception:  # noqa: BLE001 - the post is out and marked; a follow-up never re-posts it
+                log.exception("follow-up of event %s (%s) failed", ev.id, ev.kind)
         if self.on_posted is not None:
             self.on_posted(ev, ts)
 

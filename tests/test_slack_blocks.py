@@ -82,6 +82,8 @@ def test_state_changes_carry_pause_and_a_paused_post_offers_resume():
                                      {"by": "ratchet", "reason": "budget: gpu/day (24.0 h used of 24.0 h)",
                                       "budget": "gpu/day"}))
     assert "Budget reached: the run is paused" in all_text(capped.blocks)
+    changed = blocks.event_message(ev("budget_changed", "budget gpu/day set to 24.0 h by <@U1>"))
+    assert "Budget changed" in all_text(changed.blocks) and "Budget reached" not in all_text(changed.blocks)
     for kind in ("resumed", "baseline", "reverted", "hint", "proposer_error", "something_new"):
         m = blocks.event_message(ev(kind, f"{kind} happened"))
         assert _block_problem(m.blocks) is None and blocks.PAUSE in buttons(m.blocks), kind

@@ -187,3 +187,26 @@ def test_the_daily_thread_follows_the_teams_day():
     late = datetime(2026, 5, 4, 23, 30, tzinfo=timezone.utc)
     assert local_day(late) == "2026-05-04" and local_day(late, "Asia/Tokyo") == "2026-05-05"
     assert local_day(late.replace(tzinfo=None), "America/New_York") == "2026-05-04"  # naive = UTC (SQLite)
+
+
+def test_a_digest_is_posted_with_its_text_and_its_follow_up_runs(tmp_path, fake_slack):
+    control = make_control(tmp_path)
+    [eid] = add_events(control, ("digest", "digest for 2026-05-04"))
+    seen = []
+    n = notifier(control, fake_slack, followups={"digest": lambda notifier_, ev, ts: seen.append((ev.id, ts))})
+    assert n.deliver() == 1
+    [post] = fake_slack.event_posts(CHANNEL)
+    assert "Ratchet digest · run main" in post["blocks"][0]["text"]["text"] and post["text"].startswith("📈")
+    assert seen == [(eid, post["ts"])]
+
+
+def test_a_broken_renderer_or_follow_up_never_blocks_delivery(tmp_path, fake_slack):
+    control = make_control(tmp_path)
+    add_events(control, ("digest", "digest for 2026-05-04"), ("resumed", "resumed"))
+
+    def broken(*_):
+        raise RuntimeError("bug")
+
+    n = notifier(control, fake_slack, renderers={"digest": broken}, followups={"digest": broken})
+    assert n.deliver() == 2
+    assert [m["text"] for m in fake_slack.event_posts(CHANNEL)] == ["📈 digest for 2026-05-04", "▶ resumed"]
