@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Literal, Optional
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 
@@ -20,6 +20,23 @@ def default_home() -> Path:
 
 class ConfigError(ValueError):
     """The configuration is invalid; the message names the offending key."""
+
+
+class HostConfig(BaseModel):
+    """One GPU host for the SSH runner (`[[hosts]]` in ratchet.toml)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9._-]+$")
+    address: str
+    port: int = Field(default=22, ge=1, le=65535)
+    user: str = "ratchet"
+    key: Optional[Path] = Field(default=None, description="private key file; default: the SSH agent / ~/.ssh")
+    known_hosts: Optional[Path] = Field(default=None, description="known_hosts file; default ~/.ssh/known_hosts")
+    gpus: int = Field(default=1, ge=1, description="slots on this host: one per GPU")
+    cpu_only: bool = Field(default=False, description="a CPU host (tests, debugging): one slot, no nvidia-smi")
+    workdir: str = Field(default="~/ratchet", description="where the trainer, data and experiments live on the host")
+    python: str = Field(default="python3", description="interpreter on the host used to create its venv")
 
 
 class Settings(BaseSettings):
@@ -64,7 +81,15 @@ class Settings(BaseSettings):
     budget_gpu_hours_total: Optional[float] = Field(default=None, gt=0)
     budget_claude_usd_per_day: Optional[float] = Field(default=None, gt=0)
     budget_claude_usd_total: Optional[float] = Field(default=None, gt=0)
-    runner: Literal["local"] = "local"
+    runner: Literal["local", "ssh", "ray"] = "local"
+    hosts: list[HostConfig] = Field(default_factory=list, description="SSH runner hosts")
+    ray_address: Optional[str] = Field(default=None, description="Ray cluster address (ray://… or host:port); "
+                                                                 "None starts a local Ray instance")
+    ray_num_gpus: float = Field(default=1.0, ge=0, description="GPUs per experiment task on Ray (0: CPU tasks)")
+    health_interval_s: float = Field(default=60.0, gt=0, description="host health checks, seconds apart")
+    prune: bool = Field(default=True, description="stop runs whose loss curve is clearly behind head's")
+    prune_after: float = Field(default=0.3, ge=0, le=1, description="fraction of the budget before pruning may act")
+    prune_margin: float = Field(default=0.05, ge=0, description="relative smoothed-loss margin behind head's curve")
     seed: int = 0
 
     # Slack (bot/slack_app.py): used when SLACK_BOT_TOKEN and SLACK_APP_TOKEN (Socket Mode) or
