@@ -79,6 +79,7 @@ class Experiment(SQLModel, table=True):
     usage: dict = Field(default_factory=dict, sa_column=Column(JSON))  # proposer token accounting
     decision: dict = Field(default_factory=dict, sa_column=Column(JSON))  # ratchet rule inputs and verdict
     log_tail: str = Field(default="", sa_column=Column(Text))
+    curve: list = Field(default_factory=list, sa_column=Column(JSON))  # [[elapsed_s, loss], …], ≤ 200 points
     attempts: int = 0  # starts, re-runs after a restart or a dead host included
     pid: Optional[int] = None  # local runner: the process group, to clean up after a crash of serve
     workdir: str = ""

@@ -36,6 +36,17 @@ TICK_S = 1.0  # the engine also wakes at once on a result or a command
 PROPOSAL_BACKOFF_S = (5, 15, 60, 300)  # growing delay after proposer failures
 
 
+def curve_loss_at(curve: list, t: float, window: int = 5) -> Optional[float]:
+    """The loss of a [[elapsed_s, loss], …] curve at elapsed time t: a moving average over `window` points
+    around the first point at or after t (None when the curve is empty or ends before t)."""
+    if not curve or curve[-1][0] < t:
+        return None
+    i = next(k for k, (e, _) in enumerate(curve) if e >= t)
+    lo = max(0, i - window // 2)
+    pts = curve[lo:lo + window]
+    return sum(loss for _, loss in pts) / len(pts)
+
+
 @dataclass
 class Running:
     """A live experiment, for status and progress displays. Seconds."""
@@ -82,6 +93,9 @@ class Engine:
         self._proposer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="proposer")
         self._pending: Optional[Future] = None
         self._pending_parent = ""
+        self._pruned: dict[int, dict] = {}  # exp id → why it was pruned (kill sent, outcome pending)
+        self._loss_ema: dict[int, tuple[float, float]] = {}  # exp id → (elapsed_s, smoothed loss)
+        self._head_curve_cache: tuple[str, list] = ("", [])
         self.run_id: Optional[int] = None
         # the device type experiments train on (what `auto` resolves to), for the proposer
         self.device = device or (settings.device if settings.device != "auto" else "cpu")
@@ -199,8 +213,10 @@ class Engine:
             for exp_id, h in list(self.handles.items()):
                 if h.done():
                     del self.handles[exp_id]
+                    self._loss_ema.pop(exp_id, None)
                     self._finish(exp_id, h.outcome())
             run = self.get_run()
+            self._prune(run)
             if run.state == "paused":
                 if run.pause_now:
                     for h in list(self.handles.values()):
@@ -322,6 +338,9 @@ class Engine:
             if self._pending_parent != run.head_commit:
                 return None  # it was about an old head: ask again about the new one
             raise
+        except Exception as e:  # a proposer bug must not stop the loop: treat it as a failed proposal
+            log.exception("proposer raised")
+            raise ProposalError(f"{type(e).__name__}: {e}") from e
         head_source = self.workspace.read_file(run.head_commit)
         if parent != run.head_commit:
             merged = self.workspace.merge_text(parent_source, head_source, proposal.source)
@@ -343,6 +362,9 @@ class Engine:
                 return None
             head_source, proposal = taken
         except ProposalExhausted as e:
+            if self.handles or self._has_queued(run):
+                self._propose_after = time.time() + TICK_S  # queued and running work first; ask again later
+                return None
             with session_scope(self.db) as db:
                 self._pause(db, run.id, f"proposer has nothing left to try: {e}")
             return None
@@ -390,6 +412,11 @@ class Engine:
             self.on_change()
             return None
         return exp
+
+    def _has_queued(self, run: Run) -> bool:
+        with Session(self.db) as db:
+            return db.exec(select(Experiment.id).where(Experiment.run_id == run.id,
+                                                       Experiment.status == "queued")).first() is not None
 
     def _store_rejected(self, run: Run, e: ProposalRejected) -> None:
         """An answer the proposer could not turn into a valid proposal: `invalid`, with its cost charged."""
@@ -449,6 +476,7 @@ class Engine:
                 exp.val_bpb, exp.training_seconds, exp.total_seconds = r.val_bpb, r.training_seconds, r.total_seconds
                 exp.peak_memory_mb, exp.mfu_percent, exp.tokens = r.peak_memory_mb, r.mfu_percent, r.tokens
                 exp.steps, exp.params, exp.wall_seconds = r.steps, r.params, outcome.wall_seconds
+                exp.curve = outcome.curve or []
                 exp.log_tail = "\n".join((r.log_tail or [])[-15:] + ["--- log ---"] + outcome.log_tail[-15:]) \
                     if r.status != "ok" else ""
                 db.add(BudgetLedger(day=self._today(), run_id=run.id, experiment_id=exp.id,
@@ -463,6 +491,11 @@ class Engine:
                 else:
                     exp.status, exp.reason = "crash", f"{infra_error} (after {exp.attempts} attempts)"
                     db.add(events.experiment_event(exp, run, head_before))
+            elif outcome.aborted and exp.id in self._pruned:
+                info = self._pruned.pop(exp.id)
+                exp.status, exp.reason, exp.val_bpb = "pruned", info["reason"], None
+                exp.decision = {"pruned": info}
+                db.add(events.experiment_event(exp, run, head_before))
             elif outcome.aborted:
                 exp.status, exp.reason, exp.val_bpb = "aborted", outcome.aborted, None
                 db.add(events.experiment_event(exp, run, head_before))
@@ -474,9 +507,7 @@ class Engine:
                 db.add(events.experiment_event(exp, run))
                 self._maybe_measure_noise(db, run)
             elif exp.parent_commit != run.head_commit:
-                # Only with several slots; rebase-and-confirm arrives with parallel slots. Discarding is safe.
-                exp.status, exp.reason = "discard", "parent is no longer head"
-                db.add(events.experiment_event(exp, run, head_before))
+                self._rebase_or_discard(db, run, exp)
             else:
                 d = decide(exp.val_bpb, run.head_val_bpb, run.noise_sigma, min_delta=self.settings.min_delta,
                            z=self.settings.noise_z)
@@ -498,6 +529,87 @@ class Engine:
                 log.exception("fast-forward of %s failed; forcing the branch to the database head", name)
                 self.workspace.set_branch(name, new)
         self.on_change()
+
+    def _commit_bpb(self, db: Session, run: Run, commit: str) -> Optional[float]:
+        """Mean val_bpb of the accepted runs of `commit` (its keep or its baseline repeats)."""
+        vals = db.exec(select(Experiment.val_bpb).where(Experiment.run_id == run.id, Experiment.commit == commit,
+                                                        Experiment.status == "keep")).all()
+        vals = [v for v in vals if v is not None]
+        return statistics.fmean(vals) if vals else None
+
+    def _rebase_or_discard(self, db: Session, run: Run, exp: Experiment) -> None:
+        """A result whose parent is no longer head (another slot kept meanwhile). If it beat its own parent
+        by the rule, its change is rebased onto the new head and queued as a new experiment that must
+        confirm the gain there; so the ratchet stays monotone and two results never both advance the
+        branch from the same parent. Otherwise it is discarded."""
+        parent_bpb = self._commit_bpb(db, run, exp.parent_commit)
+        d = decide(exp.val_bpb, parent_bpb if parent_bpb is not None else run.head_val_bpb, run.noise_sigma,
+                   min_delta=self.settings.min_delta, z=self.settings.noise_z)
+        exp.decision = {**d.as_dict(), "compared_with": "parent", "stale_parent": True}
+        exp.status = "discard"
+        if d.verdict != "keep":
+            exp.reason = f"head moved on while it trained, and it did not beat its parent ({d.delta:+.4f})"
+            db.add(events.experiment_event(exp, run, parent_bpb))
+            return
+        head_src = self.workspace.read_file(run.head_commit)
+        merged = self.workspace.merge_text(self.workspace.read_file(exp.parent_commit), head_src,
+                                           self.workspace.read_file(exp.commit))
+        seen = set(db.exec(select(Experiment.ast_hash).where(Experiment.run_id == run.id)).all())
+        verdict = validate_proposal(head_src, {"train.py": merged}, seen_hashes=seen) if merged is not None else None
+        if verdict is None or not verdict.ok:
+            why = "does not apply to the new head" if verdict is None else f"rebased change is invalid: {verdict.reason}"
+            exp.reason = f"beat its parent ({d.delta:+.4f}) but {why}"
+            db.add(events.experiment_event(exp, run, parent_bpb))
+            return
+        confirm = Experiment(run_id=run.id, kind="experiment", parent_commit=run.head_commit, proposer=exp.proposer,
+                             description=f"{exp.description} (rebased, confirms #{exp.id})",
+                             hypothesis=exp.hypothesis, diff=verdict.diff, edit_key=f"{exp.edit_key}@{exp.id}",
+                             ast_hash=verdict.ast_hash, status="queued")
+        db.add(confirm)
+        db.flush()
+        confirm.commit = self.workspace.commit_experiment(confirm.id, run.head_commit, merged,
+                                                          f"exp {confirm.id}: rebase of #{exp.id}")
+        db.add(confirm)
+        exp.reason = f"beat its parent ({d.delta:+.4f}) while head moved on: rebased as #{confirm.id} to confirm"
+        db.add(events.run_event(run, "rebased", f"#{exp.id} {exp.description}: beat its parent, rebased onto head "
+                                f"as #{confirm.id} to confirm", experiment_id=exp.id, confirm_id=confirm.id))
+
+    # ---- early pruning ----
+
+    def _head_curve(self, run: Run) -> list[list[float]]:
+        """Head's loss curve ([[elapsed_s, loss], …]): its kept run, or the first baseline repeat."""
+        if self._head_curve_cache[0] == run.head_commit:
+            return self._head_curve_cache[1]
+        with Session(self.db) as db:
+            curve = db.exec(select(Experiment.curve).where(Experiment.run_id == run.id,
+                                                           Experiment.commit == run.head_commit,
+                                                           Experiment.status == "keep")
+                            .order_by(Experiment.id.desc())).first() or []
+        self._head_curve_cache = (run.head_commit, curve)
+        return curve
+
+    def _prune(self, run: Run) -> None:
+        """Stop experiments whose smoothed loss is behind head's at the same elapsed time by more than the
+        margin, once prune_after of the budget has passed (status `pruned`; the GPU-seconds saved are kept)."""
+        s = self.settings
+        head = self._head_curve(run) if s.prune and run.noise_sigma is not None else []
+        for exp_id, h in list(self.handles.items()):
+            p = h.progress() if head else None
+            if not p or getattr(h, "kind", "") != "experiment" or exp_id in self._pruned:
+                continue
+            loss, t = p.get("loss"), float(p.get("elapsed_s", 0.0))
+            if not isinstance(loss, (int, float)):
+                continue
+            prev = self._loss_ema.get(exp_id)
+            ema = loss if prev is None or prev[0] > t else 0.7 * prev[1] + 0.3 * loss
+            self._loss_ema[exp_id] = (t, ema)
+            ref = curve_loss_at(head, t)
+            if t < s.prune_after * run.budget_s or ref is None or ema <= ref * (1 + s.prune_margin):
+                continue
+            info = {"reason": f"pruned at {t:.0f}/{run.budget_s:.0f} s: smoothed loss {ema:.3f} vs head's {ref:.3f}",
+                    "elapsed_s": t, "loss": ema, "head_loss": ref, "saved_s": max(0.0, run.budget_s - t)}
+            self._pruned[exp_id] = info
+            h.kill(info["reason"])
 
     def _maybe_measure_noise(self, db: Session, run: Run) -> None:
         done = db.exec(select(Experiment.val_bpb).where(Experiment.run_id == run.id, Experiment.kind == "baseline",

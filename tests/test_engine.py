@@ -12,7 +12,7 @@ from db.session import create_tables, make_engine
 from loop.config import Settings
 from loop.control import Control
 from loop.engine import Engine
-from loop.proposers.base import Proposal
+from loop.proposers.base import Proposal, ProposalExhausted
 from loop.proposers.offline import OfflineProposer
 from loop.runners.local import LocalRunner
 
@@ -51,6 +51,8 @@ class FixedProposer:
         self.sources = list(sources)
 
     def propose(self, head_source, parent, history, state=None):
+        if not self.sources:
+            raise ProposalExhausted("no more prepared proposals")
         src = self.sources.pop(0)(head_source)
         return Proposal(source=src, description=f"fixed #{len(history) + 1}", hypothesis="test", proposer="fixed",
                         edit_key=str(len(history)))
@@ -170,3 +172,52 @@ def test_merge_text_moves_a_change_onto_a_new_head(tiny_workspace):
     assert "WEIGHT_DECAY = 0.1" in merged and "LR = 0.04" in merged
     clash = TINY_TRAIN_PY.replace("WEIGHT_DECAY = 0.0", "WEIGHT_DECAY = 0.2")
     assert tiny_workspace.merge_text(TINY_TRAIN_PY, new_head, clash) is None
+
+
+def test_pruning_stops_a_deliberately_bad_run_early(tmp_path, data_dir, tiny_workspace):
+    proposer = FixedProposer([lambda src: src.replace("LR = 0.02", "LR = 0.0")])  # never learns
+    eng, db = make_engine_for(tmp_path, data_dir, tiny_workspace, proposer=proposer, budget_s=6.0, max_experiments=1)
+    tick_until(eng, lambda: eng.reached_max() and not eng.handles)
+    exp = [e for e in rows(db) if e.kind == "experiment"][0]
+    assert exp.status == "pruned" and exp.reason.startswith("pruned at")
+    info = exp.decision["pruned"]
+    assert info["loss"] > info["head_loss"] * 1.05 and info["elapsed_s"] >= 0.3 * 6.0
+    assert info["saved_s"] > 0 and exp.training_seconds < 6.0
+    assert any(ev.kind == "pruned" for ev in rows(db, Event))
+    base = [e for e in rows(db) if e.kind == "baseline"]
+    assert all(len(e.curve) > 3 for e in base)  # head's curve, kept for comparison
+
+
+def test_two_slots_finishing_on_the_same_parent_one_kept_one_rebased(tmp_path, data_dir):
+    """Both changes beat a deliberately slow baseline; the second to finish is rebased onto the new head
+    and must confirm there, so the branch only ever moves forward from the head it was compared with."""
+    from loop.runners.local import LocalRunner
+    from loop.workspace import Workspace
+    from tests.conftest import TINY_TRAIN_PY
+
+    path = tmp_path / "ws"
+    path.mkdir()
+    (path / "train.py").write_text(TINY_TRAIN_PY.replace("LR = 0.02", "LR = 0.001"))
+    ws = Workspace.init(path, force=True)
+    proposer = FixedProposer([
+        lambda src: src.replace("LR = 0.001", "LR = 0.02"),
+        lambda src: src.replace("lr=LR,", "lr=LR * 20,"),
+    ])
+    settings = Settings(home=tmp_path / "home", workspace=ws.path, budget_s=3.0, noise_repeats=2, eval_tokens=2048,
+                        grace_s=30, device="cpu", prune=False)
+    db = make_engine(f"sqlite:///{tmp_path / 'r.db'}")
+    create_tables(db)
+    eng = Engine(settings, db, ws, LocalRunner("cpu", cpu_slots=2), proposer, data_dir, max_experiments=3)
+    eng.setup()
+    tick_until(eng, lambda: eng.reached_max() and not eng.handles, timeout=300)
+    search = [e for e in rows(db) if e.kind == "experiment"]
+    first, second, confirm = search
+    assert first.parent_commit == second.parent_commit  # both trained against the same head
+    kept, stale = (first, second) if first.status == "keep" else (second, first)
+    assert kept.status == "keep" and stale.status == "discard" and stale.decision["stale_parent"]
+    assert f"rebased as #{confirm.id}" in stale.reason
+    assert confirm.parent_commit == kept.commit and "lr=LR * 20" in ws.read_file(confirm.commit)
+    assert "LR = 0.02" in ws.read_file(confirm.commit) and confirm.status in ("keep", "discard", "crash")
+    run = rows(db, Run)[0]
+    assert ws.branch_tip("main") == run.head_commit
+    assert run.head_commit in (kept.commit, confirm.commit)

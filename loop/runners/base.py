@@ -55,6 +55,7 @@ class Outcome:
     log_tail: list[str] = field(default_factory=list)
     infra_failed: bool = False  # the host or runner failed, not the idea: re-queue
     aborted: str = ""  # set when killed on purpose (pause now): the reason
+    curve: list = field(default_factory=list)  # [[elapsed_s, loss], …] downsampled (see downsample_curve)
 
 
 class Handle(Protocol):
@@ -91,6 +92,32 @@ def last_curve_point(curve: Path) -> Optional[dict]:
         except ValueError:
             continue
     return None
+
+
+def read_curve(path: Path) -> list[dict]:
+    """Every complete JSON line of a curve file ({step, elapsed_s, loss}); a torn last line is skipped."""
+    out = []
+    try:
+        with open(path, "rb") as f:
+            for line in f:
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    continue
+    except OSError:
+        pass
+    return out
+
+
+def downsample_curve(points: list[dict], n: int = 200) -> list[list[float]]:
+    """At most n [elapsed_s, loss] pairs, evenly spaced over the run, the last point kept; non-finite losses dropped."""
+    pts = [[float(p["elapsed_s"]), float(p["loss"])] for p in points
+           if isinstance(p.get("loss"), (int, float)) and p["loss"] == p["loss"] and "elapsed_s" in p]
+    if len(pts) <= n:
+        return pts
+    step = len(pts) / n
+    picked = [pts[int(i * step)] for i in range(n - 1)]
+    return picked + [pts[-1]]
 
 
 def tail(path: Path, n: int = 20) -> list[str]:

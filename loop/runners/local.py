@@ -14,22 +14,25 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from loop.runners.base import Job, Outcome, Slot, last_curve_point, tail
+from loop.runners.base import Job, Outcome, Slot, downsample_curve, last_curve_point, read_curve, tail
 from trainer.result import Result, read_result
 
 BACKSTOP_S = 30.0  # the harness times itself out at budget + grace; the runner kills only if that fails
 KILL_WAIT_S = 3.0  # SIGTERM, then SIGKILL after this long
 
 
-def detect_slots(device: str = "auto") -> list[Slot]:
-    """One slot per visible CUDA GPU (CUDA_VISIBLE_DEVICES pinned per slot), else one CPU slot."""
+def detect_slots(device: str = "auto", cpu_slots: int = 1) -> list[Slot]:
+    """One slot per visible CUDA GPU (CUDA_VISIBLE_DEVICES pinned per slot), else `cpu_slots` CPU slots."""
     if device in ("auto", "cuda"):
         import torch
 
         n = torch.cuda.device_count()
         if n:
             return [Slot(f"local:gpu{i}", "local", {"CUDA_VISIBLE_DEVICES": str(i)}) for i in range(n)]
-    return [Slot("local:cpu", "local", {"CUDA_VISIBLE_DEVICES": ""} if device == "cpu" else {})]
+    env = {"CUDA_VISIBLE_DEVICES": ""} if device == "cpu" else {}
+    if cpu_slots == 1:
+        return [Slot("local:cpu", "local", env)]
+    return [Slot(f"local:cpu{i}", "local", env) for i in range(cpu_slots)]
 
 
 def harness_command(job: Job, python: str = sys.executable) -> list[str]:
@@ -123,7 +126,7 @@ class LocalHandle:
             why = f"killed by signal {-code}" if code and code < 0 else f"exited with code {code}"
             res = Result(status="crash", error=f"harness {why} without a result", seed=self.job.seed)
         return Outcome(result=res, slot=self.slot.name, host=self.slot.host, wall_seconds=round(wall, 3),
-                       log_tail=log_tail, aborted=self._aborted)
+                       log_tail=log_tail, aborted=self._aborted, curve=downsample_curve(read_curve(self.curve_path)))
 
     def done(self) -> bool:
         return self._outcome is not None
@@ -150,8 +153,8 @@ class LocalRunner:
 
     name = "local"
 
-    def __init__(self, device: str = "auto"):
-        self._slots = detect_slots(device)
+    def __init__(self, device: str = "auto", cpu_slots: int = 1):
+        self._slots = detect_slots(device, cpu_slots)
 
     def slots(self) -> list[Slot]:
         return list(self._slots)
