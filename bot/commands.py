@@ -22,6 +22,7 @@ REQUIRED_ROLE = {
     "diff": "viewer",
     "budget": "viewer",
     "digest": "viewer",
+    "hosts": "viewer",
     "resume": "operator",
     "budget_set": "operator",
     "revert": "operator",
@@ -45,6 +46,7 @@ commands:
   budget <gpu|claude> <amount>/day | <amount> total
                           change a cap, e.g. `budget gpu 24h/day`, `budget claude $40/day` (operator)
   digest                  post the digest of the last 24 h now, with the progress plot
+  hosts                   each host and slot: up/down, busy/idle, what it trains, last error
   help                    this text"""
 
 
@@ -81,7 +83,7 @@ def parse(text: str) -> Command:
         raise _fail("empty command")
     head, _, rest = text.partition(" ")
     name, rest = head.lower().lstrip("/"), rest.strip()
-    if name in ("help", "status", "resume"):
+    if name in ("help", "status", "resume", "hosts"):
         if rest:
             raise _fail(f"`{name}` takes no arguments")
         return Command(name, {}, text)
@@ -156,6 +158,19 @@ def format_status(st) -> str:
     return "\n".join(lines)
 
 
+def format_hosts(rows: list[dict]) -> str:
+    """One line per slot: host state, busy/idle, the experiment and its elapsed time, the host's last error."""
+    if not rows:
+        return "no hosts"
+    out = []
+    for r in rows:
+        what = (f"busy #{r['exp_id']} {r['description']} ({r['elapsed_s']:.0f}/{r['budget_s']:.0f} s)"
+                if r["busy"] else "idle" if r["busy"] is not None else "")
+        err = f" · last error: {r['last_error']}" if r["last_error"] else ""
+        out.append(f"{r['host']} [{r['state']}] {r['slot']}: {what}{err}")
+    return "\n".join(out)
+
+
 def format_history(rows) -> str:
     """One line per experiment, newest first."""
     if not rows:
@@ -212,6 +227,8 @@ def execute(cmd: Command, control: Control, user: str) -> Reply:
             return Reply(control.revert(user, cmd.args["id"]), public=True)
         if cmd.name == "promote":
             return Reply(PROMOTE_NOT_YET, ok=False)
+        if cmd.name == "hosts":
+            return Reply(format_hosts(control.hosts()))
         if cmd.name == "budget":
             from bot.digest import budget_bar
 

@@ -47,6 +47,8 @@ def digest_text(d: Digest) -> str:
     counts = ", ".join(f"{s} {n}" for s, n in sorted(d.counts.items())) or "none"
     rate = f", keep rate {100 * d.keep_rate:.0f}%" if d.keep_rate is not None else ""
     lines.append(f"experiments: {d.finished} finished ({counts}){rate}; {d.total_experiments} in the run")
+    if d.pruned_saved_s:
+        lines.append(f"early pruning saved {d.pruned_saved_s / 3600:.2f} GPU-hours ({d.counts.get('pruned', 0)} runs)")
     lines.append("budget:")
     lines += ["  " + budget_bar(c) for c in d.caps]
     if d.candidates:

@@ -21,9 +21,11 @@ from loop.control import Control
 
 EVENT_STYLE = {"kept": "bold green", "discarded": "yellow", "crashed": "red", "invalid": "magenta",
                "aborted": "red", "paused": "bold cyan", "resumed": "bold cyan", "baseline": "bold",
-               "baseline_run": "dim", "infra_failed": "red", "proposer_error": "red", "hint": "cyan"}
+               "baseline_run": "dim", "infra_failed": "red", "proposer_error": "red", "hint": "cyan", "pruned": "yellow", "rebased": "cyan",
+               "host_down": "bold red", "host_up": "green", "budget_changed": "cyan", "reverted": "bold yellow"}
 EVENT_MARK = {"kept": "✓", "discarded": "✗", "crashed": "!", "invalid": "⊘", "aborted": "■", "paused": "⏸",
-              "resumed": "▶", "baseline": "≈", "baseline_run": "·", "infra_failed": "↻", "hint": "✎"}
+              "resumed": "▶", "baseline": "≈", "baseline_run": "·", "infra_failed": "↻", "hint": "✎", "pruned": "✂",
+              "rebased": "↷", "host_down": "▼", "host_up": "▲", "budget_changed": "$", "reverted": "↶"}
 
 
 def stdin_is_interactive(stream: TextIO = sys.stdin) -> bool:

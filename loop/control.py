@@ -292,3 +292,31 @@ class Control:
         ev = request_digest(self.db, self.run_name, self._settings().timezone, by=user)
         self._wake()
         return ev
+
+    # ---- hosts ----
+
+    def hosts(self) -> list[dict]:
+        """Each host and slot: {host, state, slot, busy, exp_id, description, elapsed_s, budget_s, last_error}.
+
+        Hosts come from the hosts table (kept by the engine's health checks); slots and what they run
+        from the engine when it lives in this process.
+        """
+        from db.models import Host
+
+        with Session(self.db) as db:
+            hosts = {h.name: h for h in db.exec(select(Host).order_by(Host.name)).all()}
+        rows = []
+        if self.engine is not None:
+            running = {r.slot: r for r in self.engine.running()}
+            for slot in self.engine.runner.slots():
+                h = hosts.get(slot.host)
+                r = running.get(slot.name)
+                rows.append({"host": slot.host, "state": h.state if h else "up", "slot": slot.name,
+                             "busy": r is not None, "exp_id": r.exp_id if r else None,
+                             "description": r.description if r else "", "elapsed_s": r.elapsed_s if r else None,
+                             "budget_s": r.budget_s if r else None, "last_error": h.last_error if h else ""})
+        else:
+            rows = [{"host": h.name, "state": h.state, "slot": f"{h.slots} slot(s)", "busy": None, "exp_id": None,
+                     "description": "", "elapsed_s": None, "budget_s": None, "last_error": h.last_error}
+                    for h in hosts.values()]
+        return rows

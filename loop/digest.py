@@ -58,6 +58,7 @@ class Digest:
     candidates: list[KeptChange]
     plot: PlotData
     total_experiments: int = 0
+    pruned_saved_s: float = 0.0  # GPU-seconds early pruning saved in the window
 
     @property
     def finished(self) -> int:
@@ -97,6 +98,10 @@ def build_digest(db_engine, run_name: str, settings, *, now: Optional[datetime] 
                             .where(Experiment.run_id == run.id, Experiment.kind == "experiment",
                                    Experiment.status == "keep").order_by(Experiment.id)).all()
         caps = budget.caps(db, run.id, settings, until)
+        pruned = db.exec(select(Experiment.decision, Experiment.finished_at)
+                         .where(Experiment.run_id == run.id, Experiment.status == "pruned")).all()
+    saved = sum(float((dec or {}).get("pruned", {}).get("saved_s", 0.0)) for dec, fin in pruned
+                if fin is not None and since <= _aware(fin) < until)
     kept_all = [KeptChange(i, d, v, (dec or {}).get("delta"), _aware(f)) for i, d, v, dec, f in kept_rows]
     base_vals = [v for _, kind, st, v, _, _ in rows if kind == "baseline" and st == "keep" and v is not None]
     baseline = statistics.fmean(base_vals) if base_vals else None
@@ -130,4 +135,4 @@ def build_digest(db_engine, run_name: str, settings, *, now: Optional[datetime] 
     top = sorted((k for k in kept_all if k.delta is not None), key=lambda k: k.delta)[:candidates]
     return Digest(run=run.name, since=since, until=until, kept=kept, best_then=best_then,
                   best_now=run.head_val_bpb, baseline=baseline, counts=counts, caps=caps, candidates=top, plot=plot,
-                  total_experiments=sum(1 for r in rows if r[1] == "experiment"))
+                  total_experiments=sum(1 for r in rows if r[1] == "experiment"), pruned_saved_s=saved)

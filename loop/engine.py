@@ -17,7 +17,7 @@ from typing import Callable, Optional
 
 from sqlmodel import Session, select
 
-from db.models import FINAL_STATUSES, BudgetLedger, Experiment, Hint, Run, utcnow
+from db.models import FINAL_STATUSES, BudgetLedger, Experiment, Hint, Host, Run, utcnow
 from db.session import session_scope
 from loop import budget, events
 from loop.config import Settings
@@ -45,6 +45,17 @@ def curve_loss_at(curve: list, t: float, window: int = 5) -> Optional[float]:
     lo = max(0, i - window // 2)
     pts = curve[lo:lo + window]
     return sum(loss for _, loss in pts) / len(pts)
+
+
+def normalise_health(rec) -> dict:
+    """A runner's host record (SSH HostHealth, a Ray node dict, …) as {name, up, error, detail}."""
+    get = rec.get if isinstance(rec, dict) else (lambda k, d=None: getattr(rec, k, d))
+    name = get("name") or get("hostname") or get("address") or get("node_id") or "?"
+    up = get("up")
+    if up is None:
+        up = get("alive", False)
+    detail = dict(rec) if isinstance(rec, dict) else {k: v for k, v in vars(rec).items() if k not in ("name", "up")}
+    return {"name": str(name), "up": bool(up), "error": str(get("error", "") or ""), "detail": detail}
 
 
 @dataclass
@@ -96,6 +107,7 @@ class Engine:
         self._pruned: dict[int, dict] = {}  # exp id → why it was pruned (kill sent, outcome pending)
         self._loss_ema: dict[int, tuple[float, float]] = {}  # exp id → (elapsed_s, smoothed loss)
         self._head_curve_cache: tuple[str, list] = ("", [])
+        self.hosts_down: set[str] = set()  # hosts whose slots take no new experiment
         self.run_id: Optional[int] = None
         # the device type experiments train on (what `auto` resolves to), for the proposer
         self.device = device or (settings.device if settings.device != "auto" else "cpu")
@@ -120,6 +132,10 @@ class Engine:
         self.workspace.ensure_run_branch(run.name, run.baseline_commit)
         if reconcile:
             self.reconcile()
+            try:
+                self.check_health()
+            except Exception:  # noqa: BLE001 - an unreachable fleet must not stop start-up; the job retries
+                log.exception("first host health check failed")
         return self.get_run()
 
     def reconcile(self) -> None:
@@ -226,7 +242,7 @@ class Engine:
                 return
             busy = {h.slot.name for h in self.handles.values()}
             for slot in self.runner.slots():
-                if slot.name in busy or self.reached_max():
+                if slot.name in busy or slot.host in self.hosts_down or self.reached_max():
                     continue
                 exp = self._next_experiment()
                 if exp is None:
@@ -573,6 +589,42 @@ class Engine:
         exp.reason = f"beat its parent ({d.delta:+.4f}) while head moved on: rebased as #{confirm.id} to confirm"
         db.add(events.run_event(run, "rebased", f"#{exp.id} {exp.description}: beat its parent, rebased onto head "
                                 f"as #{confirm.id} to confirm", experiment_id=exp.id, confirm_id=confirm.id))
+
+    # ---- hosts ----
+
+    def check_health(self) -> list[dict]:
+        """Ask the runner about its hosts (when it has any), record them in the hosts table, post an
+        event when one goes down or comes back, and keep new experiments off hosts that are down.
+
+        Returns [{name, up, error, detail}]. A host's running experiments are the runner's to report
+        (as infra_failed); they are then re-queued onto another slot.
+        """
+        health = getattr(self.runner, "health", None)
+        records = [normalise_health(r) for r in health()] if callable(health) else \
+            [{"name": "local", "up": True, "error": "", "detail": {}}]
+        slots_by_host: dict[str, int] = {}
+        for slot in self.runner.slots():
+            slots_by_host[slot.host] = slots_by_host.get(slot.host, 0) + 1
+        with session_scope(self.db) as db:
+            run = db.get(Run, self.run_id)
+            for rec in records:
+                row = db.exec(select(Host).where(Host.name == rec["name"])).first()
+                row = row or Host(name=rec["name"], runner=self.runner.name)
+                was_up = row.state == "up"
+                row.state = "up" if rec["up"] else "down"
+                row.slots = slots_by_host.get(rec["name"], row.slots)
+                row.address = str(rec["detail"].get("address", row.address) or "")
+                row.last_error = rec["error"] if not rec["up"] else row.last_error
+                row.last_seen = utcnow() if rec["up"] else row.last_seen
+                db.add(row)
+                if was_up != bool(rec["up"]) and row.id is not None:
+                    kind = "host_up" if rec["up"] else "host_down"
+                    text = (f"host {rec['name']} is back: its slots take experiments again" if rec["up"] else
+                            f"host {rec['name']} is down: {rec['error'] or 'no answer'}; its experiments are re-queued")
+                    db.add(events.run_event(run, kind, text, host=rec["name"], error=rec["error"]))
+        self.hosts_down = {r["name"] for r in records if not r["up"]}
+        self.on_change()
+        return records
 
     # ---- early pruning ----
 

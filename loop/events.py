@@ -36,6 +36,9 @@ def experiment_event(exp: Experiment, run: Run, head_before: float | None = None
     elif exp.status == "invalid":
         kind = "invalid"
         text = f"invalid #{exp.id} {what}: {exp.reason}"
+    elif exp.status == "pruned":
+        kind = "pruned"
+        text = f"pruned #{exp.id} {what}: {exp.reason}"
     elif exp.status == "aborted":
         kind = "aborted"
         text = f"aborted #{exp.id} {what}: {exp.reason}"

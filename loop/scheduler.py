@@ -117,6 +117,16 @@ def rollover_job(run_name: str) -> None:
         engine.rollover()
 
 
+def health_job(run_name: str) -> None:
+    """Periodic host health checks (connect, GPUs, free disk) through the runner."""
+    engine = _ENGINES.get(run_name)
+    if engine is not None:
+        try:
+            engine.check_health()
+        except Exception:  # noqa: BLE001 - logged; the next check tries again
+            log.exception("host health check failed")
+
+
 def tick_job(run_name: str) -> None:
     """A safety net beside the engine's own loop: wake it."""
     engine = _ENGINES.get(run_name)
@@ -151,6 +161,8 @@ def make_scheduler(settings, db_engine, engine=None, *, run_name: Optional[str] 
     if engine is not None:
         sched.add_job(tick_job, "interval", seconds=30, args=[run_name], id=f"engine-tick:{run_name}",
                       jobstore="memory", replace_existing=True)
+        sched.add_job(health_job, "interval", seconds=settings.health_interval_s, args=[run_name],
+                      id=f"host-health:{run_name}", jobstore="memory", replace_existing=True)
     sched.resume()
     return sched
 

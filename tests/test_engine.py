@@ -221,3 +221,17 @@ def test_two_slots_finishing_on_the_same_parent_one_kept_one_rebased(tmp_path, d
     run = rows(db, Run)[0]
     assert ws.branch_tip("main") == run.head_commit
     assert run.head_commit in (kept.commit, confirm.commit)
+
+
+def test_hosts_command_shows_slots_and_what_they_train(tmp_path, data_dir, tiny_workspace):
+    from bot.commands import handle
+
+    eng, db = make_engine_for(tmp_path, data_dir, tiny_workspace, budget_s=5.0)
+    control = Control(db, "main", eng)
+    tick_until(eng, lambda: bool(eng.handles))
+    reply = handle("hosts", control, user="u", backend="shell")
+    assert reply.ok and reply.text.startswith("local [up] local:cpu: busy #1 baseline repeat 1/2")
+    eng.stop()
+    from db.models import Host
+
+    assert [(h.name, h.state, h.slots) for h in rows(db, Host)] == [("local", "up", 1)]
