@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from sqlalchemy import or_
 from sqlmodel import Session, select
 
 from db.models import FINAL_STATUSES, BudgetLedger, Experiment, Hint, Host, Run, utcnow
@@ -31,6 +32,7 @@ from loop.workspace import Workspace, WorkspaceError
 
 log = logging.getLogger("ratchet.engine")
 
+HISTORY_RECENT = 200  # most recent experiments always shown to the proposer (besides head's and the keeps)
 MAX_ATTEMPTS = 3  # starts of one experiment before an infrastructure fault counts as a crash
 TICK_S = 1.0  # the engine also wakes at once on a result or a command
 PROPOSAL_BACKOFF_S = (5, 15, 60, 300)  # growing delay after proposer failures
@@ -45,6 +47,21 @@ def curve_loss_at(curve: list, t: float, window: int = 5) -> Optional[float]:
     lo = max(0, i - window // 2)
     pts = curve[lo:lo + window]
     return sum(loss for _, loss in pts) / len(pts)
+
+
+class SeenHashes:
+    """`h in seen`: is there an experiment of the run with this normalised-AST hash? Asked of the database
+    (an indexed column) so a long run never loads every hash into memory."""
+
+    def __init__(self, db, run_id: int):
+        self.db, self.run_id = db, run_id
+
+    def __contains__(self, ast_hash: object) -> bool:
+        if not ast_hash:
+            return False
+        with Session(self.db) as s:
+            return s.exec(select(Experiment.id).where(Experiment.run_id == self.run_id,
+                                                      Experiment.ast_hash == ast_hash).limit(1)).first() is not None
 
 
 def normalise_health(rec) -> dict:
@@ -286,9 +303,17 @@ class Engine:
             return exp
 
     def history(self, run_id: int) -> list[TriedEdit]:
-        """Every earlier experiment of the run, oldest first, with Δ val_bpb vs its parent, for the proposer."""
+        """Earlier experiments for the proposer, oldest first, with Δ val_bpb vs their parent: every one tried
+        on head, every keep, and the HISTORY_RECENT most recent (bounded, however long the run)."""
+        head = self.get_run().head_commit
         with Session(self.db) as db:
-            rows = db.exec(select(Experiment).where(Experiment.run_id == run_id).order_by(Experiment.id)).all()
+            # Bounded for long runs: what was tried on head, the keeps, and the most recent experiments.
+            oldest_recent = db.exec(select(Experiment.id).where(Experiment.run_id == run_id)
+                                    .order_by(Experiment.id.desc()).offset(HISTORY_RECENT - 1).limit(1)).first() or 0
+            rows = db.exec(select(Experiment).where(
+                Experiment.run_id == run_id,
+                or_(Experiment.parent_commit == head, Experiment.status == "keep", Experiment.id >= oldest_recent))
+                .order_by(Experiment.id)).all()
         by_commit: dict[str, list[float]] = {}
         for e in rows:
             if e.status == "keep" and e.val_bpb is not None:
@@ -308,7 +333,6 @@ class Engine:
         with Session(self.db) as db:
             hints = db.exec(select(Hint).where(Hint.run_id == run.id, Hint.closed_at.is_(None))
                             .order_by(Hint.id)).all()
-            seen = frozenset(db.exec(select(Experiment.ast_hash).where(Experiment.run_id == run.id)).all())
             base = db.exec(select(Experiment.val_bpb).where(Experiment.run_id == run.id, Experiment.kind == "baseline",
                                                             Experiment.status == "keep")).all()
         try:
@@ -321,11 +345,12 @@ class Engine:
             baseline_val_bpb=statistics.fmean(base) if base else None,
             keep_threshold=None if sigma is None else max(self.settings.min_delta, self.settings.noise_z * sigma),
             budget_s=run.budget_s, device=self.device, program=program,
-            hints=tuple((h.author, h.text) for h in hints), seen_hashes=seen - {""})
+            hints=tuple((h.author, h.text) for h in hints), seen_hashes=SeenHashes(self.db, run.id))
 
     def prefetch(self, run: Run) -> None:
         """Ask the proposer for the next proposal in the background (at most one in flight)."""
-        if self._pending is not None or time.time() < self._propose_after or run.noise_sigma is None:
+        if self._pending is not None or time.time() < self._propose_after or run.noise_sigma is None \
+                or getattr(self.proposer, "fast", False):
             return
         parent = run.head_commit
         head_source = self.workspace.read_file(parent)
@@ -343,6 +368,16 @@ class Engine:
         Returns (head_source, proposal), or None when none is ready. Raises what the proposer raised.
         """
         if self._pending is None:
+            if getattr(self.proposer, "fast", False):  # microseconds: no need to propose ahead of need
+                head_source = self.workspace.read_file(run.head_commit)
+                try:
+                    return head_source, self.proposer.propose(head_source, run.head_commit, self.history(run.id),
+                                                              self.research_state(run))
+                except ProposalError:
+                    raise
+                except Exception as e:  # a proposer bug must not stop the loop
+                    log.exception("proposer raised")
+                    raise ProposalError(f"{type(e).__name__}: {e}") from e
             self.prefetch(run)
             return None
         if not self._pending.done():
@@ -403,8 +438,8 @@ class Engine:
             return None
         self._propose_failures = 0
         with session_scope(self.db) as db:
-            seen = set(db.exec(select(Experiment.ast_hash).where(Experiment.run_id == run.id)).all())
-            verdict = validate_proposal(head_source, {"train.py": proposal.source}, seen_hashes=seen)
+            verdict = validate_proposal(head_source, {"train.py": proposal.source},
+                                        seen_hashes=SeenHashes(self.db, run.id))
             exp = Experiment(run_id=run.id, kind="experiment", parent_commit=run.head_commit,
                              proposer=proposal.proposer, description=proposal.description,
                              hypothesis=proposal.hypothesis, diff=verdict.diff, edit_key=proposal.edit_key,
@@ -570,8 +605,8 @@ class Engine:
         head_src = self.workspace.read_file(run.head_commit)
         merged = self.workspace.merge_text(self.workspace.read_file(exp.parent_commit), head_src,
                                            self.workspace.read_file(exp.commit))
-        seen = set(db.exec(select(Experiment.ast_hash).where(Experiment.run_id == run.id)).all())
-        verdict = validate_proposal(head_src, {"train.py": merged}, seen_hashes=seen) if merged is not None else None
+        verdict = validate_proposal(head_src, {"train.py": merged}, seen_hashes=SeenHashes(self.db, run.id)) \
+            if merged is not None else None
         if verdict is None or not verdict.ok:
             why = "does not apply to the new head" if verdict is None else f"rebased change is invalid: {verdict.reason}"
             exp.reason = f"beat its parent ({d.delta:+.4f}) but {why}"

@@ -37,6 +37,7 @@ class Workspace:
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        self._read_cache: dict[tuple[str, str], str] = {}
 
     # ---- git ----
 
@@ -103,8 +104,19 @@ class Workspace:
         return self._out("rev-parse", "--verify", "--end-of-options", f"{ref}^{{commit}}")
 
     def read_file(self, commit: str, path: str = "train.py") -> str:
-        """Text (UTF-8) of `path` in `commit`. Raises WorkspaceError if it is not there."""
-        return self._git("cat-file", "blob", f"{commit}:{path}").stdout.decode("utf-8")
+        """Text (UTF-8) of `path` in `commit`. Raises WorkspaceError if it is not there.
+
+        Cached for full commit ids: a commit's content never changes, and the engine reads head often.
+        """
+        key = (commit, path)
+        if key in self._read_cache:
+            return self._read_cache[key]
+        text = self._git("cat-file", "blob", f"{commit}:{path}").stdout.decode("utf-8")
+        if len(commit) == 40:
+            if len(self._read_cache) >= 256:
+                self._read_cache.pop(next(iter(self._read_cache)))
+            self._read_cache[key] = text
+        return text
 
     def diff(self, a: str, b: str, path: str = "train.py") -> str:
         """Unified diff of `path` from commit `a` to commit `b` ("" when equal)."""

@@ -146,7 +146,9 @@ def test_restart_requeues_running_and_moves_the_branch(tmp_path, data_dir, tiny_
 
 def test_next_proposal_is_prepared_while_the_slot_trains(tmp_path, data_dir, tiny_workspace):
     class Recording(OfflineProposer):
-        """The offline proposer, noting whether an experiment was training when it was asked."""
+        """The offline proposer made slow (as Claude is), noting whether an experiment was training when asked."""
+
+        fast = False
 
         def __init__(self, db_url):
             super().__init__(seed=3)

@@ -3,7 +3,7 @@ Nothing here talks to a network, the database or the GPU."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -64,7 +64,7 @@ class ResearchState:
     device: str = "cpu"
     program: str = ""  # program.md of the workspace
     hints: tuple[tuple[str, str], ...] = ()
-    seen_hashes: frozenset[str] = frozenset()
+    seen_hashes: Container[str] = frozenset()  # supports `in`; may be backed by the database
 
 
 class ProposalError(Exception):

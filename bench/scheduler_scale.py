@@ -1,0 +1,175 @@
+"""Scheduler scale: a simulated fleet through the real engine, database, git workspace and offline proposer.
+
+    python bench/scheduler_scale.py [--slots 8 64 512] [--trainer-s 5] [--seconds 60]
+
+The trainer is simulated (each "experiment" returns after --trainer-s seconds with a plausible
+val_bpb: head's value plus noise, sometimes better), so what is measured is the loop itself.
+Prints decisions per second, database time per experiment, slot idle fraction and the engine
+process's CPU (% of one core); writes bench/results/scheduler_scale.json.
+Target: at 512 slots with a 5 s trainer, slot idle fraction < 2% and engine CPU < 25% of one core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import resource
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import write_json  # noqa: E402
+
+
+class SimHandle:
+    """A simulated experiment: done after `seconds`, with a result drawn around the current head."""
+
+    def __init__(self, job, slot, on_done, seconds: float, rng: random.Random, head_bpb: float):
+        from loop.runners.base import Outcome
+        from trainer.result import Result
+
+        self.exp_id, self.slot, self.pid, self.kind, self.description = job.exp_id, slot, None, "experiment", ""
+        self.started = time.time()
+        better = rng.random() < 0.05
+        v = head_bpb - (0.01 if better else 0.0) + rng.gauss(0, 0.002)
+        self._outcome = None
+        res = Result(status="ok", val_bpb=v, training_seconds=seconds, total_seconds=seconds + 0.5, tokens=10_000,
+                     steps=100, params=1_000_000, device="sim", seed=job.seed)
+        curve = [[seconds * i / 10, 8.0 - 0.3 * i] for i in range(11)]
+
+        def finish():
+            self._outcome = Outcome(result=res, slot=slot.name, host=slot.host, wall_seconds=seconds, curve=curve)
+            on_done()
+
+        self._timer = threading.Timer(seconds, finish)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def done(self):
+        return self._outcome is not None
+
+    def outcome(self):
+        return self._outcome
+
+    def kill(self, reason):
+        self._timer.cancel()
+
+    def progress(self):
+        return None
+
+
+class SimRunner:
+    """N simulated slots on N/8 hosts."""
+
+    name = "sim"
+
+    def __init__(self, n: int, seconds: float, engine_ref: list):
+        from loop.runners.base import Slot
+
+        self._slots = [Slot(f"sim{i // 8}:gpu{i % 8}", f"sim{i // 8}") for i in range(n)]
+        self.seconds, self.rng, self.engine_ref = seconds, random.Random(0), engine_ref
+        self.busy_s = 0.0
+
+    def slots(self):
+        return list(self._slots)
+
+    def start(self, job, slot, on_done):
+        run = self.engine_ref[0].get_run()
+        self.busy_s += self.seconds
+        return SimHandle(job, slot, on_done, self.seconds, self.rng, run.head_val_bpb or 1.0)
+
+
+def measure(n_slots: int, trainer_s: float, seconds: float) -> dict:
+    from sqlalchemy import event
+    from sqlmodel import Session, select
+
+    from db.models import Experiment, Run
+    from db.session import create_tables, make_engine, session_scope
+    from loop.config import Settings
+    from loop.engine import Engine
+    from loop.proposers.offline import OfflineProposer
+    from loop.workspace import Workspace
+
+    home = Path(tempfile.mkdtemp(prefix="bench-scale-"))
+    settings = Settings(home=home, workspace=home / "ws", budget_s=trainer_s, noise_repeats=2, prune=False)
+    ws = Workspace.init(settings.workspace)
+    db = make_engine(settings.db_url)
+    create_tables(db)
+    db_time = [0.0]
+
+    @event.listens_for(db, "before_cursor_execute")
+    def _t0(conn, cursor, statement, params, context, executemany):
+        context._t0 = time.perf_counter()
+
+    @event.listens_for(db, "after_cursor_execute")
+    def _t1(conn, cursor, statement, params, context, executemany):
+        db_time[0] += time.perf_counter() - context._t0
+
+    ref: list = []
+    runner = SimRunner(n_slots, trainer_s, ref)
+    engine = Engine(settings, db, ws, runner, OfflineProposer(seed=0, device="cuda", factors=(0.5, 0.6, 0.7, 0.8, 0.9,
+                                                                                             1.1, 1.25, 1.4, 2.0)),
+                    home / "data", device="cuda")
+    ref.append(engine)
+    engine.setup()
+    # Start from a measured noise floor: the simulation is about the steady state, not the baseline.
+    with session_scope(db) as s:
+        run = s.exec(select(Run)).one()
+        run.noise_sigma, run.head_val_bpb, run.head_runs = 0.002, 1.0, [1.0]
+        for seed in range(2):
+            s.add(Experiment(run_id=run.id, kind="baseline", status="keep", commit=run.baseline_commit,
+                             parent_commit=run.baseline_commit, val_bpb=1.0, seed=seed))
+    db_time[0] = 0.0
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+    t0 = time.time()
+    engine.start()
+    busy_area = 0.0
+    last = t0
+    while time.time() - t0 < seconds:
+        time.sleep(0.1)
+        now = time.time()
+        busy_area += len(engine.handles) * (now - last)
+        last = now
+    wall = time.time() - t0
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    engine.stop(kill=True)
+    with Session(db) as s:
+        done = s.exec(select(Experiment).where(Experiment.kind == "experiment",
+                                               Experiment.finished_at.is_not(None))).all()
+    n_done = len(done)
+    cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+    return {
+        "slots": n_slots, "trainer_s": trainer_s, "wall_seconds": wall, "decisions": n_done,
+        "decisions_per_s": n_done / wall, "db_seconds_per_experiment": db_time[0] / max(1, n_done),
+        "slot_idle_fraction": 1 - busy_area / (n_slots * wall), "engine_cpu_percent_of_one_core": 100 * cpu / wall,
+        "kept": sum(1 for e in done if e.status == "keep"), "invalid": sum(1 for e in done if e.status == "invalid"),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--slots", type=int, nargs="+", default=[8, 64, 512])
+    ap.add_argument("--trainer-s", type=float, default=5.0)
+    ap.add_argument("--seconds", type=float, default=60.0, help="measured wall time per fleet size")
+    a = ap.parse_args()
+    rows = []
+    for n in a.slots:
+        r = measure(n, a.trainer_s, a.seconds)
+        rows.append(r)
+        print(f"{n:4d} slots × {a.trainer_s:g} s trainer: {r['decisions_per_s']:6.1f} decisions/s, "
+              f"DB {1000 * r['db_seconds_per_experiment']:.1f} ms/experiment, slot idle {100 * r['slot_idle_fraction']:.1f}%, "
+              f"engine CPU {r['engine_cpu_percent_of_one_core']:.0f}% of a core ({r['decisions']} decisions, "
+              f"{r['kept']} kept, {r['invalid']} invalid)")
+    big = [r for r in rows if r["slots"] == 512]
+    if big:
+        ok = big[0]["slot_idle_fraction"] < 0.02 and big[0]["engine_cpu_percent_of_one_core"] < 25
+        print(f"target at 512 slots (idle < 2%, CPU < 25%): {'met' if ok else 'NOT met'}")
+    write_json("scheduler_scale", {"runs": rows})
+
+
+if __name__ == "__main__":
+    main()
