@@ -37,6 +37,7 @@ class Run(SQLModel, table=True):
     head_val_bpb: Optional[float] = None  # mean of head's runs
     head_runs: list = Field(default_factory=list, sa_column=Column(JSON))  # val_bpb of each run of head
     noise_sigma: Optional[float] = None  # σ of the baseline repeats
+    promoted_commit: str = ""  # the last commit whose gain was shown to transfer to a larger scale
     budget_s: float
     device: str = "cpu"
     state: str = "running"  # running | paused
@@ -52,7 +53,11 @@ class Experiment(SQLModel, table=True):
     __tablename__ = "experiments"
     id: Optional[int] = Field(default=None, primary_key=True)
     run_id: int = Field(foreign_key="runs.id", index=True)
-    kind: str = "experiment"  # baseline | experiment
+    kind: str = "experiment"  # baseline | experiment | promotion
+    promotion_id: Optional[int] = Field(default=None, foreign_key="promotions.id", index=True)
+    scale: str = ""  # scale name for promotion runs ("" = the loop's own)
+    scale_overrides: dict = Field(default_factory=dict, sa_column=Column(JSON))  # passed to ctx.scale
+    budget_s: Optional[float] = None  # this experiment's budget when not the run's (promotions)
     status: str = Field(default="proposed", index=True)
     reason: str = Field(default="", sa_column=Column(Text))  # why invalid / crashed / aborted
     parent_commit: str = ""
@@ -85,6 +90,27 @@ class Experiment(SQLModel, table=True):
     workdir: str = ""
     created_at: datetime = Field(default_factory=utcnow)
     started_at: Optional[datetime] = None
+    finished_at: Optional[datetime] = None
+
+
+class Promotion(SQLModel, table=True):
+    """Does a gain transfer? The candidate and the reference trained at a larger scale, compared there."""
+
+    __tablename__ = "promotions"
+    id: Optional[int] = Field(default=None, primary_key=True)
+    run_id: int = Field(foreign_key="runs.id", index=True)
+    candidate_exp_id: Optional[int] = None  # the kept experiment promoted (None: head)
+    candidate_commit: str
+    reference_commit: str  # the run's baseline, or the last promoted commit
+    scale: str  # name in the scale ladder
+    scale_overrides: dict = Field(default_factory=dict, sa_column=Column(JSON))
+    budget_s: float
+    seeds: int = 2
+    status: str = "queued"  # queued | running | done | cancelled | failed
+    verdict: str = ""  # transfers | does_not_transfer | inconclusive | scale_ignored
+    result: dict = Field(default_factory=dict, sa_column=Column(JSON))  # deltas, σ, runs, params per side
+    requested_by: str = ""
+    created_at: datetime = Field(default_factory=utcnow)
     finished_at: Optional[datetime] = None
 
 
