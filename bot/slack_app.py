@@ -212,6 +212,7 @@ class SlackFront:
         self.pool.submit(run)
 
     def close(self) -> None:
+        """Stop running commands (queued ones are dropped: they were acked, their users get no answer)."""
         self.pool.shutdown(wait=False, cancel_futures=True)
 
     # ---- the work ----
@@ -372,6 +373,7 @@ class HttpServer:
         self._thread: Optional[threading.Thread] = None
 
     def start(self) -> None:
+        """Serve in a daemon thread; returns once uvicorn listens (or after 10 s)."""
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, name="slack-http",
                                         daemon=True)
         self._thread.start()
@@ -380,6 +382,7 @@ class HttpServer:
             time.sleep(0.01)
 
     def close(self) -> None:
+        """Stop serving (in-flight requests get up to 3 s) and release the port."""
         self.server.should_exit = True
         if self._thread:
             self._thread.join(timeout=5)
@@ -400,6 +403,7 @@ class SocketServer:
         self._thread: Optional[threading.Thread] = None
 
     def start(self) -> None:
+        """Connect in the background (apps.connections.open, then the WebSocket), retrying with back-off."""
         self._thread = threading.Thread(target=self._connect, name="slack-socket-connect", daemon=True)
         self._thread.start()
 
@@ -417,9 +421,11 @@ class SocketServer:
                     return
 
     def connected(self) -> bool:
+        """True while the WebSocket session is open."""
         return self.handler.client.is_connected()
 
     def close(self) -> None:
+        """Disconnect without waiting on the client's receive and message threads (they block up to ~1 s)."""
         self._stop.set()
         client = self.handler.client
         client.closed, client.auto_reconnect_enabled = True, False
@@ -471,10 +477,12 @@ class SlackBackend:
         return f"slack: {where}, posting to {self.config.channel}, API {self.config.api_url}"
 
     def start(self) -> None:
+        """Start delivering the outbox and taking commands."""
         self.notifier.start()
         self.server.start()
 
     def deliver(self) -> int:
+        """Ask the notifier for a delivery pass now; returns at once (0: nothing was posted by this call)."""
         self.notifier.wake()
         return 0
 

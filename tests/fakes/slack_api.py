@@ -219,6 +219,7 @@ class FakeSlack:
             self._scripted[method].extend(replies)
 
     def calls_to(self, method: str) -> list[Call]:
+        """Every recorded call of one Web API method, oldest first."""
         with self._lock:
             return [c for c in self.calls if c.method == method]
 
@@ -248,6 +249,7 @@ class FakeSlack:
     # ---- Socket Mode ----
 
     def wait_connected(self, timeout: float = 10.0) -> None:
+        """Block until a Socket Mode client is connected."""
         self.wait_for(lambda: self._conns, timeout, "a Socket Mode connection")
 
     def push(self, kind: str, payload: dict, *, retry_attempt: int = 0, retry_reason: str = "",
