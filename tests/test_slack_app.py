@@ -152,12 +152,15 @@ def test_show_diff_posts_the_diff_in_the_posts_thread(world):
     assert world.audit()[-1].command == "diff"
 
 
-def test_promote_button_answers_that_promotion_is_not_available_yet(world):
+def test_promote_button_runs_promote_through_the_shared_grammar(world):
     post = world.post_with("kept #")
-    world.fake.wait_ack(world.fake.block_action(post, blocks.PROMOTE, user=OPERATOR))
-    assert "promotion is not available yet" in world.answer()[0]["text"]
     world.fake.wait_ack(world.fake.block_action(post, blocks.PROMOTE, user=VIEWER))
-    assert "`promote` needs the operator role" in world.answer(2)[1]["text"]
+    assert "`promote` needs the operator role" in world.answer()[0]["text"]
+    world.fake.wait_ack(world.fake.block_action(post, blocks.PROMOTE, user=OPERATOR))
+    assert "needs the operator role" not in world.answer(2)[1]["text"]  # whatever promote answers, to the user
+    assert [(a.user, a.text, a.command, a.allowed) for a in world.audit()] == [
+        (f"<@{VIEWER}>", f"promote {world.kept.id}", "promote", False),
+        (f"<@{OPERATOR}>", f"promote {world.kept.id}", "promote", True)]
 
 
 def test_revert_button_needs_an_operator_and_moves_head_back(world, tiny_workspace):
