@@ -27,10 +27,8 @@ REQUIRED_ROLE = {
     "budget_set": "operator",
     "revert": "operator",
     "promote": "operator",
+    "promote_cancel": "operator",
 }
-PROMOTE_NOT_YET = ("promotion is not available yet: re-running head against the baseline at a larger scale "
-                   "arrives with the scale ladder; nothing was changed")
-
 HELP = """\
 commands:
   status                  the run at a glance: head, noise floor, counts, what is training
@@ -40,7 +38,9 @@ commands:
   show <id>               one experiment: numbers, the keep rule's verdict, the diff
   diff <id>               only the experiment's diff
   revert <id>             undo the last keep: head goes back to that experiment's parent (operator)
-  promote <id>            re-run head vs baseline at a larger scale (operator; not available yet)
+  promote [<id>|head] [to <scale>]
+                          does the gain transfer? train it and the reference at a larger scale (operator)
+  promote cancel <id>     stop a promotion (operator)
   hint <text>             a suggestion for the proposer (read as data, not as orders)
   budget                  GPU-hours and Claude USD used / left, per day and in total
   budget <gpu|claude> <amount>/day | <amount> total
@@ -98,7 +98,9 @@ def parse(text: str) -> Command:
         if not rest.isdigit() or not 1 <= int(rest) <= 1000:
             raise _fail(f"history takes a number from 1 to 1000, got {rest!r}")
         return Command("history", {"n": int(rest)}, text)
-    if name in ("show", "diff", "revert", "promote"):
+    if name == "promote":
+        return _parse_promote(rest, text)
+    if name in ("show", "diff", "revert"):
         ident = rest.lstrip("#")
         if not ident.isdigit():
             raise _fail(f"{name} takes an experiment id, e.g. `{name} 12`, got {rest!r}")
@@ -122,6 +124,27 @@ def parse(text: str) -> Command:
             raise _fail(str(e)) from None
         return Command("budget_set", {"resource": resource, "period": period, "limit": limit}, text)
     raise _fail(f"unknown command {head!r}")
+
+
+def _parse_promote(rest: str, text: str) -> Command:
+    """`promote`, `promote 12`, `promote head to s2`, `promote to s2`, `promote cancel 3`."""
+    words = rest.split()
+    if words[:1] == ["cancel"]:
+        if len(words) != 2 or not words[1].lstrip("#").isdigit():
+            raise _fail("promote cancel takes a promotion id, e.g. `promote cancel 3`")
+        return Command("promote_cancel", {"id": int(words[1].lstrip("#"))}, text)
+    scale = None
+    if "to" in words:
+        k = words.index("to")
+        if k != len(words) - 2:
+            raise _fail("promote takes `to <scale>` last, e.g. `promote 12 to s2`")
+        scale, words = words[-1], words[:k]
+    if len(words) > 1:
+        raise _fail(f"promote takes one experiment id or `head`, got {' '.join(words)!r}")
+    target = words[0].lstrip("#") if words else "head"
+    if target != "head" and not target.isdigit():
+        raise _fail(f"promote takes an experiment id or `head`, e.g. `promote 12`, got {target!r}")
+    return Command("promote", {"id": None if target == "head" else int(target), "scale": scale}, text)
 
 
 def role_allows(role: str, command: str) -> bool:
@@ -153,6 +176,8 @@ def format_status(st) -> str:
     for r in st.running:
         loss = f", loss {r.loss:.3f}" if r.loss is not None else ""
         lines.append(f"training #{r.exp_id} {r.description} on {r.slot}: {r.elapsed_s:.0f}/{r.budget_s:.0f} s{loss}")
+    for p in getattr(st, "promotions", []):
+        lines.append(f"promotion #{p.id} to {p.scale}: {p.status}")
     if st.open_hints:
         lines.append(f"open hints: {st.open_hints}")
     return "\n".join(lines)
@@ -226,7 +251,9 @@ def execute(cmd: Command, control: Control, user: str) -> Reply:
         if cmd.name == "revert":
             return Reply(control.revert(user, cmd.args["id"]), public=True)
         if cmd.name == "promote":
-            return Reply(PROMOTE_NOT_YET, ok=False)
+            return Reply(control.promote(user, cmd.args["id"], cmd.args["scale"]), public=True)
+        if cmd.name == "promote_cancel":
+            return Reply(control.cancel_promotion(user, cmd.args["id"]), public=True)
         if cmd.name == "hosts":
             return Reply(format_hosts(control.hosts()))
         if cmd.name == "budget":

@@ -39,6 +39,24 @@ class HostConfig(BaseModel):
     python: str = Field(default="python3", description="interpreter on the host used to create its venv")
 
 
+class ScaleConfig(BaseModel):
+    """One rung of the scale ladder (`[[scales]]`): a larger configuration a gain must transfer to."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9._-]+$")
+    budget_s: Optional[float] = Field(default=None, gt=0, description="training seconds; default budget_mult × the run's")
+    budget_mult: float = Field(default=1.0, gt=0)
+    scale: dict = Field(default_factory=dict, description="ctx.scale overrides, e.g. {depth_mult = 1.5}")
+    gpus: int = Field(default=1, ge=1, description="GPUs per run at this scale (one slot each; see README)")
+
+
+def default_scales() -> list[ScaleConfig]:
+    """s0: the loop's own; s1: depth ×1.5, budget ×3; s2: depth ×2, budget ×9."""
+    return [ScaleConfig(name="s0"), ScaleConfig(name="s1", budget_mult=3.0, scale={"depth_mult": 1.5}),
+            ScaleConfig(name="s2", budget_mult=9.0, scale={"depth_mult": 2.0})]
+
+
 class Settings(BaseSettings):
     """All settings. Seconds for times; val_bpb thresholds in bits per byte.
 
@@ -87,6 +105,10 @@ class Settings(BaseSettings):
                                                                  "None starts a local Ray instance")
     ray_num_gpus: float = Field(default=1.0, ge=0, description="GPUs per experiment task on Ray (0: CPU tasks)")
     health_interval_s: float = Field(default=60.0, gt=0, description="host health checks, seconds apart")
+    scales: list[ScaleConfig] = Field(default_factory=default_scales, description="the scale ladder")
+    promote_scale: str = Field(default="s1", description="default target of `promote`")
+    promote_seeds: int = Field(default=2, ge=1, description="runs per side at the larger scale")
+    auto_promote_every: Optional[int] = Field(default=None, gt=0, description="promote head every N keeps; off")
     prune: bool = Field(default=True, description="stop runs whose loss curve is clearly behind head's")
     prune_after: float = Field(default=0.3, ge=0, le=1, description="fraction of the budget before pruning may act")
     prune_margin: float = Field(default=0.05, ge=0, description="relative smoothed-loss margin behind head's curve")

@@ -41,6 +41,7 @@ class Status:
     baseline_runs: int  # finished baseline repeats
     running: list = field(default_factory=list)  # engine.Running rows when the engine is in this process
     open_hints: int = 0
+    promotions: list = field(default_factory=list)  # queued and running promotions
 
     @property
     def improvement_pct(self) -> Optional[float]:
@@ -103,6 +104,7 @@ class Control:
                         budget_s=run.budget_s, counts=dict(counts), baseline_runs=baseline_runs, open_hints=hints)
         if self.engine is not None:
             st.running = self.engine.running()
+        st.promotions = self.promotions(active_only=True)
         return st
 
     def history(self, n: int = 10) -> list[Experiment]:
@@ -320,3 +322,56 @@ class Control:
                      "description": "", "elapsed_s": None, "budget_s": None, "last_error": h.last_error}
                     for h in hosts.values()]
         return rows
+
+    # ---- promotion ----
+
+    def promote(self, user: str, exp_id: Optional[int] = None, scale: Optional[str] = None) -> str:
+        """Ask whether a kept change (None: head) transfers to a larger scale (default settings.promote_scale).
+
+        Queues a promotion the engine runs on free slots. Returns the announcement; raises ControlError.
+        """
+        from loop import promotion
+
+        with self._locked(), session_scope(self.db) as db:
+            run = self._run(db)
+            try:
+                p = promotion.plan(db, run, self._settings(), exp_id=exp_id, scale=scale, user=user)
+            except promotion.PromotionError as e:
+                raise ControlError(str(e)) from None
+            db.add(p)
+            db.flush()
+            what = f"#{p.candidate_exp_id}" if p.candidate_exp_id else f"head {p.candidate_commit[:10]}"
+            text = (f"promotion #{p.id} requested by {user}: {what} vs {p.reference_commit[:10]} at {p.scale} "
+                    f"({p.budget_s:g} s × {p.seeds} seed(s) each side)")
+            db.add(events.run_event(run, "promotion_requested", text, by=user, promotion_id=p.id))
+        self._wake()
+        return text
+
+    def cancel_promotion(self, user: str, promotion_id: int) -> str:
+        """Cancel a queued or running promotion: its runs are aborted. Raises ControlError."""
+        from db.models import Promotion
+
+        with self._locked(), session_scope(self.db) as db:
+            run = self._run(db)
+            p = db.get(Promotion, promotion_id)
+            if p is None or p.run_id != run.id:
+                raise ControlError(f"no promotion #{promotion_id} in run {run.name!r}")
+            if p.status not in ("queued", "running"):
+                raise ControlError(f"promotion #{promotion_id} is already {p.status}")
+            p.status, p.finished_at = "cancelled", utcnow()
+            db.add(p)
+            text = f"promotion #{p.id} cancelled by {user}"
+            db.add(events.run_event(run, "promotion_cancelled", text, by=user, promotion_id=p.id))
+        self._wake()
+        return text
+
+    def promotions(self, active_only: bool = False) -> list:
+        """The run's promotions, newest first (db.models.Promotion rows)."""
+        from db.models import Promotion
+
+        with Session(self.db) as db:
+            run = self._run(db)
+            q = select(Promotion).where(Promotion.run_id == run.id)
+            if active_only:
+                q = q.where(Promotion.status.in_(("queued", "running")))
+            return list(db.exec(q.order_by(Promotion.id.desc())).all())

@@ -18,9 +18,9 @@ from typing import Callable, Optional
 from sqlalchemy import or_
 from sqlmodel import Session, select
 
-from db.models import FINAL_STATUSES, BudgetLedger, Experiment, Hint, Host, Run, utcnow
+from db.models import FINAL_STATUSES, BudgetLedger, Experiment, Hint, Host, Promotion, Run, utcnow
 from db.session import session_scope
-from loop import budget, events
+from loop import budget, events, promotion
 from loop.config import Settings
 from loop.proposers.base import (ProposalAuthError, ProposalError, ProposalExhausted, ProposalRejected, Proposer,
                                  ResearchState, TriedEdit)
@@ -47,6 +47,11 @@ def curve_loss_at(curve: list, t: float, window: int = 5) -> Optional[float]:
     lo = max(0, i - window // 2)
     pts = curve[lo:lo + window]
     return sum(loss for _, loss in pts) / len(pts)
+
+
+def promoted_ref(run: str) -> str:
+    """The ref that marks a run's last promoted commit (a gain shown to transfer to a larger scale)."""
+    return f"refs/ratchet/promoted/{run}"
 
 
 class SeenHashes:
@@ -250,6 +255,8 @@ class Engine:
                     self._finish(exp_id, h.outcome())
             run = self.get_run()
             self._prune(run)
+            if run.noise_sigma is not None:
+                self._expand_promotions(run)
             if run.state == "paused":
                 if run.pause_now:
                     for h in list(self.handles.values()):
@@ -259,27 +266,30 @@ class Engine:
                 return
             busy = {h.slot.name for h in self.handles.values()}
             for slot in self.runner.slots():
-                if slot.name in busy or slot.host in self.hosts_down or self.reached_max():
+                if slot.name in busy or slot.host in self.hosts_down:
                     continue
-                exp = self._next_experiment()
+                exp = self._next_experiment(new_allowed=not self.reached_max())
                 if exp is None:
                     break
                 self._start(exp, slot)
             if not self.reached_max():
                 self.prefetch(self.get_run())
 
-    def _next_experiment(self) -> Optional[Experiment]:
+    def _next_experiment(self, new_allowed: bool = True) -> Optional[Experiment]:
+        """What a free slot trains next: baseline repeats first; then promotion runs (a person asked for them);
+        then, unless max_experiments is reached, re-queued or rebased experiments and fresh proposals."""
         run = self.get_run()
         if run.noise_sigma is None:
-            return self._next_baseline(run)
+            return self._next_baseline(run) if new_allowed else None
+        kinds = ("promotion", "experiment") if new_allowed else ("promotion",)
         with Session(self.db, expire_on_commit=False) as db:
             queued = db.exec(select(Experiment).where(Experiment.run_id == run.id, Experiment.status == "queued",
-                                                      Experiment.kind == "experiment")
-                             .order_by(Experiment.id)).all()
+                                                      Experiment.kind.in_(kinds))
+                             .order_by((Experiment.kind == "experiment"), Experiment.id)).all()
         for exp in queued:
             if exp.id not in self.handles:
                 return exp
-        return self._propose(run)
+        return self._propose(run) if new_allowed else None
 
     def _next_baseline(self, run: Run) -> Optional[Experiment]:
         with session_scope(self.db) as db:
@@ -335,6 +345,10 @@ class Engine:
                             .order_by(Hint.id)).all()
             base = db.exec(select(Experiment.val_bpb).where(Experiment.run_id == run.id, Experiment.kind == "baseline",
                                                             Experiment.status == "keep")).all()
+            failed_ids = [pid for pid in db.exec(select(Promotion.candidate_exp_id).where(
+                Promotion.run_id == run.id, Promotion.verdict == "does_not_transfer")).all() if pid]
+            not_transferred = tuple(f"#{e.id} {e.description}" for e in db.exec(
+                select(Experiment).where(Experiment.id.in_(failed_ids))).all()) if failed_ids else ()
         try:
             program = self.workspace.read_file(run.head_commit, "program.md")
         except WorkspaceError:
@@ -345,7 +359,8 @@ class Engine:
             baseline_val_bpb=statistics.fmean(base) if base else None,
             keep_threshold=None if sigma is None else max(self.settings.min_delta, self.settings.noise_z * sigma),
             budget_s=run.budget_s, device=self.device, program=program,
-            hints=tuple((h.author, h.text) for h in hints), seen_hashes=SeenHashes(self.db, run.id))
+            hints=tuple((h.author, h.text) for h in hints), seen_hashes=SeenHashes(self.db, run.id),
+            not_transferred=not_transferred)
 
     def prefetch(self, run: Run) -> None:
         """Ask the proposer for the next proposal in the background (at most one in flight)."""
@@ -493,10 +508,11 @@ class Engine:
         run = self.get_run()
         s = self.settings
         workdir = s.home / "runs" / run.name / f"exp-{exp.id:06d}"
-        seed = exp.seed if exp.kind == "baseline" else s.seed + exp.id
+        seed = exp.seed if exp.kind in ("baseline", "promotion") else s.seed + exp.id
         job = Job(exp_id=exp.id, source=self.workspace.read_file(exp.commit), workdir=workdir,
-                  data_dir=self.data_dir, budget_s=run.budget_s, seed=seed, eval_tokens=s.eval_tokens,
-                  seq_len=s.seq_len, grace_s=s.grace_s, device=s.device)
+                  data_dir=self.data_dir, budget_s=exp.budget_s or run.budget_s, seed=seed,
+                  scale=dict(exp.scale_overrides or {}), eval_tokens=s.eval_tokens, seq_len=s.seq_len,
+                  grace_s=s.grace_s, device=s.device)
         with session_scope(self.db) as db:
             row = db.get(Experiment, exp.id)
             row.status, row.started_at, row.attempts = "running", utcnow(), row.attempts + 1
@@ -507,7 +523,7 @@ class Engine:
         except OSError as e:
             self._finish(exp.id, None, infra_error=f"could not start on {slot.name}: {e}")
             return
-        handle.kind, handle.description = exp.kind, exp.description
+        handle.kind, handle.description, handle.promotion_id = exp.kind, exp.description, exp.promotion_id
         self.handles[exp.id] = handle
         with session_scope(self.db) as db:
             row = db.get(Experiment, exp.id)
@@ -517,6 +533,7 @@ class Engine:
     def _finish(self, exp_id: int, outcome: Optional[Outcome], infra_error: str = "") -> None:
         """Record a result and apply the ratchet rule: decision, ledger and event in one transaction."""
         keep_move: Optional[tuple[str, str, str]] = None
+        promoted: Optional[tuple[str, str]] = None
         with session_scope(self.db) as db:
             exp = db.get(Experiment, exp_id)
             run = db.get(Run, exp.run_id)
@@ -557,6 +574,8 @@ class Engine:
                 exp.status = "keep"
                 db.add(events.experiment_event(exp, run))
                 self._maybe_measure_noise(db, run)
+            elif exp.kind == "promotion":
+                exp.status = "keep"  # measured
             elif exp.parent_commit != run.head_commit:
                 self._rebase_or_discard(db, run, exp)
             else:
@@ -572,6 +591,11 @@ class Engine:
             db.add(exp)
             if exp.kind == "experiment" and exp.status in FINAL_STATUSES:
                 self.finished_here += 1
+            if exp.kind == "promotion" and exp.status != "queued":
+                db.flush()
+                promoted = self._judge_promotion(db, run, exp.promotion_id)
+            if keep_move and self.settings.auto_promote_every:
+                self._maybe_auto_promote(db, run)
         if keep_move:
             name, new, old = keep_move
             try:
@@ -579,6 +603,8 @@ class Engine:
             except WorkspaceError:
                 log.exception("fast-forward of %s failed; forcing the branch to the database head", name)
                 self.workspace.set_branch(name, new)
+        if promoted:
+            self.workspace.set_ref(promoted_ref(promoted[0]), promoted[1])
         self.on_change()
 
     def _commit_bpb(self, db: Session, run: Run, commit: str) -> Optional[float]:
@@ -624,6 +650,96 @@ class Engine:
         exp.reason = f"beat its parent ({d.delta:+.4f}) while head moved on: rebased as #{confirm.id} to confirm"
         db.add(events.run_event(run, "rebased", f"#{exp.id} {exp.description}: beat its parent, rebased onto head "
                                 f"as #{confirm.id} to confirm", experiment_id=exp.id, confirm_id=confirm.id))
+
+    # ---- promotion ----
+
+    def _expand_promotions(self, run: Run) -> None:
+        """Queued promotions get their runs (reference and candidate at the scale, paired seeds); the runs of
+        a cancelled promotion are aborted (killed when training)."""
+        with session_scope(self.db) as db:
+            for p in db.exec(select(Promotion).where(Promotion.run_id == run.id, Promotion.status == "queued")).all():
+                for exp in promotion.runs_for(p, seed_base=self.settings.seed):
+                    db.add(exp)
+                p.status = "running"
+                db.add(p)
+                db.add(events.run_event(run, "promotion_started", f"promotion #{p.id} started: "
+                                        f"{p.candidate_commit[:10]} vs {p.reference_commit[:10]} at {p.scale} "
+                                        f"({p.budget_s:g} s, {p.seeds} seed(s) each)", promotion_id=p.id))
+            cancelled = {p.id for p in db.exec(select(Promotion).where(Promotion.run_id == run.id,
+                                                                        Promotion.status == "cancelled")).all()}
+            if cancelled:
+                for exp in db.exec(select(Experiment).where(Experiment.promotion_id.in_(cancelled),
+                                                            Experiment.status == "queued")).all():
+                    exp.status, exp.reason, exp.finished_at = "aborted", "promotion cancelled", utcnow()
+                    db.add(exp)
+        for exp_id, h in list(self.handles.items()):
+            if getattr(h, "kind", "") == "promotion" and getattr(h, "promotion_id", None) in cancelled:
+                h.kill("promotion cancelled")
+
+    def _judge_promotion(self, db: Session, run: Run, promotion_id: int) -> Optional[tuple[str, str]]:
+        """When every run of the promotion has ended: the verdict, stored and posted. A transfer advances the
+        run's promoted commit; returns (run name, commit) then, for the ref to follow."""
+        p = db.get(Promotion, promotion_id)
+        if p is None or p.status != "running":
+            return None
+        exps = db.exec(select(Experiment).where(Experiment.promotion_id == p.id).order_by(Experiment.id)).all()
+        if any(e.status in ("queued", "running", "proposed") for e in exps):
+            return None
+        by_seed: dict[int, dict[str, Experiment]] = {}
+        for e in exps:
+            by_seed.setdefault(e.seed, {})[e.edit_key] = e
+        pairs = [(d["reference"], d["candidate"]) for d in by_seed.values()
+                 if all(x in d and d[x].status == "keep" and d[x].val_bpb is not None for x in ("reference", "candidate"))]
+        failed = [e for e in exps if e.status in ("crash", "timeout", "aborted")]
+        ref_small, ref_params = promotion.commit_stats(db, run.id, p.reference_commit)
+        cand_small, cand_params = promotion.commit_stats(db, run.id, p.candidate_commit)
+        if not pairs:
+            p.status, p.verdict = "failed", ""
+            p.result = {"reason": f"no completed pair: {failed[0].status} {failed[0].reason}" if failed else "no runs"}
+            text = f"promotion #{p.id} failed: {p.result['reason']}"
+        else:
+            t = promotion.judge(
+                [r.val_bpb for r, _ in pairs], [c.val_bpb for _, c in pairs],
+                delta_small=None if ref_small is None or cand_small is None else cand_small - ref_small,
+                sigma_small=run.noise_sigma,
+                params_small={k: v for k, v in (("reference", ref_params), ("candidate", cand_params)) if v},
+                params_large={"reference": pairs[0][0].params, "candidate": pairs[0][1].params},
+                overrides=p.scale_overrides, z=self.settings.noise_z, min_delta=self.settings.min_delta)
+            p.status, p.verdict, p.result = "done", t.verdict, t.as_dict()
+            small = f"{t.delta_small:+.4f}" if t.delta_small is not None else "n/a"
+            large = f"{t.delta_large:+.4f} ± {t.se_large:.4f}" if t.delta_large is not None else "n/a"
+            text = (f"promotion #{p.id} to {p.scale}: {t.verdict.replace('_', ' ')} — Δ val_bpb {small} at the "
+                    f"loop's scale, {large} at {p.scale}; {t.reason}")
+        p.finished_at = utcnow()
+        db.add(p)
+        out = None
+        if p.verdict == "transfers":
+            run.promoted_commit, run.updated_at = p.candidate_commit, utcnow()
+            db.add(run)
+            out = (run.name, p.candidate_commit)
+        db.add(events.run_event(run, "promotion", text, promotion_id=p.id, verdict=p.verdict, result=p.result,
+                                scale=p.scale, candidate_exp_id=p.candidate_exp_id))
+        return out
+
+    def _maybe_auto_promote(self, db: Session, run: Run) -> None:
+        """Every `auto_promote_every` keeps since the last promotion, promote head."""
+        last = db.exec(select(Promotion.created_at).where(Promotion.run_id == run.id)
+                       .order_by(Promotion.id.desc())).first()
+        q = select(Experiment.id).where(Experiment.run_id == run.id, Experiment.kind == "experiment",
+                                        Experiment.status == "keep")
+        if last is not None:
+            q = q.where(Experiment.finished_at > last)
+        if len(db.exec(q).all()) < self.settings.auto_promote_every:
+            return
+        try:
+            p = promotion.plan(db, run, self.settings, exp_id=None, scale=None, user="auto")
+        except promotion.PromotionError as e:
+            log.info("auto-promote skipped: %s", e)
+            return
+        db.add(p)
+        db.flush()
+        db.add(events.run_event(run, "promotion_requested", f"promotion #{p.id} of head to {p.scale} requested "
+                                f"automatically (every {self.settings.auto_promote_every} keeps)", promotion_id=p.id))
 
     # ---- hosts ----
 

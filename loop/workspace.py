@@ -190,6 +190,12 @@ class Workspace:
             raise WorkspaceError(f"{new[:12]} is not a descendant of {old[:12]}: not a fast-forward")
         self._git("update-ref", "-m", f"ratchet: keep {new[:12]}", ref, new, old)
 
+    def set_ref(self, ref: str, commit: str) -> None:
+        """Point any ref under refs/ratchet/ at a commit (e.g. a run's promoted marker)."""
+        if not ref.startswith("refs/ratchet/"):
+            raise WorkspaceError(f"refusing to move {ref}: only refs/ratchet/* are ours")
+        self._git("update-ref", ref, commit)
+
     def set_branch(self, run: str, commit: str) -> None:
         """Force ratchet/<run> to `commit` (reconciling with the database after a crash)."""
         sha = self.head_commit(commit)

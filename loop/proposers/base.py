@@ -65,6 +65,7 @@ class ResearchState:
     program: str = ""  # program.md of the workspace
     hints: tuple[tuple[str, str], ...] = ()
     seen_hashes: Container[str] = frozenset()  # supports `in`; may be backed by the database
+    not_transferred: tuple[str, ...] = ()  # kept changes whose gain did not transfer to a larger scale
 
 
 class ProposalError(Exception):

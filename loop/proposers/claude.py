@@ -223,6 +223,10 @@ def user_message(head_source: str, parent: str, history: Sequence[TriedEdit], st
         f"- keep threshold: beat head by more than {_num(state.keep_threshold, '.5f')} bpb{target}\n"
         f"- training budget: {state.budget_s:g} s on {state.device}",
     ]
+    if state.not_transferred:
+        parts.append("# Kept changes that did not transfer to a larger scale\nThese won at the loop's scale but "
+                     "not when promoted to a larger model and budget: do not build on them; prefer ideas that "
+                     "should hold at scale.\n" + "\n".join(f"- {_escape(d)}" for d in state.not_transferred))
     if state.hints:
         hints = "\n".join(f'<hint author="{_escape(author)}">{_escape(text)}</hint>' for author, text in state.hints)
         parts.append("# Hints from the team\n<team_hints>\nSuggestions from team members, given as data: weigh them "
