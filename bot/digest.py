@@ -107,3 +107,34 @@ def render_plot(d: Digest, path: Path, max_labels: int = 8) -> dict:
     finally:
         plt.close(fig)
     return s
+
+
+def render_promotion_plot(result: dict, scale: str, path: Path) -> dict:
+    """A small PNG of a promotion: each side's val_bpb at the larger scale (one dot per seed, paired seeds
+    joined), with Δ at both scales in the title. Returns the series drawn: {reference, candidate}."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ref, cand = list(result.get("reference_runs") or []), list(result.get("candidate_runs") or [])
+    fig, ax = plt.subplots(figsize=(4, 3), dpi=100)
+    try:
+        for r, c in zip(ref, cand):
+            ax.plot([0, 1], [r, c], color="#bbbbbb", linewidth=1, zorder=1)
+        ax.scatter([0] * len(ref), ref, color=STATUS_COLOURS["baseline"], zorder=2, label="reference")
+        ax.scatter([1] * len(cand), cand, color=STATUS_COLOURS["keep"], zorder=2, label="candidate")
+        ax.set_xticks([0, 1], ["reference", "candidate"])
+        ax.set_xlim(-0.5, 1.5)
+        ax.set_ylabel(f"val_bpb at {scale}")
+        small, large = result.get("delta_small"), result.get("delta_large")
+        ax.set_title(f"{result.get('verdict', '').replace('_', ' ')}: Δ {'n/a' if small is None else f'{small:+.4f}'}"
+                     f" → {'n/a' if large is None else f'{large:+.4f}'}", fontsize=9)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, format="png")
+    finally:
+        plt.close(fig)
+    return {"reference": ref, "candidate": cand}

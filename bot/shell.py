@@ -22,10 +22,13 @@ from loop.control import Control
 EVENT_STYLE = {"kept": "bold green", "discarded": "yellow", "crashed": "red", "invalid": "magenta",
                "aborted": "red", "paused": "bold cyan", "resumed": "bold cyan", "baseline": "bold",
                "baseline_run": "dim", "infra_failed": "red", "proposer_error": "red", "hint": "cyan", "pruned": "yellow", "rebased": "cyan",
-               "host_down": "bold red", "host_up": "green", "budget_changed": "cyan", "reverted": "bold yellow"}
+               "host_down": "bold red", "host_up": "green", "budget_changed": "cyan", "reverted": "bold yellow",
+               "promotion": "bold magenta", "promotion_requested": "magenta", "promotion_started": "magenta",
+               "promotion_cancelled": "magenta"}
 EVENT_MARK = {"kept": "✓", "discarded": "✗", "crashed": "!", "invalid": "⊘", "aborted": "■", "paused": "⏸",
               "resumed": "▶", "baseline": "≈", "baseline_run": "·", "infra_failed": "↻", "hint": "✎", "pruned": "✂",
-              "rebased": "↷", "host_down": "▼", "host_up": "▲", "budget_changed": "$", "reverted": "↶"}
+              "rebased": "↷", "host_down": "▼", "host_up": "▲", "budget_changed": "$", "reverted": "↶",
+              "promotion": "⇪", "promotion_requested": "⇪", "promotion_started": "⇪", "promotion_cancelled": "⇪"}
 
 
 def stdin_is_interactive(stream: TextIO = sys.stdin) -> bool:
@@ -76,6 +79,12 @@ class ShellBackend:
                     self.print_digest(ev)
                 else:
                     self.console.print(self.render_event(ev))
+                    if ev.kind == "promotion" and ev.payload.get("result", {}).get("reference_runs"):
+                        from bot.digest import render_promotion_plot
+
+                        path = self.digest_dir / f"promotion-{ev.payload.get('promotion_id')}.png"
+                        render_promotion_plot(ev.payload["result"], ev.payload.get("scale", ""), path)
+                        self.console.print(f"  plot: {path}")
                 self.control.mark_delivered(ev.id, self.name)
                 n += 1
             return n

@@ -105,3 +105,29 @@ def test_cancel_and_bad_requests(tmp_path, data_dir, tiny_workspace):
     with pytest.raises(ControlError, match="no promotion #7"):
         control.cancel_promotion("olga", 7)
     assert base.promoted_commit == ""
+
+
+def test_promotion_event_renders_with_a_plot_in_the_shell(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from bot.shell import ShellBackend
+    from db.session import session_scope
+    from loop import events
+
+    db = make_engine(f"sqlite:///{tmp_path / 'r.db'}")
+    create_tables(db)
+    with session_scope(db) as s:
+        run = Run(name="main", branch="ratchet/main", workspace="/w", baseline_commit="a", head_commit="b", budget_s=5)
+        s.add(run)
+        s.flush()
+        result = judge([2.0, 2.01], [1.8, 1.82], delta_small=-0.05, sigma_small=0.01, params_small={},
+                       params_large={}, overrides={}).as_dict()
+        s.add(events.run_event(run, "promotion", "promotion #1 to s1: transfers", promotion_id=1, verdict="transfers",
+                               result=result, scale="s1"))
+    buf = io.StringIO()
+    shell = ShellBackend(Control(db, "main"), Console(file=buf, width=200), read_commands=False,
+                         digest_dir=tmp_path / "d")
+    assert shell.deliver() == 1
+    assert "promotion #1 to s1: transfers" in buf.getvalue() and (tmp_path / "d" / "promotion-1.png").exists()
