@@ -1,0 +1,749 @@
+"""The Ray runner: each experiment is a Ray task that runs `python -m trainer.run` on a cluster node.
+
+Results come only from the harness's result.json, carried back through Ray; a Ray failure is an
+infrastructure failure (re-queue), never the idea's fault, and a handle never waits forever.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable, Literal, Optional
+
+try:
+    import ray
+    from ray.exceptions import RayTaskError, TaskCancelledError
+except ImportError as e:  # pragma: no cover - depends on the install
+    raise ImportError("the Ray runner needs Ray: pip install 'ratchet[ray]'") from e
+
+from loop.runners.base import Job, Outcome, Slot, downsample_curve, last_curve_point, read_curve
+from loop.runners.local import BACKSTOP_S, harness_command, kill_group
+from trainer.result import Result
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.25  # how often the monitor looks for finished tasks and fresh curve points
+REPORT_S = 0.25  # how often a task sends its latest curve point to the progress board
+ANSWER_MARGIN_S = 60.0  # past the task's own backstop, a silent node is declared lost
+SLOTS_TTL_S = 10.0  # cluster resources are re-read at most this often
+LOG_RETURN_BYTES = 256 * 1024  # the tail of the harness log carried back per experiment
+
+
+# ---- On the node (only stdlib, ray, trainer and loop.runners.* are imported here) ----
+
+# Watches the Ray worker that started a harness; when the worker dies (ray.cancel(force=True), a crash, a
+# lost raylet) it kills the harness's whole process group and removes the experiment's directory. It
+# detaches (double fork) because Ray kills a dead worker's direct children, which would include it.
+REAPER = r"""
+import os, shutil, signal, sys, time
+pgid, worker, workdir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+def identity(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] in "ZX" else fields[19]  # a zombie is dead; start time guards pid reuse
+born = identity(worker)
+def worker_alive():
+    if born is not None:
+        return identity(worker) == born
+    try:
+        os.kill(worker, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+if os.fork():
+    os._exit(0)
+while True:
+    time.sleep(0.5)
+    if not worker_alive():
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except OSError:
+            pass
+        time.sleep(0.2)
+        shutil.rmtree(workdir, ignore_errors=True)
+        os._exit(0)
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        os._exit(0)  # the harness ended: the task collects its result and cleans up
+    except PermissionError:
+        pass
+"""
+
+
+def content_hash(files: dict[str, bytes]) -> str:
+    """sha256 over (relative path, bytes) pairs in path order: the identity of shipped data."""
+    h = hashlib.sha256()
+    for rel in sorted(files):
+        h.update(rel.encode() + b"\0" + len(files[rel]).to_bytes(8, "little"))
+        h.update(files[rel])
+    return h.hexdigest()
+
+
+def _same_preparation(data_dir: Path, want: dict) -> bool:
+    """True when `data_dir` on this node holds the preparation the driver means (same fingerprints)."""
+    try:
+        m = json.loads((data_dir / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if m.get("fingerprints") != want["fingerprints"] or m.get("train_shards") != want["train_shards"]:
+        return False
+    return all((data_dir / rel).exists() for rel in [*m["train_shards"], *m["fingerprints"]])
+
+
+def materialise(files: dict[str, bytes], digest: str, target: Path) -> None:
+    """Write shipped data files under `target` atomically (temp dir + rename) and check them.
+
+    Raises ValueError when the bytes do not hash to `digest` or a path escapes the directory, and
+    trainer.data.FingerprintError when the manifest's sha256 fingerprints do not match.
+    """
+    from trainer.data import verify_fingerprints
+
+    if content_hash(files) != digest:
+        raise ValueError(f"shipped data does not hash to {digest[:12]}…")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{digest[:12]}.tmp-", dir=target.parent))
+    try:
+        for rel, blob in files.items():
+            path = (tmp / rel).resolve()
+            if not path.is_relative_to(tmp.resolve()):
+                raise ValueError(f"shipped path escapes the data directory: {rel}")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(blob)
+        verify_fingerprints(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "manifest.json").exists():
+                raise  # not a lost race with another task on this node
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def node_data_dir(job: Job, want: dict, shipped: Optional[dict], node_dir: Path,
+                  always_ship: bool) -> Optional[tuple[Path, str]]:
+    """The data directory to train on here: (path, how it got here), or None when it must be shipped.
+
+    Uses the job's path when this node has the same preparation there (unless always_ship), else the
+    node's cache of shipped data (`<node_dir>/data/<content hash>`), fetching the bytes from the object
+    store once per node. Raises ValueError / FingerprintError when shipped files do not check out.
+    """
+    from trainer.data import verify_fingerprints
+
+    if not always_ship and _same_preparation(Path(job.data_dir), want):
+        return Path(job.data_dir), "node path"
+    if shipped is None:
+        return None
+    target = node_dir / "data" / shipped["hash"]
+    how = f"cached on node {shipped['hash'][:12]}"
+    if not (target / "manifest.json").exists():
+        materialise(ray.get(shipped["ref"][0]), shipped["hash"], target)
+        how = f"shipped through the object store {shipped['hash'][:12]}"
+    verify_fingerprints(target)
+    return target, how
+
+
+def sweep_runs(runs: Path, min_age_s: float = 60.0) -> None:
+    """Remove experiment directories on this node left by tasks that died (their lock is free)."""
+    for d in runs.iterdir():
+        try:
+            if time.time() - d.stat().st_mtime < min_age_s:
+                continue
+            fd = os.open(d / ".lock", os.O_RDWR)
+        except FileNotFoundError:
+            shutil.rmtree(d, ignore_errors=True)  # its task died before it could take the lock
+            continue
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            shutil.rmtree(d, ignore_errors=True)
+        except OSError:
+            pass  # a live task holds it
+        finally:
+            os.close(fd)
+
+
+def _read_tail(path: Path, limit: int) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - limit))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def run_experiment(key: str, job: Job, want: dict, shipped: Optional[dict], board, node_dir: Optional[str],
+                   always_ship: bool, env: dict) -> dict:
+    """Body of the Ray task: run the harness on this node and return what it wrote.
+
+    Returns {"need_data": reason} when this node cannot see the data and none was shipped; else
+    {"result_json" (str or None), "curve" (JSONL text), "log" (tail), "returncode", "timed_out",
+    "node", "data"}. The harness's process group never outlives this task's worker (a reaper kills it).
+    """
+    ctx = ray.get_runtime_context()
+    info = {"node": ray.util.get_node_ip_address(), "node_id": ctx.get_node_id(), "worker_pid": os.getpid(),
+            "harness_pid": None, "workdir": None, "data": None}
+
+    def report(point=None):
+        try:
+            board.report.remote(key, dict(info), point)
+        except Exception:  # noqa: BLE001 - progress is best effort; the result still comes back
+            pass
+
+    report()
+    root = Path(node_dir or Path(tempfile.gettempdir()) / "ratchet-ray")
+    found = node_data_dir(job, want, shipped, root, always_ship)
+    if found is None:
+        return {"need_data": f"{job.data_dir} is not on node {info['node']}"}
+    data_dir, info["data"] = str(found[0]), found[1]
+    (root / "runs").mkdir(parents=True, exist_ok=True)
+    sweep_runs(root / "runs")
+    wd = Path(tempfile.mkdtemp(prefix=f"exp-{job.exp_id:06d}-", dir=root / "runs"))
+    lock = os.open(wd / ".lock", os.O_RDWR | os.O_CREAT)  # held while this task lives (not inherited)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        info["workdir"] = str(wd)
+        return _train_here(job, Path(data_dir), wd, {**os.environ, **env}, info, report)
+    finally:
+        shutil.rmtree(wd, ignore_errors=True)
+        os.close(lock)
+
+
+def _train_here(job: Job, data_dir: Path, wd: Path, env: dict, info: dict, report) -> dict:
+    """Run the harness in `wd` until it exits (or budget + grace + BACKSTOP_S), reporting curve points."""
+    (wd / "train.py").write_text(job.source)
+    log_path, curve_path = wd / "log.txt", wd / "result.curve.jsonl"
+    with open(log_path, "wb") as out:  # Ray has set CUDA_VISIBLE_DEVICES in env for GPU tasks
+        proc = subprocess.Popen(harness_command(replace(job, data_dir=data_dir), sys.executable), cwd=wd,
+                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env={**env, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+    timed_out, last = False, None
+    deadline = time.time() + job.budget_s + job.grace + BACKSTOP_S
+    try:
+        subprocess.run([sys.executable, "-c", REAPER, str(proc.pid), str(os.getpid()), str(wd)],
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       start_new_session=True, check=False)  # returns once the reaper has detached
+        info["harness_pid"] = proc.pid
+        report()
+        while True:
+            try:
+                proc.wait(timeout=REPORT_S)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            point = last_curve_point(curve_path)
+            if point is not None and point != last:
+                last = point
+                report(point)
+            if time.time() > deadline:
+                timed_out = True
+                break
+    finally:
+        kill_group(proc.pid)  # leftovers (compile workers) die with their experiment
+        if proc.poll() is None:
+            proc.wait()
+    result_path = wd / "result.json"
+    return {"result_json": result_path.read_text() if result_path.exists() else None,
+            "curve": _read_tail(curve_path, 1 << 26), "log": _read_tail(log_path, LOG_RETURN_BYTES),
+            "returncode": proc.returncode, "timed_out": timed_out, "node": info["node"], "data": info["data"]}
+
+
+_remote_run = ray.remote(max_retries=0)(run_experiment)
+
+
+@ray.remote(num_cpus=0, max_restarts=-1)
+class ProgressBoard:
+    """Latest curve point and whereabouts (node, worker pid, harness pid) of each running task."""
+
+    def __init__(self):
+        self.entries: dict[str, tuple[dict, Optional[dict]]] = {}
+
+    def report(self, key: str, info: dict, point: Optional[dict]) -> None:
+        old = self.entries.get(key, (info, None))[1]
+        self.entries[key] = (info, point if point is not None else old)
+
+    def snapshot(self, keys: list[str]) -> dict:
+        return {k: self.entries[k] for k in keys if k in self.entries}
+
+    def forget(self, key: str) -> None:
+        self.entries.pop(key, None)
+
+
+# ---- On the driver ----
+
+
+class RayHandle:
+    """A running Ray experiment. `pid` is None: kill it with kill(), never by process group.
+
+    Thread-safe; `on_done` is called once, from the runner's monitor thread, when the outcome is ready.
+    `info` holds where it runs once known: node, node_id, worker_pid, harness_pid, workdir, data.
+    """
+
+    pid: Optional[int] = None
+
+    def __init__(self, runner: "RayRunner", job: Job, slot: Slot, on_done: Callable[[], None], want: dict):
+        self.exp_id = job.exp_id
+        self.slot = slot
+        self.job = job
+        self.started = time.time()
+        self.info: dict = {}
+        self._runner = runner
+        self._want = want  # the driver's manifest fingerprints and train shards
+        self._on_done = on_done
+        self._key = f"{job.exp_id}:{uuid.uuid4().hex[:12]}"
+        self._ref = None
+        self._shipping = False
+        self._outcome: Optional[Outcome] = None
+        self._aborted = ""
+        self._progress: Optional[dict] = None
+        self._lock = threading.Lock()
+        self._submitted = self._phase_since = time.time()
+        self._phase = "queued"  # queued → preparing (task started) → training (harness started)
+
+    # -- engine-facing --
+
+    def done(self) -> bool:
+        return self._outcome is not None
+
+    def outcome(self) -> Optional[Outcome]:
+        return self._outcome
+
+    def progress(self) -> Optional[dict]:
+        """{step, elapsed_s, loss} of the latest curve point reported through Ray, or None before one."""
+        return self._progress
+
+    def kill(self, reason: str) -> None:
+        """Stop the experiment: ray.cancel(force=True) kills the worker, its reaper the harness group.
+
+        Returns at once; the outcome (aborted=reason) follows within about a second.
+        """
+        with self._lock:
+            if self._outcome is not None:
+                return
+            self._aborted = reason or "killed"
+            ref = self._ref
+        if ref is not None:
+            try:
+                ray.cancel(ref, force=True)
+            except Exception as e:  # noqa: BLE001 - a cancel that fails must not stop the engine
+                log.warning("ray.cancel of #%s failed: %s", self.exp_id, e)
+        self._runner._wake.set()
+
+    # -- runner-facing --
+
+    def _submit(self, shipped: Optional[dict]) -> None:
+        r = self._runner
+        opts = {"num_gpus": r.num_gpus_per_task, "num_cpus": r.num_cpus_per_task, "name": f"ratchet-exp-{self.exp_id}"}
+        if r.runtime_env:
+            opts["runtime_env"] = r.runtime_env
+        ref = _remote_run.options(**opts).remote(self._key, self.job, self._want, shipped, r._board, r.node_dir,
+                                                 r.ship_data == "always", self.slot.env)
+        with self._lock:
+            self._ref, self._shipping = ref, False
+            self._submitted = self._phase_since = time.time()
+            self._phase = "queued"
+            aborted = self._aborted
+        if aborted:
+            ray.cancel(ref, force=True)
+
+    def _ship_and_resubmit(self) -> None:
+        try:
+            shipped = self._runner._ship(Path(self.job.data_dir))
+        except Exception as e:  # noqa: BLE001 - unreadable local data: an infra failure, reported
+            self._finish_infra(f"could not ship {self.job.data_dir}: {type(e).__name__}: {e}")
+            return
+        if self._aborted:
+            self._finish(self._aborted_outcome())
+            return
+        try:
+            self._submit(shipped)
+        except Exception as e:  # noqa: BLE001
+            self._finish_infra(f"could not submit to Ray: {type(e).__name__}: {e}")
+
+    def _collect(self) -> None:
+        """The task's ref is ready: turn its value or its error into the outcome."""
+        ref = self._ref
+        try:
+            payload = ray.get(ref, timeout=30)
+        except Exception as e:  # noqa: BLE001 - every Ray failure becomes an outcome
+            if self._aborted:
+                self._finish(self._aborted_outcome())
+            else:
+                self._finish_infra(describe_ray_error(e))
+            return
+        if "need_data" in payload:
+            if self._aborted:
+                self._finish(self._aborted_outcome())
+                return
+            with self._lock:
+                self._ref, self._shipping = None, True
+            threading.Thread(target=self._ship_and_resubmit, name=f"ship-{self.exp_id}", daemon=True).start()
+            return
+        self._finish(self._outcome_from(payload))
+
+    def _observe(self, info: dict, point: Optional[dict]) -> None:
+        self.info = info
+        if point is not None:
+            self._progress = point
+        phase = "training" if info.get("harness_pid") else "preparing"
+        if phase != self._phase and not (phase == "preparing" and self._phase == "training"):
+            self._phase, self._phase_since = phase, time.time()
+
+    def _check_deadline(self, now: float) -> None:
+        """Never hang: a task not started, not preparing or not answering in time is an infra failure."""
+        if self._outcome is not None or self._shipping or self._ref is None:
+            return
+        r = self._runner
+        if self._phase == "training":
+            limit, why = self.job.budget_s + self.job.grace + BACKSTOP_S + ANSWER_MARGIN_S, \
+                f"no answer from node {self.info.get('node', '?')}"
+        elif self._phase == "preparing":
+            limit, why = r.start_timeout_s, f"data not ready on node {self.info.get('node', '?')}"
+        else:
+            limit, why = r.start_timeout_s, (f"not scheduled: no free slot with {r.num_gpus_per_task:g} GPU / "
+                                             f"{r.num_cpus_per_task:g} CPU in the Ray cluster")
+        if now - self._phase_since <= limit:
+            return
+        try:
+            ray.cancel(self._ref, force=True)
+        except Exception:  # noqa: BLE001
+            pass
+        if self._aborted:
+            self._finish(self._aborted_outcome())
+        else:
+            self._finish_infra(f"{why} within {limit:.0f} s")
+
+    def _aborted_outcome(self) -> Outcome:
+        res = Result(status="crash", error=f"aborted: {self._aborted}", seed=self.job.seed)
+        return Outcome(result=res, slot=self.slot.name, host=self.info.get("node", self.slot.host),
+                       wall_seconds=round(time.time() - self.started, 3), aborted=self._aborted)
+
+    def _finish_infra(self, error: str) -> None:
+        res = Result(status="crash", error=error, seed=self.job.seed)
+        self._finish(Outcome(result=res, slot=self.slot.name, host=self.info.get("node", self.slot.host),
+                             wall_seconds=round(time.time() - self.started, 3), infra_failed=True))
+
+    def _outcome_from(self, p: dict) -> Outcome:
+        """Mirror of the local runner: the harness's result.json, else a result the runner writes."""
+        wd = Path(self.job.workdir)
+        (wd / "log.txt").write_text(p["log"])
+        (wd / "result.curve.jsonl").write_text(p["curve"])
+        if p["result_json"] is not None:
+            (wd / "result.json").write_text(p["result_json"])
+        log_tail = p["log"].splitlines()[-20:]
+        curve = downsample_curve(read_curve(wd / "result.curve.jsonl"))
+        if self._aborted:
+            return Outcome(result=Result(status="crash", error=f"aborted: {self._aborted}", seed=self.job.seed),
+                           slot=self.slot.name, host=p["node"], wall_seconds=round(time.time() - self.started, 3),
+                           log_tail=log_tail, aborted=self._aborted, curve=curve)
+        if p["result_json"] is not None:
+            try:
+                res = Result.from_dict(json.loads(p["result_json"]))
+            except (ValueError, TypeError) as e:
+                res = Result(status="crash", error=f"unreadable result.json ({e})", seed=self.job.seed)
+        elif p["timed_out"]:
+            res = Result(status="timeout", error=f"killed after budget + grace + {BACKSTOP_S:.0f} s",
+                         seed=self.job.seed)
+        else:
+            code = p["returncode"]
+            why = f"killed by signal {-code}" if code and code < 0 else f"exited with code {code}"
+            res = Result(status="crash", error=f"harness {why} without a result", seed=self.job.seed)
+        return Outcome(result=res, slot=self.slot.name, host=p["node"], wall_seconds=round(time.time() - self.started, 3),
+                       log_tail=log_tail, curve=curve)
+
+    def _finish(self, outcome: Outcome) -> None:
+        with self._lock:
+            if self._outcome is not None:
+                return
+            self._outcome = outcome
+        self._runner._forget(self)
+        try:
+            self._on_done()
+        except Exception:  # noqa: BLE001 - the callback's failure is the caller's, not this experiment's
+            log.exception("on_done of #%s failed", self.exp_id)
+
+
+def describe_ray_error(e: BaseException) -> str:
+    """One line naming a Ray failure: `WorkerCrashedError: …`, or the task's own exception for RayTaskError."""
+    if isinstance(e, RayTaskError) and getattr(e, "cause", None) is not None:
+        e = e.cause
+    text = str(e).strip()
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    if isinstance(e, TaskCancelledError):
+        first = first or "the task was cancelled"
+    return f"ray: {type(e).__name__}: {first}" if first else f"ray: {type(e).__name__}"
+
+
+class RayRunner:
+    """Experiments as Ray tasks on a cluster: one slot per GPU (or `slots`, or per CPU with 0 GPUs per task).
+
+    `address`: an existing cluster (`ray://head:10001` through Ray Client, or `host:port` / `auto` from a
+    cluster node); None starts a private local Ray instance (`ray_init` passes more ray.init arguments).
+    If Ray is already initialised in this process, that connection is used and left open by close().
+    `num_gpus_per_task` / `num_cpus_per_task`: Ray resources per experiment. `ship_data`: "auto" uses a
+    node's own copy of the data directory when it has the same preparation, else ships the files
+    through the object store; "always" never trusts a node's path. `node_dir`: where nodes keep shipped
+    data and experiment directories (default `<tmp>/ratchet-ray` on each node). `start_timeout_s`: how
+    long a task may wait for resources (and for its data) before it is an infra failure.
+    Raises ConnectionError when the cluster cannot be reached.
+    """
+
+    name = "ray"
+
+    def __init__(self, address: Optional[str] = None, *, num_gpus_per_task: float = 1.0,
+                 num_cpus_per_task: float = 1.0, slots: Optional[int] = None,
+                 ship_data: Literal["auto", "always"] = "auto", node_dir: Optional[str] = None,
+                 start_timeout_s: float = 600.0, runtime_env: Optional[dict] = None,
+                 ray_init: Optional[dict] = None):
+        if ship_data not in ("auto", "always"):
+            raise ValueError(f"ship_data must be 'auto' or 'always', got {ship_data!r}")
+        self.address = address
+        self.num_gpus_per_task = float(num_gpus_per_task)
+        self.num_cpus_per_task = float(num_cpus_per_task)
+        self.ship_data = ship_data
+        self.node_dir = node_dir
+        self.start_timeout_s = float(start_timeout_s)
+        self.runtime_env = runtime_env
+        self._fixed_slots = slots
+        self._owns_ray = False
+        if not ray.is_initialized():
+            kwargs = {"include_dashboard": False, "log_to_driver": False, **(ray_init or {})}
+            try:
+                ray.init(address=address or "local", **kwargs)
+            except ConnectionError:
+                raise
+            except Exception as e:  # noqa: BLE001 - Ray raises several types for an unreachable cluster
+                raise ConnectionError(f"cannot connect to the Ray cluster at {address or 'local'}: {e}") from e
+            self._owns_ray = True
+        self._board = ProgressBoard.remote()
+        self._handles: dict[str, RayHandle] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closed = threading.Event()
+        self._shipped_by_dir: dict[tuple, dict] = {}
+        self._refs_by_hash: dict[str, object] = {}
+        self._ship_lock = threading.Lock()
+        self.shipments = 0  # ray.put calls of data (one per distinct data content)
+        self._slots_cache: tuple[float, list[Slot]] = (0.0, [])
+        self._monitor = threading.Thread(target=self._monitor_loop, name="ray-runner", daemon=True)
+        self._monitor.start()
+
+    @classmethod
+    def from_settings(cls, settings) -> "RayRunner":
+        """The runner ratchet.toml asks for: `ray_address` (None: a local Ray instance) and `ray_num_gpus`
+        GPUs per experiment (0: CPU tasks, one CPU each). Raises ConnectionError as the constructor."""
+        return cls(settings.ray_address, num_gpus_per_task=settings.ray_num_gpus)
+
+    # ---- slots and health ----
+
+    def slots(self) -> list[Slot]:
+        """Slots `ray:0`…`ray:N-1`: N = `slots`, else the cluster's GPUs (CPUs when 0 GPUs per task)
+        divided by the resources per task. Re-read from the cluster at most every SLOTS_TTL_S seconds,
+        so a lost node takes its slots with it."""
+        host = self.address or "ray-local"
+        env = {} if self.num_gpus_per_task > 0 else {"CUDA_VISIBLE_DEVICES": ""}  # no GPU reserved: use none
+        if self._fixed_slots is not None:
+            return [Slot(f"ray:{i}", host, env) for i in range(self._fixed_slots)]
+        at, cached = self._slots_cache
+        if time.time() - at < SLOTS_TTL_S:
+            return list(cached)
+        try:
+            total = ray.cluster_resources()
+        except Exception as e:  # noqa: BLE001 - keep the last answer while the cluster is unreachable
+            log.warning("ray.cluster_resources failed: %s", e)
+            return list(cached)
+        if self.num_gpus_per_task > 0:
+            n = int(total.get("GPU", 0) // self.num_gpus_per_task)
+        else:
+            n = int(total.get("CPU", 0) // max(self.num_cpus_per_task, 1e-9))
+        out = [Slot(f"ray:{i}", host, env) for i in range(n)]
+        self._slots_cache = (time.time(), out)
+        return list(out)
+
+    def health(self) -> list[dict]:
+        """One dict per node: name (its address; a dead node is left out once a live one has its address,
+        so a replaced node rejoins under the same name), node_id, address, hostname, alive, gpus, cpus
+        (totals), slots (experiments it can hold), free (resources free now; {} when unknown), running
+        (experiment ids of this runner there), error (Ray's death reason; "" when alive).
+        Raises ConnectionError when the cluster cannot be asked."""
+        try:
+            nodes = ray.nodes()
+        except Exception as e:  # noqa: BLE001
+            raise ConnectionError(f"cannot read the Ray cluster's nodes: {e}") from e
+        try:
+            from ray._private.state import available_resources_per_node
+
+            free = available_resources_per_node()
+        except Exception:  # noqa: BLE001 - a private API; free resources are a nicety
+            free = {}
+        with self._lock:
+            live = list(self._handles.values())
+        per = self.num_gpus_per_task or self.num_cpus_per_task
+        out, names = [], set()
+        for n in sorted(nodes, key=lambda n: not n.get("Alive")):  # live nodes claim their names first
+            res, nid, alive = n.get("Resources") or {}, n.get("NodeID", ""), bool(n.get("Alive"))
+            address = n.get("NodeManagerAddress", "")
+            name = address or nid
+            if name in names:
+                if not alive:
+                    continue
+                name = f"{name}/{nid[:8]}"  # two live nodes on one address (a test cluster)
+            names.add(name)
+            total = res.get("GPU" if self.num_gpus_per_task else "CPU", 0.0)
+            out.append({
+                "name": name, "node_id": nid, "address": address, "hostname": n.get("NodeManagerHostname", ""),
+                "alive": alive, "gpus": res.get("GPU", 0.0), "cpus": res.get("CPU", 0.0),
+                "slots": int(total // per) if per else 0,
+                "free": {k: v for k, v in free.get(nid, {}).items()
+                         if k in ("GPU", "CPU", "memory", "object_store_memory")},
+                "running": sorted(h.exp_id for h in live if h.info.get("node_id") == nid),
+                "error": "" if alive else (n.get("DeathReasonMessage") or "node is dead"),
+            })
+        return out
+
+    # ---- experiments ----
+
+    def start(self, job: Job, slot: Slot, on_done: Callable[[], None]) -> RayHandle:
+        """Submit a job as a Ray task. Returns at once.
+
+        Raises OSError when the job's directory cannot be written or its data directory has no
+        manifest, and ConnectionError when Ray refuses the task (both infra failures).
+        """
+        if self._closed.is_set():
+            raise ConnectionError("the Ray runner is closed")
+        from trainer.data import load_manifest
+
+        wd = Path(job.workdir)
+        wd.mkdir(parents=True, exist_ok=True)
+        for stale in ("result.json", "result.curve.jsonl", "log.txt"):
+            (wd / stale).unlink(missing_ok=True)
+        (wd / "train.py").write_text(job.source)
+        manifest = load_manifest(Path(job.data_dir))
+        h = RayHandle(self, job, slot, on_done,
+                      {"fingerprints": manifest["fingerprints"], "train_shards": manifest["train_shards"]})
+        shipped = self._shipped_by_dir.get(self._dir_key(Path(job.data_dir)))  # else shipped on first need
+        with self._lock:
+            self._handles[h._key] = h
+        try:
+            h._submit(shipped)
+        except Exception as e:  # noqa: BLE001
+            with self._lock:
+                self._handles.pop(h._key, None)
+            raise ConnectionError(f"Ray refused the task: {e}") from e
+        self._wake.set()
+        return h
+
+    @staticmethod
+    def _dir_key(data_dir: Path) -> tuple:
+        st = (data_dir / "manifest.json").stat()
+        return (str(data_dir.resolve()), st.st_mtime_ns, st.st_size)
+
+    def _ship(self, data_dir: Path) -> dict:
+        """Put a data directory's files into the object store, once per content hash.
+
+        Returns {"hash", "ref": [ObjectRef]}. Raises OSError when a file cannot be read.
+        """
+        from trainer.data import load_manifest
+
+        with self._ship_lock:
+            key = self._dir_key(data_dir)
+            if key in self._shipped_by_dir:
+                return self._shipped_by_dir[key]
+            m = load_manifest(data_dir)
+            rels = dict.fromkeys(["manifest.json", *m["fingerprints"], *m["train_shards"], *m["val_shards"]])
+            files = {rel: (data_dir / rel).read_bytes() for rel in rels}
+            digest = content_hash(files)
+            if digest not in self._refs_by_hash:
+                self._refs_by_hash[digest] = ray.put(files)
+                self.shipments += 1
+                log.info("shipped %s (%.1f MB) through the object store as %s", data_dir,
+                         sum(map(len, files.values())) / 1e6, digest[:12])
+            shipped = {"hash": digest, "ref": [self._refs_by_hash[digest]]}
+            self._shipped_by_dir[key] = shipped
+            return shipped
+
+    def _forget(self, h: RayHandle) -> None:
+        with self._lock:
+            self._handles.pop(h._key, None)
+        try:
+            self._board.forget.remote(h._key)
+        except Exception:  # noqa: BLE001
+            pass
+
+    def _monitor_loop(self) -> None:
+        while not self._closed.is_set():
+            try:
+                self._monitor_once()
+            except Exception:  # noqa: BLE001 - the monitor must outlive any single failure
+                log.exception("ray runner monitor failed")
+                self._closed.wait(1.0)
+
+    def _monitor_once(self) -> None:
+        with self._lock:
+            live = [h for h in self._handles.values() if h._outcome is None]
+        if not live:
+            self._wake.wait(1.0)
+            self._wake.clear()
+            return
+        by_ref = {h._ref: h for h in live if h._ref is not None}
+        if by_ref:
+            ready, _ = ray.wait(list(by_ref), num_returns=len(by_ref), timeout=POLL_S, fetch_local=False)
+        else:
+            ready = []
+            self._wake.wait(POLL_S)
+            self._wake.clear()
+        for ref in ready:
+            by_ref[ref]._collect()
+        try:
+            snap = ray.get(self._board.snapshot.remote([h._key for h in live]), timeout=5)
+        except Exception as e:  # noqa: BLE001 - no progress this round; deadlines still apply
+            log.debug("progress board unavailable: %s", e)
+            snap = {}
+        now = time.time()
+        for h in live:
+            if h._key in snap:
+                h._observe(*snap[h._key])
+            h._check_deadline(now)
+
+    def handles(self) -> list[RayHandle]:
+        """The experiments this runner is watching."""
+        with self._lock:
+            return list(self._handles.values())
+
+    def close(self, kill: bool = True) -> None:
+        """Stop watching; with kill, cancel running tasks first. Shuts Ray down only if this runner started it."""
+        if kill:
+            for h in self.handles():
+                h.kill("runner closed")
+            deadline = time.time() + 5
+            while self.handles() and time.time() < deadline:
+                time.sleep(0.1)
+        self._closed.set()
+        self._wake.set()
+        self._monitor.join(timeout=5)
+        try:
+            ray.kill(self._board)
+        except Exception:  # noqa: BLE001
+            pass
+        if self._owns_ray:
+            ray.shutdown()
