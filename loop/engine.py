@@ -172,6 +172,11 @@ class Engine:
                     continue
                 if exp.pid and is_harness_process(exp.pid):
                     kill_group(exp.pid)
+                elif exp.host and exp.host != "local" and callable(getattr(self.runner, "reap", None)):
+                    try:  # a remote run left behind by the crash: stop it before it is re-run
+                        self.runner.reap(exp.id, exp.host)
+                    except Exception:  # noqa: BLE001 - an unreachable host is the health check's business
+                        log.warning("could not reap #%s on %s", exp.id, exp.host)
                 exp.status, exp.pid = "queued", None
                 exp.reason = "re-queued after a restart"
                 db.add(exp)
@@ -197,7 +202,13 @@ class Engine:
         self._proposer_pool.shutdown(wait=False, cancel_futures=True)
         if kill:
             for h in list(self.handles.values()):
-                kill_group(h.pid) if h.pid else None
+                if h.pid:
+                    kill_group(h.pid)
+                elif getattr(h, "slot", None) is not None and h.slot.host != "local":
+                    h.kill("service stopping")  # remote: re-queued at the next start
+        close = getattr(self.runner, "close", None)
+        if callable(close):
+            close()
 
     def wake(self) -> None:
         self._wake.set()
