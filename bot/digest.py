@@ -51,6 +51,8 @@ def digest_text(d: Digest) -> str:
         lines.append(f"early pruning saved {d.pruned_saved_s / 3600:.2f} GPU-hours ({d.counts.get('pruned', 0)} runs)")
     lines.append("budget:")
     lines += ["  " + budget_bar(c) for c in d.caps]
+    for pid, scale, status, verdict in d.promotions:
+        lines.append(f"promotion #{pid} to {scale}: " + (verdict.replace("_", " ") if verdict else status))
     if d.candidates:
         lines.append("best candidates to promote: " + ", ".join(f"#{k.id} ({k.delta:+.4f})" for k in d.candidates))
     return "\n".join(lines)

@@ -12,7 +12,7 @@ from typing import Optional
 
 from sqlmodel import Session, select
 
-from db.models import Experiment, Run, utcnow
+from db.models import Experiment, Promotion, Run, utcnow
 from loop import budget
 
 PLOTTED_STATUSES = ("keep", "discard", "crash", "timeout", "pruned")
@@ -59,6 +59,7 @@ class Digest:
     plot: PlotData
     total_experiments: int = 0
     pruned_saved_s: float = 0.0  # GPU-seconds early pruning saved in the window
+    promotions: list = field(default_factory=list)  # (id, scale, status, verdict) finished in or still open
 
     @property
     def finished(self) -> int:
@@ -100,8 +101,12 @@ def build_digest(db_engine, run_name: str, settings, *, now: Optional[datetime] 
         caps = budget.caps(db, run.id, settings, until)
         pruned = db.exec(select(Experiment.decision, Experiment.finished_at)
                          .where(Experiment.run_id == run.id, Experiment.status == "pruned")).all()
+        promos = db.exec(select(Promotion.id, Promotion.scale, Promotion.status, Promotion.verdict,
+                                Promotion.finished_at).where(Promotion.run_id == run.id)).all()
     saved = sum(float((dec or {}).get("pruned", {}).get("saved_s", 0.0)) for dec, fin in pruned
                 if fin is not None and since <= _aware(fin) < until)
+    promo_rows = [(i, sc, st, v) for i, sc, st, v, fin in promos
+                  if fin is None or since <= _aware(fin) < until]
     kept_all = [KeptChange(i, d, v, (dec or {}).get("delta"), _aware(f)) for i, d, v, dec, f in kept_rows]
     base_vals = [v for _, kind, st, v, _, _ in rows if kind == "baseline" and st == "keep" and v is not None]
     baseline = statistics.fmean(base_vals) if base_vals else None
@@ -135,4 +140,5 @@ def build_digest(db_engine, run_name: str, settings, *, now: Optional[datetime] 
     top = sorted((k for k in kept_all if k.delta is not None), key=lambda k: k.delta)[:candidates]
     return Digest(run=run.name, since=since, until=until, kept=kept, best_then=best_then,
                   best_now=run.head_val_bpb, baseline=baseline, counts=counts, caps=caps, candidates=top, plot=plot,
-                  total_experiments=sum(1 for r in rows if r[1] == "experiment"), pruned_saved_s=saved)
+                  total_experiments=sum(1 for r in rows if r[1] == "experiment"), pruned_saved_s=saved,
+                  promotions=promo_rows)
