@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from sqlmodel import select
 
+from bot.commands import format_status
 from db.models import Event, Experiment, Promotion, Run
 from db.session import create_tables, make_engine
 from loop.config import ScaleConfig, Settings
@@ -131,3 +132,18 @@ def test_promotion_event_renders_with_a_plot_in_the_shell(tmp_path):
                          digest_dir=tmp_path / "d")
     assert shell.deliver() == 1
     assert "promotion #1 to s1: transfers" in buf.getvalue() and (tmp_path / "d" / "promotion-1.png").exists()
+
+
+def test_cancel_a_running_promotion(tmp_path, data_dir):
+    eng, db, ws = promotion_engine(tmp_path, data_dir, SLOW.replace("step >= 60", "step >= 100000"))
+    control = Control(db, "main", eng)
+    control.promote("olga", None)
+    tick_until(eng, lambda: any(getattr(h, "kind", "") == "promotion" for h in eng.handles.values()))
+    assert "promotion #1 to wide: running" in format_status(control.status())
+    assert control.cancel_promotion("olga", 1) == "promotion #1 cancelled by olga"
+    tick_until(eng, lambda: not eng.handles, timeout=60)
+    runs = [e for e in rows(db) if e.kind == "promotion"]
+    assert runs and all(e.status == "aborted" and "cancelled" in e.reason for e in runs)
+    assert rows(db, Promotion)[0].status == "cancelled" and rows(db, Run)[0].promoted_commit == ""
+    with pytest.raises(ControlError, match="already cancelled"):
+        control.cancel_promotion("olga", 1)
