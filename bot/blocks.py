@@ -24,7 +24,12 @@ DAILY_METADATA_TYPE = "ratchet_daily"
 COMPACT_KINDS = frozenset({"discarded", "crashed", "invalid", "pruned", "aborted", "baseline_run", "infra_failed"})
 MARK = {"kept": "✓", "discarded": "✗", "crashed": "!", "invalid": "⊘", "pruned": "✂", "aborted": "■",
         "paused": "⏸", "resumed": "▶", "baseline": "≈", "baseline_run": "·", "infra_failed": "↻", "hint": "✎",
-        "reverted": "↩", "proposer_error": "!", "budget": "$", "digest": "📈"}
+        "reverted": "↩", "proposer_error": "!", "budget": "$", "digest": "📈", "rebased": "↷", "host_down": "▼",
+        "host_up": "▲", "promotion": "⇪", "promotion_requested": "⇪", "promotion_started": "⇪",
+        "promotion_cancelled": "⇪"}
+# A promotion's verdict (loop/promotion.py judge) → its mark and words.
+VERDICTS = {"transfers": ("✅", "transfers"), "does_not_transfer": ("❌", "does not transfer"),
+            "inconclusive": ("❔", "inconclusive"), "scale_ignored": ("⚠️", "no verdict: train.py ignores ctx.scale")}
 
 SECTION_MAX = 3000  # characters of a section's text
 HEADER_MAX = 150
@@ -218,6 +223,67 @@ def state_blocks(ev) -> list[dict]:
     return [section(f"{mark} *{escape(title)}*\n{body}"), actions(*buttons)]
 
 
+def _count(n: Any) -> str:
+    """A parameter count, short: 12.3M, 850.0k, 999."""
+    n = int(n)
+    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 \
+        else str(n)
+
+
+def promotion_blocks(ev, promotion: Optional[dict] = None) -> list[dict]:
+    """A promotion's result: the verdict; Δ val_bpb at the loop's scale with the run's noise floor vs Δ at the
+    larger scale with its standard error over the paired seeds; the scale (and, from `promotion` when given,
+    its budget and overrides); parameter counts; the reason; Show diff of the candidate and Pause.
+
+    `ev` is an outbox Event of kind "promotion" (payload {promotion_id, verdict, result, scale,
+    candidate_exp_id}, result from loop/promotion.py Transfer.as_dict, or {reason} when it failed);
+    `promotion` optionally {budget_s, scale_overrides, seeds} of the promotions row.
+    """
+    p = ev.payload or {}
+    r = p.get("result") or {}
+    pid, scale, verdict = p.get("promotion_id", "?"), str(p.get("scale") or "?"), str(p.get("verdict") or "")
+    cand = p.get("candidate_exp_id")
+    mark, words = VERDICTS.get(verdict, ("✗", "failed") if not verdict else ("•", verdict.replace("_", " ")))
+    out = [{"type": "header", "text": _plain(f"⇪ Promotion #{pid} to {scale}: {words}", HEADER_MAX)}]
+    small, sigma = r.get("delta_small"), r.get("sigma_small")
+    large, se = r.get("delta_large"), r.get("se_large")
+    pairs = min(len(r.get("reference_runs") or []), len(r.get("candidate_runs") or []))
+    fields = [f"*Verdict*\n{mark} {escape(words)}",
+              "*Candidate*\n" + (f"#{cand}" if cand is not None else "head")]
+    if verdict:
+        fields.append("*Δ at the loop's scale*\n" + ("n/a" if small is None else f"{small:+.4f}")
+                      + (f" (noise σ {sigma:.4f})" if sigma is not None else " (noise not measured)"))
+        fields.append(f"*Δ at {escape(scale)}*\n" + ("n/a" if large is None else f"{large:+.4f}"
+                                                      + (f" ± {se:.4f}" if se is not None else ""))
+                      + (f" ({pairs} paired seed{'s' if pairs != 1 else ''})" if pairs else ""))
+    where = escape(scale)
+    if promotion:
+        bits = [f"{promotion['budget_s']:g} s" if promotion.get("budget_s") else "",
+                ", ".join(f"{escape(k)} {escape(v)}" for k, v in (promotion.get("scale_overrides") or {}).items())]
+        where += "".join(f" · {b}" for b in bits if b)
+    fields.append(f"*Scale*\n{where}")
+    params_s, params_l = r.get("params_small") or {}, r.get("params_large") or {}
+    if params_l.get("candidate"):
+        fields.append("*Parameters (candidate)*\n" + (f"{_count(params_s['candidate'])} → "
+                                                       if params_s.get("candidate") else "")
+                      + f"{_count(params_l['candidate'])} at {escape(scale)}")
+    out.append({"type": "section", "fields": [_mrkdwn(f, FIELD_MAX) for f in fields]})
+    if r.get("reason"):
+        out.append(context(escape(truncate(str(r["reason"]), 1500))))
+    buttons = [diff_button(int(cand))] if cand is not None else []
+    out.append(actions(*buttons, pause_button()))
+    return out
+
+
+def promotion_message(ev, promotion: Optional[dict] = None) -> Message:
+    """The post of a promotion's result (promotion_blocks); its plot goes into the thread (bot/notifier.py)."""
+    text = truncate(f"⇪ {escape(ev.text)}", FALLBACK_MAX)
+    try:
+        return Message(text, promotion_blocks(ev, promotion))
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return Message(text, [section(text, accessory=pause_button())])
+
+
 def event_message(ev) -> Message:
     """The post for one outbox event. Never raises for an unknown kind or a sparse payload: it falls back
     to the event's one-line text."""
@@ -225,6 +291,8 @@ def event_message(ev) -> Message:
     try:
         if ev.kind == "kept" and ev.experiment_id is not None:
             return Message(text, kept_blocks(ev))
+        if ev.kind == "promotion":
+            return promotion_message(ev)
         if ev.kind in COMPACT_KINDS:
             return Message(text, compact_blocks(ev), compact=True)
         return Message(text, state_blocks(ev))
@@ -237,6 +305,23 @@ def digest_message(ev, text: str) -> Message:
     body = reply_text(text) if "\n" in text else escape(text)
     return Message(truncate(f"📈 {escape(first_line(text, 200))}", FALLBACK_MAX),
                    [section(f"📈 *Digest*\n{truncate(body, 2900)}"), actions(pause_button())])
+
+
+def plot_filename(run: str, ev) -> str:
+    """The file name of an event's plot in Slack, unique per run and event: how a restart recognises an upload
+    already in the post's thread (`ratchet-main-digest-42.png`)."""
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", str(run)).strip("-") or "run"
+    return f"ratchet-{slug}-{ev.kind}-{ev.id}.png"
+
+
+def plot_comment(ev) -> str:
+    """The line that introduces an event's plot in its thread."""
+    if ev.kind == "digest":
+        return "📈 Progress plot: every experiment's val_bpb coloured by status, head's running best as a step line"
+    if ev.kind == "promotion":
+        scale = escape((ev.payload or {}).get("scale") or "the larger scale")
+        return f"⇪ val_bpb at {scale}, reference vs candidate, paired seeds joined"
+    return f"{MARK.get(ev.kind, '•')} plot"
 
 
 def event_metadata(ev) -> dict:

@@ -1,4 +1,5 @@
-"""Outbox delivery to Slack: events posted in order, each post's ts stored, nothing posted twice.
+"""Outbox delivery to Slack: events posted in order, each post's ts stored, nothing posted twice; the digest's
+and a promotion's plot uploaded into the post's thread once, never holding up later posts.
 
 Reads events and marks them delivered through the control API only; renders with bot/blocks.py.
 """
@@ -6,8 +7,12 @@ Reads events and marks them delivered through the control API only; renders with
 from __future__ import annotations
 
 import logging
+import tempfile
 import threading
+import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 from zoneinfo import ZoneInfo
 
@@ -29,6 +34,35 @@ PAYLOAD_ERRORS = frozenset({"invalid_blocks", "invalid_blocks_format", "msg_too_
 # Configuration problems: logged as errors (someone must act); the events wait.
 CONFIG_ERRORS = frozenset({"invalid_auth", "not_authed", "account_inactive", "token_revoked", "token_expired",
                            "channel_not_found", "not_in_channel", "is_archived", "missing_scope"})
+# Plots (files.getUploadURLExternal → POST to its upload_url → files.completeUploadExternal into the thread).
+PLOT_MARK = " plot:"  # delivery_ref becomes "<ts> plot:<file id>" once the event's plot is in its thread
+UPLOAD_BACKOFF_S = (10.0, 30.0, 60.0, 300.0, 900.0)  # waits after consecutive failed uploads of one plot
+UPLOAD_MAX_AGE_S = 24 * 3600.0  # a plot not uploaded within this long after its event is given up (logged)
+DIGEST_CACHE = 4  # digests kept from rendering the post to drawing its plot
+
+
+@dataclass
+class Plot:
+    """A PNG for an event's thread: its bytes, its title in Slack, alt text, and the line that introduces it."""
+
+    data: bytes
+    title: str
+    alt_txt: str = ""
+    comment: str = ""
+
+
+@dataclass
+class _Upload:
+    """A plot owed to a posted event: the post's ts (the thread), failed tries, when to try next (monotonic),
+    the plot once drawn, and whether the thread may already hold it (a try failed after sending, or a
+    restart before it was recorded)."""
+
+    ev: object
+    ts: str
+    tries: int = 0
+    due: float = 0.0
+    plot: Optional[Plot] = None
+    check_thread: bool = False
 
 
 class DeliveryError(RuntimeError):
@@ -59,6 +93,14 @@ class Notifier:
     asks for a pass now (non-blocking, safe to call from the engine while it holds its lock).
 
     The client's own retry handlers retry 429 (Retry-After), 5xx and connection errors within a call.
+
+    Plots: after an event of a kind in `plots` (default: digest, promotion) is posted, its PNG is uploaded with
+    files_upload_v2 into the post's thread, between posts and only while no event waits, so a slow or failing
+    file endpoint never holds up or reorders later events. A failed upload is logged and tried again later
+    (upload_backoff_s) until upload_max_age_s after its event. Once the file is shared its id is recorded in
+    the event's delivery_ref ("<ts> plot:<file id>"); the first pass after a start reads the channel's posts of
+    the last upload_max_age_s, and uploads only the plots neither recorded nor found in their thread (by file
+    name, blocks.plot_filename), so a restart never uploads a plot twice.
     """
 
     name = "slack"
@@ -67,7 +109,9 @@ class Notifier:
                  timezone_: str = "UTC", backoff_s: Sequence[float] = BACKOFF_S, poll_s: float = POLL_S,
                  on_posted: Optional[Callable[[object, str], None]] = None,
                  renderers: Optional[dict[str, Callable[[object], blocks.Message]]] = None,
-                 followups: Optional[dict[str, Callable[["Notifier", object, str], None]]] = None):
+                 followups: Optional[dict[str, Callable[["Notifier", object, str], None]]] = None,
+                 plots: Optional[dict[str, Optional[Callable[[object], Optional[Plot]]]]] = None,
+                 upload_backoff_s: Sequence[float] = UPLOAD_BACKOFF_S, upload_max_age_s: float = UPLOAD_MAX_AGE_S):
         if not channel:
             raise ValueError("no Slack channel: set slack_channel in ratchet.toml or SLACK_CHANNEL")
         self.control = control
@@ -79,9 +123,21 @@ class Notifier:
         self.poll_s = poll_s
         self.on_posted = on_posted
         # kind → how to render it (default: blocks.event_message), and kind → what to do once it is posted
-        # (e.g. upload the digest's plot into its thread); a failed follow-up is logged, never re-posts.
-        self.renderers = {"digest": self._render_digest, **(renderers or {})}
+        # (e.g. tell another system); a failed follow-up is logged, never re-posts. Plots are not follow-ups: they
+        # are owed until uploaded, and retried (see `plots` below).
+        self.renderers = {"digest": self._render_digest, "promotion": self._render_promotion, **(renderers or {})}
         self.followups = dict(followups or {})
+        # kind → the plot to upload into the post's thread (None: no plot; a kind mapped to None has none).
+        plots = {"digest": self._digest_plot, "promotion": self._promotion_plot, **(plots or {})}
+        self.plots = {k: f for k, f in plots.items() if f is not None}
+        self.upload_backoff_s = tuple(upload_backoff_s) or UPLOAD_BACKOFF_S
+        self.upload_max_age_s = upload_max_age_s
+        self.uploaded = 0  # plots uploaded by this notifier
+        self.upload_failures = 0  # failed upload tries (all plots, since start)
+        self.upload_error = ""  # the last one's reason
+        self._uploads: dict[int, _Upload] = {}  # event id → plot owed
+        self._scan_needed = True  # look for plots owed from before a restart
+        self._digests: dict[int, object] = {}  # event id → loop.digest.Digest rendered for the post
         self.failures = 0  # consecutive failed passes (0 while Slack answers)
         self.last_error = ""
         self.posted = 0  # events posted by this notifier
@@ -145,13 +201,16 @@ class Notifier:
                     self.recover()
                     self._recover_needed = False
                 n = 0
+                tried: set[int] = set()  # each owed plot is tried at most once per pass
                 while True:
                     pending = self.control.pending_events(self.name)
-                    if not pending:
+                    if pending:
+                        for ev in pending:
+                            self._post_event(ev)
+                            n += 1
+                        continue  # events first; plots only while none waits
+                    if not self._upload_next(tried):
                         break
-                    for ev in pending:
-                        self._post_event(ev)
-                        n += 1
             except (SlackApiError, SlackClientError, OSError) as e:
                 self._recover_needed = True  # the failed post may have reached Slack after all
                 self.failures += 1
@@ -164,14 +223,25 @@ class Notifier:
             self.failures, self.last_error = 0, ""
             return n
 
-    def _render_digest(self, ev) -> blocks.Message:
-        from datetime import datetime as _dt
+    def _digest_of(self, ev):
+        until = (ev.payload or {}).get("until")
+        return self.control.digest(until=datetime.fromisoformat(until) if until else None)
 
+    def _render_digest(self, ev) -> blocks.Message:
         from bot.digest import digest_text
 
-        until = (ev.payload or {}).get("until")
-        return blocks.digest_message(ev, digest_text(self.control.digest(until=_dt.fromisoformat(until)
-                                                                         if until else None)))
+        d = self._digest_of(ev)
+        self._digests[ev.id] = d  # its plot is drawn from the same numbers
+        while len(self._digests) > DIGEST_CACHE:
+            self._digests.pop(next(iter(self._digests)))
+        return blocks.digest_message(ev, digest_text(d))
+
+    def _render_promotion(self, ev) -> blocks.Message:
+        pid = (ev.payload or {}).get("promotion_id")
+        row = next((p for p in self.control.promotions() if p.id == pid), None) if pid is not None else None
+        info = {"budget_s": row.budget_s, "scale_overrides": dict(row.scale_overrides or {}), "seeds": row.seeds} \
+            if row is not None else None
+        return blocks.promotion_message(ev, info)
 
     def _render(self, ev) -> blocks.Message:
         render = self.renderers.get(ev.kind)
@@ -197,6 +267,8 @@ class Notifier:
         ts = resp["ts"]
         self.control.mark_delivered(ev.id, self.name, ts)
         self.posted += 1
+        if ev.kind in self.plots:
+            self._uploads.setdefault(ev.id, _Upload(ev, ts))
         follow = self.followups.get(ev.kind)
         if follow is not None:
             try:
@@ -227,6 +299,147 @@ class Notifier:
         resp = self._post(msg.text, msg.blocks, None, blocks.daily_metadata(day))
         self._daily[day] = resp["ts"]
         return resp["ts"]
+
+    # ---- plots ----
+
+    def _digest_plot(self, ev) -> Plot:
+        from bot.digest import render_plot
+
+        d = self._digests.pop(ev.id, None) or self._digest_of(ev)
+        with tempfile.TemporaryDirectory(prefix="ratchet-plot-") as tmp:
+            path = Path(tmp) / "progress.png"
+            render_plot(d, path)
+            data = path.read_bytes()
+        return Plot(data, f"Progress · run {d.run} · {d.until:%Y-%m-%d %H:%M} UTC",
+                    f"val_bpb of the run's experiments up to {d.until:%Y-%m-%d %H:%M} UTC, coloured by status, with "
+                    "head's running best as a step line", blocks.plot_comment(ev))
+
+    def _promotion_plot(self, ev) -> Optional[Plot]:
+        from bot.digest import render_promotion_plot
+
+        p = ev.payload or {}
+        result = p.get("result") or {}
+        if not result.get("reference_runs") or not result.get("candidate_runs"):
+            return None  # a failed promotion has nothing to draw
+        scale = str(p.get("scale") or "")
+        with tempfile.TemporaryDirectory(prefix="ratchet-plot-") as tmp:
+            path = Path(tmp) / "promotion.png"
+            render_promotion_plot(result, scale, path)
+            data = path.read_bytes()
+        return Plot(data, f"Promotion #{p.get('promotion_id')} to {scale}",
+                    f"val_bpb at {scale} of the reference and the candidate, one dot per seed", blocks.plot_comment(ev))
+
+    def pending_uploads(self) -> list[int]:
+        """Ids of the events whose plot is still owed (waiting for a retry), oldest first."""
+        return sorted(self._uploads)
+
+    def _upload_next(self, tried: set[int]) -> bool:
+        """Try the oldest owed plot that is due and not tried in this pass. Returns False when there was none.
+        Never raises: a failure is logged and the plot waits for a later pass."""
+        if self._scan_needed:
+            try:
+                self._scan_uploads()
+                self._scan_needed = False
+            except Exception as e:  # noqa: BLE001 - the scan is tried again next pass; posts go on
+                log.warning("could not look for plots owed from before the restart: %s", _describe(e))
+        now = time.monotonic()
+        due = [i for i, u in sorted(self._uploads.items()) if i not in tried and u.due <= now]
+        if not due:
+            return False
+        tried.add(due[0])
+        self._try_upload(self._uploads[due[0]])
+        return True
+
+    def _try_upload(self, u: _Upload) -> None:
+        ev = u.ev
+        if time.time() - _epoch(ev.created_at) > self.upload_max_age_s:
+            self._uploads.pop(ev.id, None)
+            log.error("gave up on the plot of event %s (%s) after %d failed tries: %s", ev.id, ev.kind, u.tries,
+                      self.upload_error or "too old")
+            return
+        try:
+            if u.check_thread:  # an earlier try may have shared it before failing (or before a crash)
+                found = self._plot_in_thread(ev, u.ts)
+                if found is not None:
+                    self._record_upload(u, found, uploaded=False)
+                    return
+                u.check_thread = False
+            if u.plot is None:
+                u.plot = self.plots[ev.kind](ev)
+                if u.plot is None:
+                    self._uploads.pop(ev.id, None)
+                    return
+            u.check_thread = True  # from here on a failure may come after Slack shared the file
+            resp = self.client.files_upload_v2(channel=self.channel, thread_ts=u.ts, file=u.plot.data,
+                                               filename=blocks.plot_filename(self.control.run_name, ev),
+                                               title=u.plot.title, alt_txt=u.plot.alt_txt or None,
+                                               initial_comment=u.plot.comment or None)
+            self._record_upload(u, str((resp.get("file") or {}).get("id") or ""))
+        except Exception as e:  # noqa: BLE001 - a plot never blocks delivery: retried later, logged
+            u.tries += 1
+            u.due = time.monotonic() + self.upload_backoff_s[min(u.tries - 1, len(self.upload_backoff_s) - 1)]
+            self.upload_failures += 1
+            self.upload_error = _describe(e)
+            if isinstance(e, (SlackApiError, SlackClientError, OSError)):
+                log.log(logging.ERROR if _api_error(e) in CONFIG_ERRORS else logging.WARNING,
+                        "plot of event %s (%s) not uploaded (try %d): %s; again in %.0f s", ev.id, ev.kind, u.tries,
+                        self.upload_error, u.due - time.monotonic())
+            else:
+                log.exception("plot of event %s (%s) failed (try %d); again later", ev.id, ev.kind, u.tries)
+
+    def _record_upload(self, u: _Upload, file_id: str, uploaded: bool = True) -> None:
+        """The plot is in the thread (`uploaded` now, or found there): say so in the event's delivery_ref, so no
+        restart uploads it again."""
+        self.control.mark_delivered(u.ev.id, self.name, f"{u.ts}{PLOT_MARK}{file_id or '?'}")
+        self._uploads.pop(u.ev.id, None)
+        self.uploaded += uploaded
+        log.info("plot of event %s (%s) %s its thread (%s)", u.ev.id, u.ev.kind,
+                 "uploaded into" if uploaded else "found in", file_id or "no id")
+
+    def _plot_in_thread(self, ev, ts: str) -> Optional[str]:
+        """The id of the event's plot among the thread's replies ("" when shared without an id), else None."""
+        name = blocks.plot_filename(self.control.run_name, ev)
+        for m in self._replies(ts):
+            if m.get("ts") == ts:
+                continue
+            for f in m.get("files") or []:
+                if f.get("name") == name:
+                    return str(f.get("id") or "")
+        return None
+
+    def _scan_uploads(self) -> int:
+        """After a start: the plots owed by posts of the last upload_max_age_s (plot kinds, this run) whose
+        event records no upload; those already in their thread are recorded, the others queued. Returns how
+        many were queued. Raises what the client raises."""
+        since = time.time() - self.upload_max_age_s
+        posts: list[tuple[int, str, bool]] = []
+        for m in self._history(since):
+            md = m.get("metadata") or {}
+            p = md.get("event_payload") or {}
+            if md.get("event_type") == blocks.EVENT_METADATA_TYPE and p.get("run") == self.control.run_name \
+                    and p.get("kind") in self.plots:
+                try:
+                    posts.append((int(p["id"]), m["ts"], bool(m.get("reply_count"))))
+                except (KeyError, TypeError, ValueError):
+                    continue
+        n = 0
+        for eid, ts, has_replies in sorted(posts):
+            if eid in self._uploads:
+                continue
+            found = self.control.events_after(eid - 1, limit=1)
+            ev = found[0] if found and found[0].id == eid else None
+            if ev is None or ev.delivered_at is None or PLOT_MARK in (ev.delivery_ref or ""):
+                continue
+            u = _Upload(ev, ts)
+            file_id = self._plot_in_thread(ev, ts) if has_replies else None
+            if file_id is not None:
+                self._record_upload(u, file_id, uploaded=False)
+                continue
+            self._uploads[eid] = u
+            n += 1
+        if n:
+            log.info("%d plot(s) owed from before the restart: uploading", n)
+        return n
 
     # ---- recovery ----
 
@@ -290,6 +503,11 @@ class Notifier:
             cursor = (resp.get("response_metadata") or {}).get("next_cursor")
             if not resp.get("has_more") or not cursor:
                 return
+
+
+def post_ts(delivery_ref: str) -> str:
+    """The Slack ts of an event's post from its delivery_ref ("<ts>", or "<ts> plot:<file id>")."""
+    return (delivery_ref or "").split(PLOT_MARK, 1)[0]
 
 
 def _api_error(e: Exception) -> str:

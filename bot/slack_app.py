@@ -106,15 +106,20 @@ def slack_configured(env: Mapping[str, str] = os.environ) -> bool:
 # ---- clients ----
 
 
+# Calls that post: retried after a connection error only when nothing can have been sent.
+NOT_IDEMPOTENT = ("chat.postMessage", "files.completeUploadExternal")
+
+
 class PostSafeConnectionRetryHandler(ConnectionErrorRetryHandler):
-    """slack_sdk's connection-error retries, except a chat.postMessage whose request may have reached Slack
-    (reset or dropped after sending): retrying that could post twice, so the notifier checks the channel
-    first. A refused or unresolvable connection (nothing was sent) is retried as usual."""
+    """slack_sdk's connection-error retries, except a chat.postMessage or files.completeUploadExternal whose
+    request may have reached Slack (reset or dropped after sending): retrying that could post (or share a
+    plot) twice, so the notifier checks the channel (the thread) first. A refused or unresolvable connection
+    (nothing was sent) is retried as usual."""
 
     def _can_retry(self, *, state, request, response=None, error=None) -> bool:
         if not super()._can_retry(state=state, request=request, response=response, error=error):
             return False
-        if request.url.rstrip("/").endswith("chat.postMessage"):
+        if request.url.split("?", 1)[0].rstrip("/").endswith(NOT_IDEMPOTENT):
             return isinstance(error, URLError) and isinstance(error.reason, (ConnectionRefusedError, socket.gaierror))
         return True
 

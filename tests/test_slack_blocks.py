@@ -153,3 +153,33 @@ def test_the_manifest_matches_the_app():
     assert [c["command"] for c in m["features"]["slash_commands"]] == [SLASH_COMMAND]
     assert m["settings"]["event_subscriptions"]["bot_events"] == ["app_mention"]
     assert m["settings"]["interactivity"]["is_enabled"] and m["settings"]["socket_mode_enabled"]
+
+
+@pytest.mark.parametrize("verdict,words", [("transfers", "✅ transfers"), ("does_not_transfer", "❌ does not transfer"),
+                                           ("inconclusive", "❔ inconclusive"),
+                                           ("scale_ignored", "no verdict: train.py ignores ctx.scale"),
+                                           ("", "✗ failed")])
+def test_a_promotion_post_for_every_verdict(verdict, words):
+    result = {"delta_small": -0.03, "sigma_small": 0.0061, "delta_large": 0.001 if verdict else None,
+              "se_large": 0.002, "reference_runs": [2.0, 2.01], "candidate_runs": [2.0, 2.012],
+              "params_small": {"candidate": 3_400_000}, "params_large": {"candidate": 3_400_000},
+              "reason": "Δ +0.0010 at scale: <no> gain"} if verdict else {"reason": "no completed pair: crash OOM"}
+    e = ev("promotion", f"promotion #3 to s2: {verdict or 'failed'}",
+           {"promotion_id": 3, "verdict": verdict, "result": result, "scale": "s2", "candidate_exp_id": None})
+    msg = blocks.event_message(e)
+    assert _block_problem(msg.blocks) is None and not msg.compact
+    text = all_text(msg.blocks)
+    assert "Promotion #3 to s2" in text and words in text and "*Candidate*\\nhead" in text
+    assert ("Δ at s2" in text) == bool(verdict) and ("&lt;no&gt;" in text or not verdict)
+    assert list(buttons(msg.blocks)) == [blocks.PAUSE]  # head: no single experiment's diff to show
+
+
+def test_a_promotion_with_a_sparse_payload_still_renders():
+    msg = blocks.event_message(ev("promotion", "promotion #4 to s1: transfers", {"verdict": "transfers"}))
+    assert _block_problem(msg.blocks) is None and "transfers" in all_text(msg.blocks)
+
+
+def test_plot_file_names_are_unique_per_run_and_event():
+    e = ev("digest", "digest", id=42)
+    assert blocks.plot_filename("main", e) == "ratchet-main-digest-42.png"
+    assert blocks.plot_filename("my run/ü", e) == "ratchet-my-run-digest-42.png"

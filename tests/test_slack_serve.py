@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 import time
 
+from bot.notifier import post_ts
 from db.models import CommandLog, Event, Run
 from tests.fakes.slack_api import APP_TOKEN, BOT_TOKEN, FakeSlack
 from tests.test_serve import db_rows, serve_env, start
@@ -39,7 +40,7 @@ def test_serve_uses_slack_when_its_tokens_are_set(tmp_path, data_dir, tiny_works
     evs = db_rows(home, Event)
     posted = {m["metadata"]["event_payload"]["id"]: m["ts"] for m in fake.event_posts(CHANNEL)}
     delivered = [e for e in evs if e.delivered_at is not None]
-    assert delivered and all(posted.get(e.id) == e.delivery_ref for e in delivered)
+    assert delivered and all(posted.get(e.id) == post_ts(e.delivery_ref) for e in delivered)
     assert len(posted) == len(fake.event_posts(CHANNEL))  # no event posted twice
     assert [(a.user, a.backend, a.command) for a in db_rows(home, CommandLog)] == \
         [("<@U0VIEWER>", "slack", "pause"), ("<@U0VIEWER>", "slack", "status")]

@@ -1,9 +1,15 @@
 """A fake Slack on 127.0.0.1 (port 0) for the real `slack_bolt` / `slack_sdk` clients: the Web API over HTTP,
-Socket Mode over WebSocket, response_url webhooks; every call recorded, errors scripted. Tests only.
+Socket Mode over WebSocket, response_url webhooks, the external file upload; every call recorded, errors
+scripted. Tests only.
 
 Point a client at it with `WebClient(token, base_url=fake.api_url)`; `apps.connections.open` hands out a
 ws:// URL to the fake's own Socket Mode server, which pushes envelopes (`slash_command`, `block_action`,
 `app_mention`) and records each ack with its time.
+
+Files go the way `files_upload_v2` sends them: `files.getUploadURLExternal` (filename, length) answers a
+file_id and an upload_url on the fake (`/upload/v1/<file_id>`); the client POSTs the raw bytes there; then
+`files.completeUploadExternal` (files=[{id, title}], channel_id, thread_ts, initial_comment) shares the file:
+a message with `files` appears in the channel or the thread, as in Slack. `uploads[file_id]` keeps each one.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ TEAM = "T0FAKE"
 APP_ID = "A0RATCHET"
 BOT_TOKEN = "xoxb-fake-bot-token"
 APP_TOKEN = "xapp-fake-app-token"
+UPLOAD = "upload"  # the "method" of the POST of a file's bytes to its upload_url: fail(UPLOAD, ...) scripts it
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @dataclass
@@ -55,6 +63,23 @@ class Call:
     @property
     def ok(self) -> bool:
         return self.status == 200 and bool(self.reply.get("ok"))
+
+
+@dataclass
+class Upload:
+    """One external upload: what files.getUploadURLExternal was told, the bytes POSTed to the upload_url
+    (None until then), and where files.completeUploadExternal shared it (None until then)."""
+
+    file_id: str
+    filename: str
+    length: int
+    alt_txt: str = ""
+    data: Optional[bytes] = None
+    completed: Optional[dict] = None  # {channel_id, thread_ts, title, initial_comment, ts of the share message}
+
+    @property
+    def is_png(self) -> bool:
+        return bool(self.data) and self.data.startswith(PNG_MAGIC)
 
 
 def ratelimited(retry_after: int = 1) -> Reply:
@@ -127,10 +152,12 @@ def _element_problem(e: dict) -> Optional[str]:
 class FakeSlack:
     """The fake: `api_url` is the WebClient base_url; `messages[channel]` the posted messages (thread replies
     included, each with its ts and metadata); `calls` every Web API call; `responses` every response_url
-    post; `ephemerals` every chat.postEphemeral; `acks[envelope_id]` the Socket Mode acks.
+    post; `ephemerals` every chat.postEphemeral; `acks[envelope_id]` the Socket Mode acks; `uploads[file_id]`
+    every external upload (`shared_files()` the completed ones).
 
-    `fail(method, *replies)` queues scripted answers for one method (served before the normal ones);
-    `down()` makes the Web API refuse connections until `up()`. Use as a context manager.
+    `fail(method, *replies)` queues scripted answers for one method (served before the normal ones;
+    `fail(UPLOAD, ...)` for the POST of a file's bytes to its upload_url); `down()` makes the Web API refuse
+    connections until `up()`. Use as a context manager.
     """
 
     def __init__(self, usergroups: Optional[dict[str, list[str]]] = None):
@@ -141,6 +168,7 @@ class FakeSlack:
         self.responses: list[dict] = []
         self.acks: dict[str, tuple[float, dict]] = {}
         self.sent_at: dict[str, float] = {}
+        self.uploads: dict[str, Upload] = {}
         self._scripted: dict[str, deque[Reply]] = defaultdict(deque)
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
@@ -232,6 +260,14 @@ class FakeSlack:
     def event_posts(self, channel: Optional[str] = None) -> list[dict]:
         """Posted messages that carry a ratchet event id in their metadata, oldest first."""
         return [m for m in self.posts(channel) if m.get("metadata", {}).get("event_type") == "ratchet_event"]
+
+    def shared_files(self, channel: Optional[str] = None, thread_ts: Optional[str] = None) -> list[Upload]:
+        """Uploads completed into `channel` (any when None) and, when given, into the thread of `thread_ts`;
+        oldest first."""
+        with self._lock:
+            return [u for u in self.uploads.values() if u.completed
+                    and (channel is None or u.completed["channel_id"] == channel)
+                    and (thread_ts is None or u.completed.get("thread_ts") == thread_ts)]
 
     def wait_for(self, cond: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
         """Block until cond() is truthy (re-checked on every change, and every 50 ms); return its value."""
@@ -392,6 +428,10 @@ class FakeSlack:
             return Reply(200, {"ok": True, "message_ts": self._next_ts()})
         if method in ("conversations.history", "conversations.replies"):
             return self._history(method, args)
+        if method == "files.getUploadURLExternal":
+            return self._upload_url(args)
+        if method == "files.completeUploadExternal":
+            return self._complete_upload(args)
         if method == "usergroups.users.list":
             users = self.usergroups.get(args.get("usergroup", ""))
             return Reply(200, {"ok": True, "users": users}) if users is not None else api_error("no_such_subteam")
@@ -429,6 +469,73 @@ class FakeSlack:
                 parent.setdefault("thread_ts", parent["ts"])
             self.messages[channel].append(msg)
         return Reply(200, {"ok": True, "channel": channel, "ts": msg["ts"], "message": msg})
+
+    def _upload_url(self, args: dict) -> Reply:
+        try:
+            length = int(args.get("length") or 0)
+        except ValueError:
+            length = 0
+        if not args.get("filename") or length <= 0:
+            return api_error("invalid_arguments")
+        file_id = f"F{next(self._ids):010d}"
+        with self._lock:
+            self.uploads[file_id] = Upload(file_id, args["filename"], length, args.get("alt_txt") or "")
+        return Reply(200, {"ok": True, "upload_url": f"{self.url}/upload/v1/{file_id}", "file_id": file_id})
+
+    def _receive_file(self, path: str, headers: dict, raw: bytes) -> Reply:
+        """The POST of a file's bytes to its upload_url (raw body, as slack_sdk sends it)."""
+        file_id = path.rstrip("/").rsplit("/", 1)[-1]
+        with self._lock:
+            scripted = self._scripted[UPLOAD].popleft() if self._scripted[UPLOAD] else None
+            up = self.uploads.get(file_id)
+            if scripted is not None:
+                reply = scripted
+            elif up is None:
+                reply = Reply(404, {"ok": False, "error": "not_found"})
+            else:
+                up.data = raw
+                reply = Reply(200, {"ok": True})
+            self.calls.append(Call(UPLOAD, {"file_id": file_id, "length": len(raw)}, "", headers, reply.status,
+                                   reply.body, time.time()))
+            self._changed.notify_all()
+        return reply
+
+    def _complete_upload(self, args: dict) -> Reply:
+        files = _loads(args.get("files"))
+        if not isinstance(files, list) or not files or not all(isinstance(f, dict) and f.get("id") for f in files):
+            return api_error("invalid_arguments")
+        channel, thread_ts = args.get("channel_id") or "", args.get("thread_ts") or ""
+        with self._lock:
+            ups = [self.uploads.get(f["id"]) for f in files]
+            # never uploaded, bytes not matching the announced length, or completed already ("can only be
+            # called once"): the fake answers file_not_found for all three
+            if any(u is None or u.data is None or len(u.data) != u.length or u.completed for u in ups):
+                return api_error("file_not_found")
+            if thread_ts and not channel:
+                return api_error("invalid_arguments")
+            parent = None
+            if thread_ts:
+                parent = next((m for m in self.messages.get(channel, []) if m["ts"] == thread_ts), None)
+                if parent is None or parent.get("thread_ts", parent["ts"]) != parent["ts"]:
+                    return api_error("thread_not_found")  # unknown, or a reply's ts instead of its parent's
+            share_ts = self._next_ts() if channel else ""
+            objs = []
+            for u, f in zip(ups, files):
+                title = f.get("title") or u.filename
+                u.completed = {"channel_id": channel, "thread_ts": thread_ts, "title": title,
+                               "initial_comment": args.get("initial_comment") or "", "ts": share_ts}
+                objs.append({"id": u.file_id, "name": u.filename, "title": title, "size": len(u.data),
+                             "mimetype": "image/png" if u.is_png else "application/octet-stream",
+                             "filetype": "png" if u.is_png else "binary", "alt_txt": u.alt_txt, "user": BOT_USER})
+            if channel:
+                msg = {"type": "message", "ts": share_ts, "user": BOT_USER, "bot_id": BOT_ID, "app_id": APP_ID,
+                       "text": args.get("initial_comment") or "", "team": TEAM, "upload": True, "files": objs}
+                if parent is not None:
+                    msg["thread_ts"] = thread_ts
+                    parent["reply_count"] = parent.get("reply_count", 0) + 1
+                    parent.setdefault("thread_ts", parent["ts"])
+                self.messages[channel].append(msg)
+        return Reply(200, {"ok": True, "files": [{"id": o["id"], "title": o["title"]} for o in objs]})
 
     def _history(self, method: str, args: dict) -> Reply:
         channel = args.get("channel", "")
@@ -484,6 +591,18 @@ class FakeSlack:
                 raw = self.rfile.read(length) if length else b""
                 headers = {k.lower(): v for k, v in self.headers.items()}
                 url = urllib.parse.urlsplit(self.path)
+                if url.path.startswith("/upload/v1/"):
+                    reply = fake._receive_file(url.path, headers, raw)
+                    # Slack's upload endpoint answers plain text ("OK - <bytes>") on success
+                    data = (f"OK - {len(raw)}" if reply.status == 200 else json.dumps(reply.body)).encode("utf-8")
+                    self.send_response(reply.status)
+                    self.send_header("content-type", "text/plain; charset=utf-8")
+                    self.send_header("content-length", str(len(data)))
+                    for name, value in reply.headers.items():
+                        self.send_header(name, value)
+                    self.end_headers()
+                    self.wfile.write(data)
+                    return
                 args: dict = {k: v[-1] for k, v in urllib.parse.parse_qs(url.query).items()}
                 ctype = headers.get("content-type", "")
                 if raw and "json" in ctype:
