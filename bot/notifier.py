@@ -390,7 +390,7 @@ class Notifier:
     def _record_upload(self, u: _Upload, file_id: str, uploaded: bool = True) -> None:
         """The plot is in the thread (`uploaded` now, or found there): say so in the event's delivery_ref, so no
         restart uploads it again."""
-        self.control.mark_delivered(u.ev.id, self.name, f"{u.ts}{PLOT_MARK}{file_id or '?'}")
+        self.control.note_delivery(u.ev.id, f"{u.ts}{PLOT_MARK}{file_id or '?'}")
         self._uploads.pop(u.ev.id, None)
         self.uploaded += uploaded
         log.info("plot of event %s (%s) %s its thread (%s)", u.ev.id, u.ev.kind,

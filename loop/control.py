@@ -143,6 +143,14 @@ class Control:
             ev.delivered_at, ev.delivery_ref, ev.attempts = utcnow(), ref or backend, ev.attempts + 1
             db.add(ev)
 
+    def note_delivery(self, event_id: int, ref: str) -> None:
+        """Replace a delivered event's reference (e.g. add the uploaded plot's file id to the post's ts),
+        leaving when and how often it was delivered as they were."""
+        with session_scope(self.db) as db:
+            ev = db.get(Event, event_id)
+            ev.delivery_ref = ref
+            db.add(ev)
+
     # ---- changes ----
 
     def pause(self, user: str, now: bool = False, reason: str = "") -> str:

@@ -188,10 +188,10 @@ def test_a_crash_between_the_upload_and_its_record_never_uploads_twice(tmp_path,
     class CrashingControl(Control):
         """Dies (like kill -9) right after Slack shared the plot, before the upload is recorded."""
 
-        def mark_delivered(self, event_id, backend, ref=""):
+        def note_delivery(self, event_id, ref):
             if PLOT_MARK in ref:
                 raise KeyboardInterrupt("killed")
-            super().mark_delivered(event_id, backend, ref)
+            super().note_delivery(event_id, ref)
 
     with pytest.raises(KeyboardInterrupt):
         notifier(CrashingControl(control.db, control.run_name), fake_slack).deliver()
