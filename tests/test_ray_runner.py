@@ -137,7 +137,7 @@ def test_kill_aborts_and_a_lost_worker_is_an_infra_failure(runner, tmp_path, dat
 
     out = killed.outcome()
     assert out.aborted == "paused now: lunch" and not out.infra_failed
-    assert out.result.error == "aborted: paused now: lunch"
+    assert out.result.error == "aborted: paused now: lunch" and out.curve  # the points seen before the kill
     out = lost.outcome()
     assert out.infra_failed and out.aborted == "" and lost_calls == [1]
     assert "WorkerCrashedError" in out.result.error, out.result.error

@@ -316,6 +316,7 @@ class RayHandle:
         self._outcome: Optional[Outcome] = None
         self._aborted = ""
         self._progress: Optional[dict] = None
+        self._seen: list[dict] = []  # curve points polled while it ran: the curve of a run that never returns
         self._lock = threading.Lock()
         self._submitted = self._phase_since = time.time()
         self._phase = "queued"  # queued → preparing (task started) → training (harness started)
@@ -399,12 +400,18 @@ class RayHandle:
                 self._ref, self._shipping = None, True
             threading.Thread(target=self._ship_and_resubmit, name=f"ship-{self.exp_id}", daemon=True).start()
             return
-        self._finish(self._outcome_from(payload))
+        try:
+            outcome = self._outcome_from(payload)
+        except (OSError, KeyError, TypeError) as e:  # the service's disk, or a node running other code
+            self._finish_infra(f"could not record the result: {type(e).__name__}: {e}")
+            return
+        self._finish(outcome)
 
     def _observe(self, info: dict, point: Optional[dict]) -> None:
         self.info = info
-        if point is not None:
+        if point is not None and point != self._progress:
             self._progress = point
+            self._seen.append(point)
         phase = "training" if info.get("harness_pid") else "preparing"
         if phase != self._phase and not (phase == "preparing" and self._phase == "training"):
             self._phase, self._phase_since = phase, time.time()
@@ -436,12 +443,14 @@ class RayHandle:
     def _aborted_outcome(self) -> Outcome:
         res = Result(status="crash", error=f"aborted: {self._aborted}", seed=self.job.seed)
         return Outcome(result=res, slot=self.slot.name, host=self.info.get("node", self.slot.host),
-                       wall_seconds=round(time.time() - self.started, 3), aborted=self._aborted)
+                       wall_seconds=round(time.time() - self.started, 3), aborted=self._aborted,
+                       curve=downsample_curve(self._seen))
 
     def _finish_infra(self, error: str) -> None:
         res = Result(status="crash", error=error, seed=self.job.seed)
         self._finish(Outcome(result=res, slot=self.slot.name, host=self.info.get("node", self.slot.host),
-                             wall_seconds=round(time.time() - self.started, 3), infra_failed=True))
+                             wall_seconds=round(time.time() - self.started, 3), infra_failed=True,
+                             curve=downsample_curve(self._seen)))
 
     def _outcome_from(self, p: dict) -> Outcome:
         """Mirror of the local runner: the harness's result.json, else a result the runner writes."""
