@@ -1,4 +1,4 @@
-"""The `ratchet` command line (typer): serve, init, data prepare, train.
+"""The `ratchet` command line (typer): serve, init, data prepare, train, db upgrade, doctor.
 
 Parses arguments and prints; the work is done by bot/serve.py, loop/ and trainer/.
 """
@@ -19,6 +19,8 @@ from loop.config import ConfigError, load_settings
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Ratchet: automated pretraining research.")
 data_app = typer.Typer(no_args_is_help=True, help="Prepare training data.")
 app.add_typer(data_app, name="data")
+db_app = typer.Typer(no_args_is_help=True, help="Database schema: upgrade, current, downgrade, revision.")
+app.add_typer(db_app, name="db")
 console = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
 
@@ -30,6 +32,17 @@ def _settings(config: Optional[Path], **overrides):
         return load_settings(config, **overrides)
     except ConfigError as e:
         err.print(f"[red]{e}[/red]")
+        raise typer.Exit(2)
+
+
+def _open_db(settings):
+    """The database for a command: a new empty one is migrated; an out-of-date one exits 2 naming the fix."""
+    from db.migrate import SchemaError, open_database
+
+    try:
+        return open_database(settings.db_url)
+    except SchemaError as e:
+        err.print(f"[red]{e}[/red]", soft_wrap=True)
         raise typer.Exit(2)
 
 
@@ -48,7 +61,7 @@ def serve(config: Optional[Path] = ConfigOpt,
         code = run_serve(settings, max_experiments=max_experiments, budget_explicit=budget_s is not None,
                          console=console)
     except (ServeError, CorpusError) as e:
-        err.print(f"[red]{e}[/red]")
+        err.print(f"[red]{e}[/red]", soft_wrap=True)
         raise typer.Exit(2)
     raise typer.Exit(code)
 
@@ -68,9 +81,9 @@ def propose(dry_run: bool = typer.Option(True, "--dry-run/--no-dry-run", help="p
         err.print("[red]only --dry-run is supported: `ratchet serve` runs proposals[/red]")
         raise typer.Exit(2)
     settings = _settings(config, run=run)
-    data_dir, ws, db = prepare_everything(settings, err)
-    device = resolve_device(settings.device)
     try:
+        data_dir, ws, db = prepare_everything(settings, err)
+        device = resolve_device(settings.device)
         proposer = make_proposer(settings, device)
     except ServeError as e:
         err.print(f"[red]{e}[/red]")
@@ -101,12 +114,10 @@ def digest(out: Path = typer.Option(..., "--out", help="where to write the progr
            config: Optional[Path] = ConfigOpt, run: Optional[str] = typer.Option(None, help="run name")):
     """Render the digest: print its text and write the progress plot, without posting anything."""
     from bot.digest import digest_text, render_plot
-    from db.session import create_tables, make_engine
     from loop.digest import build_digest
 
     settings = _settings(config, run=run)
-    db = make_engine(settings.db_url)
-    create_tables(db)
+    db = _open_db(settings)
     try:
         d = build_digest(db, settings.run, settings, hours=hours)
     except LookupError as e:
@@ -180,6 +191,125 @@ def train(script: Optional[Path] = typer.Option(None, help="a train.py (default:
         cmd += ["--eval-tokens", str(settings.eval_tokens)]
     err.print(f"training {script} for {settings.budget_s:g} s; curve and result in {out_dir}")
     raise typer.Exit(subprocess.call(cmd))
+
+
+@app.command()
+def doctor(config: Optional[Path] = ConfigOpt):
+    """Check config, database, Slack, the Anthropic key, hosts and data: one line each; exit code 1 on a failure.
+
+    Each line is ok / warn / fail with what to do; secrets are masked; nothing is changed.
+    """
+    from bot.doctor import doctor as run_doctor
+
+    raise typer.Exit(run_doctor(config, console))
+
+
+# ---- ratchet db ----
+
+
+def _db_engine(config: Optional[Path]):
+    from sqlalchemy.exc import ArgumentError
+
+    from db.migrate import safe_url
+    from db.session import make_engine
+
+    settings = _settings(config)
+    try:
+        return make_engine(settings.db_url), safe_url(settings.db_url)
+    except ArgumentError as e:
+        err.print(f"malformed database URL {safe_url(settings.db_url)}: {e.__class__.__name__}", markup=False,
+                  soft_wrap=True)
+        raise typer.Exit(2)
+
+
+def _db_call(fn, *args):
+    """Run a migration step; a database error or a SchemaError exits 1 with one line (password masked)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from db.migrate import SchemaError
+
+    try:
+        return fn(*args)
+    except SchemaError as e:
+        err.print(str(e), markup=False, soft_wrap=True)
+    except SQLAlchemyError as e:
+        reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0][:300]
+        err.print(f"database error: {reason}", markup=False, soft_wrap=True)
+    raise typer.Exit(1)
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: str = typer.Argument("head", help="target revision (default: head)"),
+               config: Optional[Path] = ConfigOpt):
+    """Upgrade the database schema to this version's (adopting a database made before migrations)."""
+    from db import migrate
+
+    engine, shown = _db_engine(config)
+    before = _db_call(migrate.schema_state, engine)
+    after = _db_call(migrate.upgrade, engine, revision)
+    if before.current == after:
+        console.print(f"{shown}: already at {migrate.describe(after)}; nothing to do", markup=False, soft_wrap=True)
+    else:
+        was = migrate.describe(before.current) + (" (tables made before migrations)" if before.tables and
+                                                  before.current is None else "")
+        console.print(f"{shown}: {was} → {migrate.describe(after)}", markup=False, soft_wrap=True)
+
+
+@db_app.command("current")
+def db_current(config: Optional[Path] = ConfigOpt):
+    """Print the database's schema revision and this version's head; exit code 1 when they differ."""
+    from db import migrate
+
+    engine, shown = _db_engine(config)
+    st = _db_call(migrate.schema_state, engine)
+    if st.at_head:
+        console.print(f"{shown}: {migrate.describe(st.current)} (head)", markup=False, soft_wrap=True)
+        return
+    try:
+        migrate.check_schema(engine)
+    except migrate.SchemaError as e:
+        console.print(f"{shown}: {e}", markup=False, soft_wrap=True)
+    raise typer.Exit(1)
+
+
+@db_app.command("downgrade")
+def db_downgrade(revision: str = typer.Argument(..., help="target revision: an id, -1 (one step) or base (empty)"),
+                 config: Optional[Path] = ConfigOpt):
+    """Downgrade the schema (columns and tables added since `revision` are dropped with their data)."""
+    from db import migrate
+
+    engine, shown = _db_engine(config)
+    before = _db_call(migrate.current_revision, engine)
+    after = _db_call(migrate.downgrade, engine, revision)
+    console.print(f"{shown}: {migrate.describe(before)} → {migrate.describe(after)}", markup=False, soft_wrap=True)
+
+
+@db_app.command("stamp")
+def db_stamp(revision: str = typer.Argument(..., help="the revision the schema already is at"),
+             config: Optional[Path] = ConfigOpt):
+    """Record a revision without running migrations (for a schema fixed by hand)."""
+    from db import migrate
+
+    engine, shown = _db_engine(config)
+    _db_call(migrate.stamp, engine, revision)
+    now = _db_call(migrate.current_revision, engine)
+    console.print(f"{shown}: stamped {migrate.describe(now)}", markup=False, soft_wrap=True)
+
+
+@db_app.command("revision")
+def db_revision(message: str = typer.Option(..., "-m", "--message", help="what changes, e.g. 'hosts: add zone'"),
+                empty: bool = typer.Option(False, "--empty", help="an empty revision to fill in by hand"),
+                url: Optional[str] = typer.Option(None, help="compare against this database (at head) instead of a "
+                                                              "scratch SQLite")):
+    """For developers: write a revision with what db/models.py changed since the last one (autogenerate).
+
+    The file is db/migrations/versions/<id>_<slug>.py; review it, then run tests/test_migrations.py.
+    """
+    from db import migrate
+
+    path = _db_call(lambda: migrate.new_revision(message, autogenerate=not empty, url=url))
+    console.print(f"wrote {path}; review it (renames, server defaults for NOT NULL columns, data moves) and run "
+                  f"pytest tests/test_migrations.py", markup=False, soft_wrap=True)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from rich.console import Console
 
 from bot.commands import format_status
 from bot.shell import ShellBackend
-from db.session import create_tables, make_engine
+from db.migrate import SchemaError, open_database
 from loop.config import Settings
 from loop.control import Control
 from loop.engine import Engine
@@ -90,12 +90,15 @@ def make_chat(settings: Settings, control: Control, console: Console, read_comma
 
 
 def prepare_everything(settings: Settings, console: Console):
-    """Data (prepared if missing), workspace (created if missing), database (tables). Returns them."""
+    """Database (a new empty one is migrated to head; any other must be at head), data (prepared if missing),
+    workspace (created if missing). Returns them. Raises ServeError naming the fix (`ratchet db upgrade`)."""
+    try:
+        db = open_database(settings.db_url)
+    except SchemaError as e:
+        raise ServeError(str(e)) from None
     data_dir, did = tdata.prepare(settings.corpus, settings.vocab_size, home=settings.home, console=console)
     console.print(f"data: {data_dir} ({'prepared now' if did else 'ready'})")
     ws = Workspace.init(settings.workspace)
-    db = make_engine(settings.db_url)
-    create_tables(db)
     return data_dir, ws, db
 
 

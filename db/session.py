@@ -1,6 +1,6 @@
 """Database engine and sessions: SQLite (WAL) by default, PostgreSQL when RATCHET_DATABASE_URL says so.
 
-Knows nothing of runs or experiments beyond creating the tables.
+Knows nothing of runs or experiments beyond creating the tables (migrations: db/migrate.py).
 """
 
 from __future__ import annotations
@@ -53,8 +53,26 @@ def make_engine(url: str, **kw) -> Engine:
 
 
 def create_tables(engine: Engine) -> None:
-    """Create any missing tables (idempotent)."""
+    """Create any missing tables straight from db/models.py (idempotent; tests and benchmarks). A database that
+    had none of our tables is recorded as at the migrations' head, so `ratchet` commands accept it.
+
+    Services go through db.migrate.ensure_schema / `ratchet db upgrade` instead.
+    """
+    from db import migrate
+
+    fresh = schema_is_empty(engine)
     SQLModel.metadata.create_all(engine)
+    if fresh and migrate.head_revision():
+        migrate.stamp(engine, "head")
+
+
+def schema_is_empty(engine: Engine) -> bool:
+    """True when the database has none of db/models.py's tables."""
+    from sqlalchemy import inspect
+
+    with engine.connect() as conn:
+        have = set(inspect(conn).get_table_names())
+    return not have & set(SQLModel.metadata.tables)
 
 
 @contextmanager
