@@ -74,6 +74,24 @@ def make_proposer(settings: Settings, device: str):
     return OfflineProposer(seed=settings.seed, device=device)
 
 
+def make_runner(settings: Settings):
+    """The configured runner: local (subprocesses here), ssh (settings.hosts) or ray (settings.ray_address).
+
+    Raises ServeError for a runner configured without what it needs.
+    """
+    if settings.runner == "ssh":
+        if not settings.hosts:
+            raise ServeError("runner = ssh needs [[hosts]] in ratchet.toml (see deploy/ratchet.toml)")
+        from loop.runners.ssh import SSHRunner
+
+        return SSHRunner(settings.hosts)
+    if settings.runner == "ray":
+        from loop.runners.ray_runner import RayRunner
+
+        return RayRunner.from_settings(settings)
+    return LocalRunner(settings.device)
+
+
 def make_chat(settings: Settings, control: Control, console: Console, read_commands: Optional[bool] = None):
     """The chat backend: Slack (bot/slack_app.py) when SLACK_BOT_TOKEN and SLACK_APP_TOKEN or
     SLACK_SIGNING_SECRET are set, else the shell. Raises ServeError when Slack is configured wrongly."""
@@ -113,7 +131,7 @@ def serve(settings: Settings, *, max_experiments: Optional[int] = None, budget_e
     log_path = setup_logging(settings.home)
     data_dir, ws, db = prepare_everything(settings, console)
     device = resolve_device(settings.device)
-    runner = LocalRunner(settings.device)
+    runner = make_runner(settings)
     engine = Engine(settings, db, ws, runner, make_proposer(settings, device), data_dir,
                     max_experiments=max_experiments, device=device)
     run = engine.setup()
