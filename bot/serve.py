@@ -84,7 +84,8 @@ def make_runner(settings: Settings):
             raise ServeError("runner = ssh needs [[hosts]] in ratchet.toml (see deploy/ratchet.toml)")
         from loop.runners.ssh import SSHRunner
 
-        return SSHRunner(settings.hosts)
+        # host keys learned on first contact live with the service's state; the engine runs the health checks
+        return SSHRunner(settings.hosts, known_hosts_file=settings.home / "known_hosts", health_interval_s=None)
     if settings.runner == "ray":
         from loop.runners.ray_runner import RayRunner
 
