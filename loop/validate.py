@@ -4,6 +4,7 @@ train(ctx), no file/network/process/harness access, small, new). Never executes 
 from __future__ import annotations
 
 import ast
+import functools
 import difflib
 import hashlib
 from collections.abc import Container, Iterator, Mapping, Sequence
@@ -135,11 +136,13 @@ def validate_proposal(
     return Verdict(not reason, reason, ast_hash, diff)
 
 
+@functools.lru_cache(maxsize=128)
 def normalised_ast_hash(source: str) -> str:
     """sha256 hex of the source's AST without positions or docstrings.
 
     Comments, blank lines, formatting and docstrings do not change it. Raises SyntaxError
-    (or ValueError for null bytes) when the source does not parse.
+    (or ValueError for null bytes) when the source does not parse. Cached: head's source is
+    hashed again for every proposal made on it.
     """
     return _hash_tree(ast.parse(source))
 
