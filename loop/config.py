@@ -112,6 +112,16 @@ class Settings(BaseSettings):
     prune: bool = Field(default=True, description="stop runs whose loss curve is clearly behind head's")
     prune_after: float = Field(default=0.3, ge=0, le=1, description="fraction of the budget before pruning may act")
     prune_margin: float = Field(default=0.05, ge=0, description="relative smoothed-loss margin behind head's curve")
+    sandbox: bool = Field(default=True, description="contain train.py (Linux): no network, an unprivileged user, "
+                                                    "read-only outside its directory, resource limits (README: The sandbox)")
+    sandbox_user: str = Field(default="nobody", description="user name or uid experiments run as when the "
+                                                            "service runs as root")
+    sandbox_memory_gb: float = Field(default=0.0, ge=0, description="address-space limit per CPU experiment, GiB; "
+                                                                    "default 0 = 80% of the host's RAM; never on CUDA")
+    sandbox_max_processes: int = Field(default=4096, ge=8, description="processes and threads of the sandbox user, "
+                                                                       "all its experiments together")
+    sandbox_max_file_gb: float = Field(default=16.0, gt=0, description="largest file an experiment may write, GiB")
+    sandbox_max_open_files: int = Field(default=4096, ge=64, description="open files per experiment process")
     seed: int = 0
 
     # Slack (bot/slack_app.py): used when SLACK_BOT_TOKEN and SLACK_APP_TOKEN (Socket Mode) or

@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import resource
+import shutil
 import sys
 import threading
 import time
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 
 from trainer import data as tdata
 from trainer.result import Result
+from trainer.sandbox import ScriptGuard, contain_environment, limit_message
 
 PROCESS_START = time.time()
 # Steps before the clock starts, so compilation and allocator warm-up are free (autoresearch: 10).
@@ -315,11 +317,15 @@ def run(*, script: Path, data_dir: Path, budget_s: float, out: Path, device: str
     """Train `script` for `budget_s` seconds, score it and write `out` (result JSON). Returns the Result.
 
     Never raises: the script's faults become status `crash` (exception, bad module, divergence,
-    reading validation data) or `timeout` (still running at budget + grace seconds from process
-    start: the watchdog writes the result and exits the process with code 3). Data problems
-    (missing preparation, fingerprint mismatch) are crashes too, with the reason in `error`.
+    reading validation data, hitting a resource limit, or what trainer.sandbox.ScriptGuard refuses: network,
+    processes, native code, writes outside `out`'s directory) or `timeout` (still running at budget + grace
+    seconds from process start: the watchdog writes the result and exits the process with code 3). Data
+    problems (missing preparation, fingerprint mismatch) are crashes too, with the reason in `error`.
     """
     script, data_dir, out = Path(script).resolve(), Path(data_dir), Path(out)
+    workdir = out.resolve().parent  # the experiment's own directory: the only place its code may write
+    scratch = contain_environment(workdir)
+    guard = ScriptGuard(workdir, script.name)
     dev = pick_device(device)
     grace_s = 60.0 + 0.5 * budget_s if grace_s is None else grace_s
     res = Result(device=str(dev), seed=seed)
@@ -331,6 +337,7 @@ def run(*, script: Path, data_dir: Path, budget_s: float, out: Path, device: str
     ctx: Context | None = None
 
     def finish(r: Result) -> None:
+        guard.active = False  # the harness's own writes
         with write_lock:
             if finished.is_set():
                 return
@@ -340,6 +347,8 @@ def run(*, script: Path, data_dir: Path, budget_s: float, out: Path, device: str
                 r.tokens, r.steps = ctx.tokens, ctx.steps
                 r.training_seconds = r.training_seconds or round(ctx.training_seconds(), 3)
             r.write(out)
+            for d in scratch:
+                shutil.rmtree(d, ignore_errors=True)
             finished.set()
 
     def watchdog() -> None:
@@ -367,6 +376,7 @@ def run(*, script: Path, data_dir: Path, budget_s: float, out: Path, device: str
                       curve_path=curve,
                       warmup_steps=WARMUP_STEPS.get(dev.type, 1) if warmup_steps is None else warmup_steps)
         fence.active = True
+        guard.active = True  # until the score is in: evaluation runs the script's forward() too
         try:
             module = load_script(script)
             model = module.train(ctx)
@@ -376,6 +386,8 @@ def run(*, script: Path, data_dir: Path, budget_s: float, out: Path, device: str
         res.training_seconds = round(ctx.training_seconds(), 3)
         if fence.violation:
             raise HarnessError(f"train.py tried to read validation data ({Path(fence.violation).name})")
+        if guard.violation:
+            raise HarnessError(guard.violation)
         if not isinstance(model, nn.Module):
             raise HarnessError(f"train(ctx) returned {type(model).__name__}, expected a torch.nn.Module")
         model.eval()
@@ -387,12 +399,23 @@ def run(*, script: Path, data_dir: Path, budget_s: float, out: Path, device: str
                                    np.load(Path(data_dir) / "token_bytes.npy"), seq_len=seq_len,
                                    vocab_size=vocab, device=dev,
                                    eval_tokens=eval_tokens or DEFAULT_EVAL_TOKENS.get(dev.type, 1 << 17))
+        guard.active = False
+        if guard.violation:
+            raise HarnessError(guard.violation)
         if not math.isfinite(res.val_bpb):
             raise TrainingDiverged(f"val_bpb is {res.val_bpb}")
         res.status = "ok"
     except BaseException as e:  # noqa: BLE001 - every fault of the script must become a result
-        if isinstance(e, KeyboardInterrupt):
+        guard.active = False
+        module = model = None  # noqa: F841 - after a MemoryError, free what the script holds before reporting
+        traceback.clear_frames(e.__traceback__)
+        limit = limit_message(e, script.name)
+        if guard.violation:
+            res.error = guard.violation
+        elif isinstance(e, KeyboardInterrupt):
             res.error = "interrupted"
+        elif limit:
+            res.error = limit
         else:
             res.error = _one_line(e, script)
         res.status = "crash"

@@ -1,10 +1,12 @@
-"""The local runner: each experiment is `python -m trainer.run` in its own process group, one per slot.
+"""The local runner: each experiment is `python -m trainer.run` in its own process group, one per slot,
+under the sandbox launcher (trainer/sandbox.py) when `sandbox` is on.
 
 Reads the result only from the harness's JSON; never parses the script's prints.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -16,6 +18,10 @@ from typing import Callable, Optional
 
 from loop.runners.base import Job, Outcome, Slot, downsample_curve, last_curve_point, read_curve, tail
 from trainer.result import Result, read_result
+from trainer.sandbox import (LAUNCH_FAILED, SandboxConfig, defuse, describe_features, launcher_command,
+                             sandbox_features, signal_message)
+
+log = logging.getLogger(__name__)
 
 BACKSTOP_S = 30.0  # the harness times itself out at budget + grace; the runner kills only if that fails
 KILL_WAIT_S = 3.0  # SIGTERM, then SIGKILL after this long
@@ -51,6 +57,39 @@ def harness_command(job: Job, python: str = sys.executable) -> list[str]:
     return cmd
 
 
+def sandbox_config(settings=None) -> SandboxConfig:
+    """The sandbox settings of `settings` (default: the current configuration; the defaults when it is invalid)."""
+    if settings is None:
+        from loop.config import ConfigError, load_settings
+
+        try:
+            settings = load_settings()
+        except ConfigError:
+            return SandboxConfig()
+    return SandboxConfig(enabled=settings.sandbox, user=settings.sandbox_user, memory_gb=settings.sandbox_memory_gb,
+                         max_processes=settings.sandbox_max_processes, max_file_gb=settings.sandbox_max_file_gb,
+                         max_open_files=settings.sandbox_max_open_files)
+
+
+def uses_cuda(job: Job, slot: Slot) -> bool:
+    """Whether the job trains on a GPU (then no address-space limit: it breaks the CUDA driver)."""
+    if job.device != "auto":
+        return job.device.startswith("cuda")
+    return bool(slot.env.get("CUDA_VISIBLE_DEVICES"))
+
+
+_warned: set = set()
+
+
+def check_sandbox(cfg: SandboxConfig) -> dict:
+    """sandbox_features(cfg), logging one warning per process for what is not available."""
+    f = sandbox_features(cfg)
+    if f["missing"] and cfg not in _warned:
+        _warned.add(cfg)
+        log.warning("%s", describe_features(f))
+    return f
+
+
 def kill_group(pgid: int, sig: int = signal.SIGKILL) -> bool:
     """Signal a whole process group; False when it no longer exists."""
     try:
@@ -72,7 +111,7 @@ def is_harness_process(pid: int) -> bool:
 class LocalHandle:
     """A running local experiment. Thread-safe; `on_done` is called once when the outcome is ready."""
 
-    def __init__(self, job: Job, slot: Slot, on_done: Callable[[], None]):
+    def __init__(self, job: Job, slot: Slot, on_done: Callable[[], None], sandbox: Optional[SandboxConfig] = None):
         self.exp_id = job.exp_id
         self.slot = slot
         self.job = job
@@ -83,14 +122,21 @@ class LocalHandle:
         self.started = time.time()
         wd = Path(job.workdir)
         wd.mkdir(parents=True, exist_ok=True)
-        for stale in ("result.json", "result.curve.jsonl", "log.txt"):
+        defuse(wd)  # a previous, sandboxed run owned this directory: no link of its making is followed
+        for stale in ("result.json", "result.curve.jsonl", "log.txt", "train.py"):
             (wd / stale).unlink(missing_ok=True)
         (wd / "train.py").write_text(job.source)
         self.log_path = wd / "log.txt"
         self.curve_path = wd / "result.curve.jsonl"
         env = {**os.environ, **slot.env, "PYTHONUNBUFFERED": "1"}
+        cmd = harness_command(job)
+        self.sandbox = sandbox if sandbox is not None and sandbox.enabled and sys.platform.startswith("linux") else None
+        cuda = uses_cuda(job, slot)
+        if self.sandbox:
+            cmd = launcher_command(self.sandbox, workdir=wd, read=[job.data_dir], cuda=cuda) + cmd
+        self._memory = self.sandbox.memory_bytes(cuda) if self.sandbox else None
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(harness_command(job), cwd=wd, stdout=log, stderr=subprocess.STDOUT,
+            self.proc = subprocess.Popen(cmd, cwd=wd, stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, env=env, start_new_session=True)
         self.pid = self.proc.pid
         threading.Thread(target=self._watch, name=f"exp-{job.exp_id}", daemon=True).start()
@@ -109,6 +155,7 @@ class LocalHandle:
 
     def _read_outcome(self) -> Outcome:
         wall = time.time() - self.started
+        defuse(self.job.workdir)
         log_tail = tail(self.log_path)
         result_path = Path(self.job.workdir) / "result.json"
         if self._aborted:
@@ -122,11 +169,21 @@ class LocalHandle:
             res = Result(status="timeout", error=f"killed after budget + grace + {BACKSTOP_S:.0f} s",
                          seed=self.job.seed)
         else:
-            code = self.proc.returncode
-            why = f"killed by signal {-code}" if code and code < 0 else f"exited with code {code}"
-            res = Result(status="crash", error=f"harness {why} without a result", seed=self.job.seed)
+            res = Result(status="crash", error=self._no_result_error(log_tail), seed=self.job.seed)
         return Outcome(result=res, slot=self.slot.name, host=self.slot.host, wall_seconds=round(wall, 3),
                        log_tail=log_tail, aborted=self._aborted, curve=downsample_curve(read_curve(self.curve_path)))
+
+    def _no_result_error(self, log_tail: list[str]) -> str:
+        """Why the harness left no result: the limit a signal points to, or the launcher's own reason."""
+        code = self.proc.returncode
+        if code and code < 0 and self.sandbox:
+            max_file = int(self.sandbox.max_file_gb * (1 << 30))
+            return signal_message(-code, self._memory, max_file)
+        if code == LAUNCH_FAILED and self.sandbox:
+            why = next((line for line in reversed(log_tail) if line.startswith("sandbox: cannot start")), "")
+            return why or f"the sandbox could not start the harness (exit code {code})"
+        why = f"killed by signal {-code}" if code and code < 0 else f"exited with code {code}"
+        return f"harness {why} without a result"
 
     def done(self) -> bool:
         return self._outcome is not None
@@ -145,20 +202,32 @@ class LocalHandle:
 
     def progress(self) -> Optional[dict]:
         """{step, elapsed_s, loss} of the latest curve point, or None before the first step."""
+        if self.curve_path.is_symlink():
+            return None
         return last_curve_point(self.curve_path)
 
 
 class LocalRunner:
-    """Subprocess runner on this machine: one slot per GPU, or one CPU slot."""
+    """Subprocess runner on this machine: one slot per GPU, or one CPU slot.
+
+    `sandbox`: a SandboxConfig, True / False (defaults / off), or None for the configured settings
+    (`sandbox`, `sandbox_user`, … in ratchet.toml). `features` says what the sandbox enforces here.
+    """
 
     name = "local"
 
-    def __init__(self, device: str = "auto", cpu_slots: int = 1):
+    def __init__(self, device: str = "auto", cpu_slots: int = 1, sandbox: SandboxConfig | bool | None = None):
         self._slots = detect_slots(device, cpu_slots)
+        if sandbox is None:
+            sandbox = sandbox_config()
+        elif isinstance(sandbox, bool):
+            sandbox = SandboxConfig(enabled=sandbox)
+        self.sandbox: SandboxConfig = sandbox
+        self.features = check_sandbox(sandbox) if sandbox.enabled else sandbox_features(sandbox)
 
     def slots(self) -> list[Slot]:
         return list(self._slots)
 
     def start(self, job: Job, slot: Slot, on_done: Callable[[], None]) -> LocalHandle:
         """Start a job on a slot. Raises OSError when the process cannot be started (an infra failure)."""
-        return LocalHandle(job, slot, on_done)
+        return LocalHandle(job, slot, on_done, self.sandbox)

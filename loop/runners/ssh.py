@@ -25,8 +25,9 @@ import asyncssh
 import trainer
 from loop.config import HostConfig, default_home
 from loop.runners.base import Job, Outcome, Slot, downsample_curve, last_curve_point, read_curve, tail
-from loop.runners.local import BACKSTOP_S, KILL_WAIT_S, harness_command
+from loop.runners.local import BACKSTOP_S, KILL_WAIT_S, harness_command, sandbox_config, uses_cuda
 from trainer.result import Result, read_result
+from trainer.sandbox import SandboxConfig, launcher_command
 
 log = logging.getLogger(__name__)
 
@@ -699,7 +700,10 @@ class SSHHandle:
         h.orphans.discard(rd)
         job = dataclasses.replace(self.job, data_dir=Path(f"{h.workdir}/data/{Path(self.job.data_dir).name}"))
         env = {**self.slot.env, "PYTHONPATH": f"{h.workdir}/lib", "PYTHONUNBUFFERED": "1"}
-        cmd = " ".join(_q(c) for c in harness_command(job, python=h.python))
+        sandbox = self.runner.sandbox  # the launcher decides on the host what it can enforce there
+        prefix = launcher_command(sandbox, workdir=".", read=[job.data_dir], cuda=uses_cuda(job, self.slot),
+                                  python=h.python) if sandbox.enabled else []
+        cmd = " ".join(_q(c) for c in prefix + harness_command(job, python=h.python))
         inner = (f"echo $$ > pid.tmp && mv pid.tmp pid; "
                  f"{' '.join(f'{k}={_q(v)}' for k, v in env.items())} {cmd} > log.txt 2>&1 < /dev/null; "
                  f"echo $? > exit_code.tmp; mv exit_code.tmp exit_code")
@@ -887,12 +891,13 @@ class SSHRunner:
                  known_hosts_file: Optional[Path] = None, poll_s: float = 1.0, connect_timeout_s: float = 15.0,
                  op_timeout_s: float = 30.0, keepalive_s: float = 5.0, keepalive_count: int = 3,
                  reconnect_s: float = 30.0, backstop_s: float = BACKSTOP_S,
-                 health_interval_s: Optional[float] = 60.0):
+                 health_interval_s: Optional[float] = 60.0, sandbox: Optional[SandboxConfig] = None):
         """`known_hosts_file`: where unknown host keys are recorded (accept-new) for hosts without their own
         `known_hosts`; default `<ratchet home>/known_hosts`. `reconnect_s`: how long a running experiment
         waits for its host to come back before it is `infra_failed`. `backstop_s`: past budget + grace, when
         the runner kills a harness that did not time itself out. `health_interval_s`: None disables the
-        background checks. Raises ValueError on duplicate host names."""
+        background checks. `sandbox`: what the launcher on each host enforces (default: the configured
+        settings). Raises ValueError on duplicate host names."""
         names = [h.name for h in hosts]
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate host names in [[hosts]]: {names}")
@@ -901,6 +906,7 @@ class SSHRunner:
         self.poll_s, self.connect_timeout_s, self.op_timeout_s = poll_s, connect_timeout_s, op_timeout_s
         self.keepalive_s, self.keepalive_count = keepalive_s, keepalive_count
         self.reconnect_s, self.backstop_s, self.health_interval_s = reconnect_s, backstop_s, health_interval_s
+        self.sandbox = sandbox or sandbox_config()
         self._cfgs = list(hosts)
         self._local_hashes: dict[tuple, str] = {}
         self._hash_lock = threading.Lock()
