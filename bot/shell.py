@@ -6,6 +6,7 @@ Carries text only: parsing and execution are bot/commands.py's, state changes th
 from __future__ import annotations
 
 import getpass
+import logging
 import os
 import stat
 import sys
@@ -18,6 +19,8 @@ from rich.markup import escape
 
 from bot.commands import handle
 from loop.control import Control
+
+log = logging.getLogger("ratchet.shell")
 
 EVENT_STYLE = {"kept": "bold green", "discarded": "yellow", "crashed": "red", "invalid": "magenta",
                "aborted": "red", "paused": "bold cyan", "resumed": "bold cyan", "baseline": "bold",
@@ -61,6 +64,7 @@ class ShellBackend:
         self.stdin = stdin
         self.read_commands = stdin_is_interactive(stdin) if read_commands is None else read_commands
         self._lock = threading.Lock()
+        self._last_error = ""
 
     def render_event(self, ev) -> str:
         """One readable line, with rich markup."""
@@ -71,23 +75,38 @@ class ShellBackend:
         return f"[dim]{when}[/dim] " + (f"[{style}]{body}[/{style}]" if style else body)
 
     def deliver(self) -> int:
-        """Print undelivered events in order and mark them delivered. Returns how many were printed."""
-        with self._lock:
-            n = 0
-            for ev in self.control.pending_events(self.name):
-                if ev.kind == "digest":
-                    self.print_digest(ev)
-                else:
-                    self.console.print(self.render_event(ev))
-                    if ev.kind == "promotion" and ev.payload.get("result", {}).get("reference_runs"):
-                        from bot.digest import render_promotion_plot
+        """Print undelivered events in order and mark them delivered. Returns how many were printed.
 
-                        path = self.digest_dir / f"promotion-{ev.payload.get('promotion_id')}.png"
-                        render_promotion_plot(ev.payload["result"], ev.payload.get("scale", ""), path)
-                        self.console.print(f"  plot: {path}")
-                self.control.mark_delivered(ev.id, self.name)
-                n += 1
+        Never raises: while the outbox cannot be read or marked (the database restarting) the events wait
+        for the next pass, and the failure is logged once.
+        """
+        with self._lock:
+            try:
+                n = self._deliver_pending()
+            except Exception as e:  # noqa: BLE001 - a delivery failure must never stop the service
+                if str(e) != self._last_error:
+                    log.warning("outbox delivery failed, events wait: %s", str(e).splitlines()[0][:300])
+                self._last_error = str(e)
+                return 0
+            self._last_error = ""
             return n
+
+    def _deliver_pending(self) -> int:
+        n = 0
+        for ev in self.control.pending_events(self.name):
+            if ev.kind == "digest":
+                self.print_digest(ev)
+            else:
+                self.console.print(self.render_event(ev))
+                if ev.kind == "promotion" and ev.payload.get("result", {}).get("reference_runs"):
+                    from bot.digest import render_promotion_plot
+
+                    path = self.digest_dir / f"promotion-{ev.payload.get('promotion_id')}.png"
+                    render_promotion_plot(ev.payload["result"], ev.payload.get("scale", ""), path)
+                    self.console.print(f"  plot: {path}")
+            self.control.mark_delivered(ev.id, self.name)
+            n += 1
+        return n
 
     def print_digest(self, ev) -> Path:
         """Render a digest event: its text, and the progress plot written to a PNG whose path is printed."""

@@ -5,15 +5,23 @@ Knows nothing of runs or experiments beyond creating the tables (migrations: db/
 
 from __future__ import annotations
 
+import logging
+import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, Sequence, TypeVar
 
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, SQLModel, create_engine
 
 from db import models  # noqa: F401 - registers the tables on SQLModel.metadata
+
+log = logging.getLogger("ratchet.db")
+T = TypeVar("T")
+# Waits between tries of a transaction whose connection failed (about a minute in all): long enough for
+# PostgreSQL to restart or fail over, short enough that a real outage surfaces.
+RETRY_WAITS_S = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 
 
 def sqlite_url(path: Path) -> str:
@@ -85,3 +93,28 @@ def session_scope(engine: Engine) -> Iterator[Session]:
         except BaseException:
             s.rollback()
             raise
+
+
+def is_transient(e: BaseException) -> bool:
+    """True for a database error worth retrying as a whole transaction: the connection was lost or refused
+    (PostgreSQL restarting, a network blip) or SQLite was busy. Constraint violations and bad SQL are not."""
+    from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+
+    if isinstance(e, DBAPIError) and e.connection_invalidated:
+        return True
+    return isinstance(e, (OperationalError, InterfaceError))
+
+
+def retry_transient(fn: Callable[[], T], *, what: str = "transaction", waits: Sequence[float] = RETRY_WAITS_S) -> T:
+    """`fn()` (one whole transaction, e.g. a `with session_scope(...)` block), tried again after each wait in
+    `waits` (seconds) while it fails with a transient error (is_transient). Returns fn's value; raises its
+    last error. fn must be safe to run again after a rollback."""
+    for wait in (*waits, None):
+        try:
+            return fn()
+        except Exception as e:
+            if wait is None or not is_transient(e):
+                raise
+            log.warning("%s failed (%s); retrying in %.1f s", what, str(e).splitlines()[0][:200], wait)
+            time.sleep(wait)
+    raise AssertionError("unreachable")

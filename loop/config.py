@@ -192,15 +192,40 @@ class Settings(BaseSettings):
         return tuple(sources)
 
 
+ENV_NOT_SETTINGS = frozenset({"RATCHET_CONFIG"})  # RATCHET_ variables read that are not settings
+
+
+def env_typos(environ=None) -> list[str]:
+    """RATCHET_<NAME> environment variables that are no setting but nearly spell one — a typo the environment
+    source would otherwise ignore — as 'RATCHET_BUGDET_S: unknown setting (did you mean RATCHET_BUDGET_S?)'.
+    Names far from every setting (a deployment's own variables) are left alone."""
+    import difflib
+
+    environ = os.environ if environ is None else environ
+    known = sorted({f"RATCHET_{name.upper()}" for name in Settings.model_fields} | ENV_NOT_SETTINGS)
+    out = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if not upper.startswith("RATCHET_") or upper in known:
+            continue
+        close = difflib.get_close_matches(upper, known, n=1, cutoff=0.85)
+        if close:
+            out.append(f"{name}: unknown setting (did you mean {close[0]}?)")
+    return out
+
+
 def load_settings(config: Optional[Path] = None, **overrides) -> Settings:
     """Settings from `config` (or RATCHET_CONFIG), the environment and `overrides` (None values ignored).
 
-    Raises ConfigError with the offending key named (a typo in ratchet.toml, a bad value).
+    Raises ConfigError with the offending key named (a typo in ratchet.toml or in a RATCHET_ variable, a bad value).
     """
     if config is not None:
         if not Path(config).is_file():
             raise ConfigError(f"config file not found: {config}")
         os.environ["RATCHET_CONFIG"] = str(config)
+    typos = env_typos()
+    if typos:
+        raise ConfigError("invalid configuration: " + "; ".join(typos))
     try:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as e:

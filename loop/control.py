@@ -14,11 +14,23 @@ from sqlmodel import Session, func, select
 
 from db.models import CommandLog, Event, Experiment, Hint, Run, utcnow
 from db.session import session_scope
-from loop import events
+from loop import events, faults
 
 log = logging.getLogger("ratchet.control")
 
 MAX_HINT_CHARS = 2000
+MAX_ID = 2**31 - 1  # ids are 32-bit integers on PostgreSQL: a larger number names no row
+
+
+def _text(s: str) -> str:
+    """Text as every database stores it: NUL (which PostgreSQL refuses in text and JSON) shown as U+FFFD."""
+    return s.replace("\x00", "\ufffd")
+
+
+def _get(db: Session, model, ident: int):
+    """db.get(model, ident), or None for an id no table can hold (< 1 or beyond MAX_ID) instead of a database
+    error (SQLite overflows at 64 bits, PostgreSQL at 32)."""
+    return db.get(model, ident) if 1 <= ident <= MAX_ID else None
 
 
 class ControlError(ValueError):
@@ -120,7 +132,7 @@ class Control:
         """One experiment of this run. Raises ControlError for an unknown id."""
         with Session(self.db) as db:
             run = self._run(db)
-            exp = db.get(Experiment, exp_id)
+            exp = _get(db, Experiment, exp_id)
             if exp is None or exp.run_id != run.id:
                 raise ControlError(f"no experiment #{exp_id} in run {run.name!r}")
             return exp
@@ -140,6 +152,7 @@ class Control:
         """Record that an event reached the chat (with its message reference, e.g. a Slack ts)."""
         with session_scope(self.db) as db:
             ev = db.get(Event, event_id)
+            faults.point("deliver.before_mark", ev.kind)  # posted, not yet marked: the crash tests' window
             ev.delivered_at, ev.delivery_ref, ev.attempts = utcnow(), ref or backend, ev.attempts + 1
             db.add(ev)
 
@@ -156,6 +169,7 @@ class Control:
     def pause(self, user: str, now: bool = False, reason: str = "") -> str:
         """Pause the run. Graceful: running experiments finish and none starts. `now`: they are killed
         (status `aborted`). Returns the announcement line."""
+        reason = _text(reason)
         with self._locked(), session_scope(self.db) as db:
             run = self._run(db)
             if run.state == "paused" and not (now and not run.pause_now):
@@ -184,7 +198,7 @@ class Control:
 
     def hint(self, user: str, text: str) -> Hint:
         """Store a team member's hint for the proposer (data, never instructions). Raises ControlError."""
-        text = text.strip()
+        text = _text(text.strip())
         if not text:
             raise ControlError("a hint needs some text: hint <text>")
         if len(text) > MAX_HINT_CHARS:
@@ -212,7 +226,7 @@ class Control:
         with self._locked():
             with session_scope(self.db) as db:
                 run = self._run(db)
-                exp = db.get(Experiment, exp_id)
+                exp = _get(db, Experiment, exp_id)
                 if exp is None or exp.run_id != run.id:
                     raise ControlError(f"no experiment #{exp_id} in run {run.name!r}")
                 if exp.kind != "experiment" or exp.status != "keep":
@@ -257,8 +271,8 @@ class Control:
     def audit(self, *, user: str, backend: str, text: str, command: str, allowed: bool, result: str) -> None:
         """Append one command to the audit log (allowed or refused)."""
         with session_scope(self.db) as db:
-            db.add(CommandLog(user=user, backend=backend, text=text[:4000], command=command, allowed=allowed,
-                              result=result[:4000]))
+            db.add(CommandLog(user=_text(user), backend=backend, text=_text(text[:4000]), command=command,
+                              allowed=allowed, result=_text(result[:4000])))
 
     # ---- budgets and the digest ----
 
@@ -342,6 +356,8 @@ class Control:
 
         with self._locked(), session_scope(self.db) as db:
             run = self._run(db)
+            if exp_id is not None and _get(db, Experiment, exp_id) is None:
+                raise ControlError(f"no experiment #{exp_id} in run {run.name!r}")
             try:
                 p = promotion.plan(db, run, self._settings(), exp_id=exp_id, scale=scale, user=user)
             except promotion.PromotionError as e:
@@ -361,7 +377,7 @@ class Control:
 
         with self._locked(), session_scope(self.db) as db:
             run = self._run(db)
-            p = db.get(Promotion, promotion_id)
+            p = _get(db, Promotion, promotion_id)
             if p is None or p.run_id != run.id:
                 raise ControlError(f"no promotion #{promotion_id} in run {run.name!r}")
             if p.status not in ("queued", "running"):

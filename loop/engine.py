@@ -6,7 +6,9 @@ The database is the source of truth (a restart resumes from it); the branch foll
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import statistics
 import threading
 import time
@@ -19,8 +21,8 @@ from sqlalchemy import or_
 from sqlmodel import Session, select
 
 from db.models import FINAL_STATUSES, BudgetLedger, Experiment, Hint, Host, Promotion, Run, utcnow
-from db.session import session_scope
-from loop import budget, events, promotion
+from db.session import retry_transient, session_scope
+from loop import budget, events, faults, promotion
 from loop.config import Settings
 from loop.proposers.base import (ProposalAuthError, ProposalError, ProposalExhausted, ProposalRejected, Proposer,
                                  ResearchState, TriedEdit)
@@ -36,6 +38,43 @@ HISTORY_RECENT = 200  # most recent experiments always shown to the proposer (be
 MAX_ATTEMPTS = 3  # starts of one experiment before an infrastructure fault counts as a crash
 TICK_S = 1.0  # the engine also wakes at once on a result or a command
 PROPOSAL_BACKOFF_S = (5, 15, 60, 300)  # growing delay after proposer failures
+NO_SPACE = ("No space left on device", "[Errno 28]", "ENOSPC", "Disk quota exceeded")
+SPACE_PROBE_BYTES = 1 << 16  # a failed run's work directory must take this much more, or the disk is full
+
+
+def disk_full_reason(workdir: Optional[str], outcome: Optional[Outcome], local: bool = True) -> str:
+    """'disk full: <where>: <error>' when a run that failed did so for want of disk space, else ''.
+
+    Evidence: its error or log names ENOSPC, or (local runs) its work directory cannot take
+    SPACE_PROBE_BYTES more. An ok result is never a disk problem.
+    """
+    if outcome is not None:
+        r = outcome.result
+        if outcome.aborted or (r.status == "ok" and not outcome.infra_failed):
+            return ""
+        text = "\n".join([r.error or "", *(r.log_tail or []), *(outcome.log_tail or [])])
+        if any(m in text for m in NO_SPACE):
+            return f"disk full: {workdir or outcome.host}: No space left on device"
+    if not workdir or not local:
+        return ""
+    where = Path(workdir)
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    probe = where / ".ratchet-space-probe"
+    try:
+        with open(probe, "wb") as f:
+            f.write(bytes(SPACE_PROBE_BYTES))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return f"disk full: {where}: {e.strerror}"
+    finally:
+        try:
+            probe.unlink()
+        except OSError:
+            pass
+    return ""
 
 
 def curve_loss_at(curve: list, t: float, window: int = 5) -> Optional[float]:
@@ -204,9 +243,7 @@ class Engine:
             for h in list(self.handles.values()):
                 if h.pid:
                     kill_group(h.pid)
-                elif getattr(h, "slot", None) is not None and h.slot.host != "local":
-                    h.kill("service stopping")  # remote: re-queued at the next start
-        close = getattr(self.runner, "close", None)
+        close = getattr(self.runner, "close", None)  # remote runners stop their runs (all at once) here
         if callable(close):
             close()
 
@@ -261,9 +298,9 @@ class Engine:
         with self.lock:
             for exp_id, h in list(self.handles.items()):
                 if h.done():
+                    self._finish(exp_id, h.outcome())  # raises if the database stays away: the handle stays
                     del self.handles[exp_id]
                     self._loss_ema.pop(exp_id, None)
-                    self._finish(exp_id, h.outcome())
             run = self.get_run()
             self._prune(run)
             if run.noise_sigma is not None:
@@ -280,9 +317,8 @@ class Engine:
                 if slot.name in busy or slot.host in self.hosts_down:
                     continue
                 exp = self._next_experiment(new_allowed=not self.reached_max())
-                if exp is None:
+                if exp is None or not self._start(exp, slot):
                     break
-                self._start(exp, slot)
             if not self.reached_max():
                 self.prefetch(self.get_run())
 
@@ -463,29 +499,34 @@ class Engine:
                 self.on_change()
             return None
         self._propose_failures = 0
-        with session_scope(self.db) as db:
-            verdict = validate_proposal(head_source, {"train.py": proposal.source},
-                                        seen_hashes=SeenHashes(self.db, run.id))
-            exp = Experiment(run_id=run.id, kind="experiment", parent_commit=run.head_commit,
-                             proposer=proposal.proposer, description=proposal.description,
-                             hypothesis=proposal.hypothesis, diff=verdict.diff, edit_key=proposal.edit_key,
-                             ast_hash=verdict.ast_hash, usage=proposal.usage, cost_usd=proposal.cost_usd,
-                             status="proposed")
-            db.add(exp)
-            db.flush()
-            if proposal.cost_usd:
-                db.add(BudgetLedger(day=self._today(), run_id=run.id, experiment_id=exp.id,
-                                    kind="claude_usd", amount=proposal.cost_usd))
-            if not verdict.ok:
-                exp.status, exp.reason, exp.finished_at = "invalid", verdict.reason, utcnow()
-                db.add(events.experiment_event(exp, run))
-                self.finished_here += 1
-            else:
-                exp.commit = self.workspace.commit_experiment(
-                    exp.id, run.head_commit, proposal.source, f"exp {exp.id}: {proposal.description}")
-                exp.status = "queued"
-            db.add(exp)
+
+        def store():  # a paid proposal is stored even if the database blinks
+            with session_scope(self.db) as db:
+                verdict = validate_proposal(head_source, {"train.py": proposal.source},
+                                            seen_hashes=SeenHashes(self.db, run.id))
+                exp = Experiment(run_id=run.id, kind="experiment", parent_commit=run.head_commit,
+                                 proposer=proposal.proposer, description=proposal.description,
+                                 hypothesis=proposal.hypothesis, diff=verdict.diff, edit_key=proposal.edit_key,
+                                 ast_hash=verdict.ast_hash, usage=proposal.usage, cost_usd=proposal.cost_usd,
+                                 status="proposed")
+                db.add(exp)
+                db.flush()
+                if proposal.cost_usd:
+                    db.add(BudgetLedger(day=self._today(), run_id=run.id, experiment_id=exp.id,
+                                        kind="claude_usd", amount=proposal.cost_usd))
+                if not verdict.ok:
+                    exp.status, exp.reason, exp.finished_at = "invalid", verdict.reason, utcnow()
+                    db.add(events.experiment_event(exp, run))
+                else:
+                    exp.commit = self.workspace.commit_experiment(
+                        exp.id, run.head_commit, proposal.source, f"exp {exp.id}: {proposal.description}")
+                    exp.status = "queued"
+                db.add(exp)
+            return exp, verdict
+
+        exp, verdict = retry_transient(store, what="storing a proposal")
         if not verdict.ok:
+            self.finished_here += 1
             self.on_change()
             return None
         return exp
@@ -497,6 +538,11 @@ class Engine:
 
     def _store_rejected(self, run: Run, e: ProposalRejected) -> None:
         """An answer the proposer could not turn into a valid proposal: `invalid`, with its cost charged."""
+        retry_transient(lambda: self._store_rejected_once(run, e), what="storing a rejected proposal")
+        self.finished_here += 1
+        self.on_change()
+
+    def _store_rejected_once(self, run: Run, e: ProposalRejected) -> None:
         with session_scope(self.db) as db:
             exp = Experiment(run_id=run.id, kind="experiment", parent_commit=run.head_commit, proposer=e.proposer,
                              description=e.description or "(no usable proposal)", hypothesis=e.hypothesis,
@@ -512,10 +558,10 @@ class Engine:
                 db.add(BudgetLedger(day=self._today(), run_id=run.id, experiment_id=exp.id,
                                     kind="claude_usd", amount=e.cost_usd))
             db.add(events.experiment_event(exp, run))
-        self.finished_here += 1
-        self.on_change()
 
-    def _start(self, exp: Experiment, slot: Slot) -> None:
+    def _start(self, exp: Experiment, slot: Slot) -> bool:
+        """Mark the experiment running and hand it to the runner. False when it could not start (recorded:
+        re-queued as an infrastructure failure, or the run paused when the disk is full)."""
         run = self.get_run()
         s = self.settings
         workdir = s.home / "runs" / run.name / f"exp-{exp.id:06d}"
@@ -532,23 +578,58 @@ class Engine:
         try:
             handle = self.runner.start(job, slot, self.wake)
         except OSError as e:
-            self._finish(exp.id, None, infra_error=f"could not start on {slot.name}: {e}")
-            return
+            full = f"disk full: {workdir}: {e.strerror}" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+            self._finish(exp.id, None, infra_error=f"could not start on {slot.name}: {e}", disk_full=full)
+            return False
         handle.kind, handle.description, handle.promotion_id = exp.kind, exp.description, exp.promotion_id
         self.handles[exp.id] = handle
-        with session_scope(self.db) as db:
-            row = db.get(Experiment, exp.id)
-            row.pid = handle.pid
-            db.add(row)
 
-    def _finish(self, exp_id: int, outcome: Optional[Outcome], infra_error: str = "") -> None:
-        """Record a result and apply the ratchet rule: decision, ledger and event in one transaction."""
+        def note_pid():  # what a restart uses to kill the orphaned process
+            with session_scope(self.db) as db:
+                row = db.get(Experiment, exp.id)
+                row.pid = handle.pid
+                db.add(row)
+
+        retry_transient(note_pid, what=f"recording #{exp.id}'s pid")
+        return True
+
+    def _finish(self, exp_id: int, outcome: Optional[Outcome], infra_error: str = "", disk_full: str = "") -> None:
+        """Record a result and apply the ratchet rule: decision, ledger and event in one transaction (tried
+        again while the database connection is lost; a result already recorded is not recorded twice); then
+        the branch follows the database. A run that failed for want of disk space is re-queued and the run
+        paused with the reason (`disk full: …`) instead of counting against the idea."""
+        done = retry_transient(lambda: self._record(exp_id, outcome, infra_error, disk_full),
+                               what=f"recording #{exp_id}")
+        if done is None:
+            return
+        kind, status, keep_move, promoted = done
+        self._pruned.pop(exp_id, None)
+        if kind == "experiment" and status in FINAL_STATUSES:
+            self.finished_here += 1
+        faults.point("decision.after_commit", status)
+        if keep_move:
+            name, new, old = keep_move
+            try:
+                self.workspace.fast_forward(name, new, old)
+            except WorkspaceError:
+                log.exception("fast-forward of %s failed; forcing the branch to the database head", name)
+                self.workspace.set_branch(name, new)
+        if promoted:
+            self.workspace.set_ref(promoted_ref(promoted[0]), promoted[1])
+        self.on_change()
+
+    def _record(self, exp_id: int, outcome: Optional[Outcome], infra_error: str, disk_full: str):
+        """_finish's transaction. Returns (kind, status, keep_move, promoted), or None when the experiment is no
+        longer running (its result was recorded by an earlier try)."""
         keep_move: Optional[tuple[str, str, str]] = None
         promoted: Optional[tuple[str, str]] = None
         with session_scope(self.db) as db:
             exp = db.get(Experiment, exp_id)
+            if exp.status != "running":
+                return None
             run = db.get(Run, exp.run_id)
             head_before = run.head_val_bpb
+            disk_full = disk_full or disk_full_reason(exp.workdir, outcome, local=(exp.host or "local") == "local")
             exp.finished_at, exp.pid = utcnow(), None
             if outcome is not None:
                 r = outcome.result
@@ -562,7 +643,10 @@ class Engine:
                                     kind="gpu_seconds", amount=outcome.wall_seconds))
                 infra_error = infra_error or (f"infrastructure failure on {outcome.slot}: {r.error}"
                                               if outcome.infra_failed else "")
-            if infra_error:
+            if disk_full:
+                exp.status, exp.reason = "queued", f"re-queued: {disk_full}"  # the idea is not at fault
+                self._pause(db, run.id, disk_full)
+            elif infra_error:
                 if exp.attempts < MAX_ATTEMPTS:
                     exp.status, exp.reason = "queued", infra_error  # never counts against the idea
                     db.add(events.run_event(run, "infra_failed", f"#{exp.id} re-queued: {infra_error}",
@@ -571,7 +655,7 @@ class Engine:
                     exp.status, exp.reason = "crash", f"{infra_error} (after {exp.attempts} attempts)"
                     db.add(events.experiment_event(exp, run, head_before))
             elif outcome.aborted and exp.id in self._pruned:
-                info = self._pruned.pop(exp.id)
+                info = self._pruned[exp.id]
                 exp.status, exp.reason, exp.val_bpb = "pruned", info["reason"], None
                 exp.decision = {"pruned": info}
                 db.add(events.experiment_event(exp, run, head_before))
@@ -600,23 +684,14 @@ class Engine:
                     db.add(run)
                 db.add(events.experiment_event(exp, run, head_before))
             db.add(exp)
-            if exp.kind == "experiment" and exp.status in FINAL_STATUSES:
-                self.finished_here += 1
             if exp.kind == "promotion" and exp.status != "queued":
                 db.flush()
                 promoted = self._judge_promotion(db, run, exp.promotion_id)
             if keep_move and self.settings.auto_promote_every:
                 self._maybe_auto_promote(db, run)
-        if keep_move:
-            name, new, old = keep_move
-            try:
-                self.workspace.fast_forward(name, new, old)
-            except WorkspaceError:
-                log.exception("fast-forward of %s failed; forcing the branch to the database head", name)
-                self.workspace.set_branch(name, new)
-        if promoted:
-            self.workspace.set_ref(promoted_ref(promoted[0]), promoted[1])
-        self.on_change()
+            db.flush()
+            faults.point("decision.before_commit", exp.status)
+            return exp.kind, exp.status, keep_move, promoted
 
     def _commit_bpb(self, db: Session, run: Run, commit: str) -> Optional[float]:
         """Mean val_bpb of the accepted runs of `commit` (its keep or its baseline repeats)."""
@@ -765,7 +840,7 @@ class Engine:
         records = [normalise_health(r) for r in health()] if callable(health) else \
             [{"name": "local", "up": True, "error": "", "detail": {}}]
         slots_by_host: dict[str, int] = {}
-        for slot in self.runner.slots():
+        for slot in getattr(self.runner, "all_slots", self.runner.slots)():  # down hosts' slots too
             slots_by_host[slot.host] = slots_by_host.get(slot.host, 0) + 1
         with session_scope(self.db) as db:
             run = db.get(Run, self.run_id)
