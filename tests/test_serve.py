@@ -83,32 +83,6 @@ def test_main_command_runs_baseline_and_five_experiments(tmp_path, data_dir):
     assert all(ev.delivered_at is not None for ev in db_rows(home, Event))
 
 
-def test_kill_9_during_an_experiment_loses_nothing(tmp_path, data_dir, tiny_workspace):
-    home = tmp_path / "home"
-    out = tmp_path / "out.txt"
-    env = serve_env(home, data_dir, tiny_workspace.path, RATCHET_NOISE_REPEATS=2)
-    proc = start(["--budget-s", "4"], env, out)
-
-    def an_experiment_is_training():
-        return any(e.kind == "experiment" and e.status == "running" and e.pid for e in db_rows(home, Experiment))
-
-    wait_for(an_experiment_is_training, what="an experiment to train")
-    victim = next(e for e in db_rows(home, Experiment) if e.status == "running")
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=10)
-
-    proc = start(["--max-experiments", "1"], env, out)
-    assert proc.wait(timeout=300) == 0, out.read_text()[-3000:]
-    exps = db_rows(home, Experiment)
-    again = next(e for e in exps if e.id == victim.id)
-    assert again.status in ("keep", "discard", "crash") and again.attempts == 2 and again.val_bpb is not None
-    assert not [e for e in exps if e.status in ("running", "queued", "proposed")]
-    run = db_rows(home, Run)[0]
-    assert tiny_workspace.branch_tip("main") == run.head_commit
-    assert all(ev.delivered_at is not None for ev in db_rows(home, Event))
-    assert f"#{victim.id} " in out.read_text().split("re-run")[-1]
-
-
 def test_pause_typed_in_the_shell_takes_effect_before_the_next_experiment(tmp_path, data_dir, tiny_workspace):
     home = tmp_path / "home"
     out = tmp_path / "out.txt"
