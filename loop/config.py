@@ -32,11 +32,13 @@ class HostConfig(BaseModel):
     port: int = Field(default=22, ge=1, le=65535)
     user: str = "ratchet"
     key: Optional[Path] = Field(default=None, description="private key file; default: the SSH agent / ~/.ssh")
-    known_hosts: Optional[Path] = Field(default=None, description="known_hosts file; default ~/.ssh/known_hosts")
+    known_hosts: Optional[Path] = Field(default=None, description="strict known_hosts file; default: <home>/known_hosts, "
+                                                                 "a new host's key accepted once and then pinned")
     gpus: int = Field(default=1, ge=1, description="slots on this host: one per GPU")
     cpu_only: bool = Field(default=False, description="a CPU host (tests, debugging): one slot, no nvidia-smi")
     workdir: str = Field(default="~/ratchet", description="where the trainer, data and experiments live on the host")
-    python: str = Field(default="python3", description="interpreter on the host used to create its venv")
+    python: str = Field(default="python3", description="interpreter on the host that runs the harness "
+                                                       "(<workdir>/venv/bin/python when the bootstrap made one)")
 
 
 class ScaleConfig(BaseModel):
@@ -219,14 +221,15 @@ def load_settings(config: Optional[Path] = None, **overrides) -> Settings:
 
     Raises ConfigError with the offending key named (a typo in ratchet.toml or in a RATCHET_ variable, a bad value).
     """
+    previous = os.environ.get("RATCHET_CONFIG")
     if config is not None:
         if not Path(config).is_file():
             raise ConfigError(f"config file not found: {config}")
-        os.environ["RATCHET_CONFIG"] = str(config)
-    typos = env_typos()
-    if typos:
-        raise ConfigError("invalid configuration: " + "; ".join(typos))
+        os.environ["RATCHET_CONFIG"] = str(config)  # the TOML source reads it; put back below
     try:
+        typos = env_typos()
+        if typos:
+            raise ConfigError("invalid configuration: " + "; ".join(typos))
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as e:
         problems = []
@@ -235,3 +238,9 @@ def load_settings(config: Optional[Path] = None, **overrides) -> Settings:
             msg = "unknown setting (typo?)" if err["type"] == "extra_forbidden" else err["msg"]
             problems.append(f"{key}: {msg}")
         raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
+    finally:
+        if config is not None:  # never leak one call's config file into the next
+            if previous is None:
+                os.environ.pop("RATCHET_CONFIG", None)
+            else:
+                os.environ["RATCHET_CONFIG"] = previous
