@@ -3,6 +3,7 @@ env template say what they must; the built package carries the migrations. No Do
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -19,6 +20,16 @@ from loop.config import HostConfig, ScaleConfig, Settings, load_settings
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
+
+
+@pytest.fixture(autouse=True)
+def _restore_environ():
+    """load_settings(config) sets RATCHET_CONFIG in os.environ; never let it (or anything else) leak into
+    later tests and the subprocesses they start."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 # ---- ratchet.toml ----
