@@ -59,7 +59,8 @@ class Document:
 # ---- Corpora ----
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """sha256 hex digest of a file's bytes, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -267,7 +268,7 @@ def verify_fingerprints(data_dir: Path, manifest: dict | None = None) -> dict:
         path = data_dir / rel
         if not path.exists():
             raise FingerprintError(f"{rel} is missing from {data_dir}; run `ratchet data prepare` again")
-        got = _sha256_file(path)
+        got = sha256_file(path)
         if got != want:
             raise FingerprintError(f"fingerprint mismatch for {rel}: manifest {want[:12]}…, file {got[:12]}…")
     return manifest
@@ -375,7 +376,7 @@ def prepare(corpus: str = DEFAULT_CORPUS, vocab_size: int = DEFAULT_VOCAB_SIZE, 
         "tokens": {"train": n_train, "val": n_val},
         "train_shards": train_shards,
         "val_shards": [f"{VAL_DIR}/{s}" for s in val_shards],
-        "fingerprints": {rel: _sha256_file(tmp / rel) for rel in fingerprinted},
+        "fingerprints": {rel: sha256_file(tmp / rel) for rel in fingerprinted},
         "prepared_seconds": round(time.time() - t0, 2),
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))

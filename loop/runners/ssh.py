@@ -23,6 +23,7 @@ from typing import Callable, Optional
 import asyncssh
 
 import trainer
+from trainer.data import sha256_file
 from loop.config import HostConfig, default_home
 from loop.runners.base import Job, Outcome, Slot, downsample_curve, last_curve_point, read_curve, tail
 from loop.runners.local import BACKSTOP_S, KILL_WAIT_S, harness_command, sandbox_config, uses_cuda
@@ -89,14 +90,6 @@ class HostHealth:
 
 def _q(s: str) -> str:
     return shlex.quote(str(s))
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def package_files(pkg: Path) -> list[Path]:
@@ -403,7 +396,7 @@ class _Host:
             report = BootstrapReport(self.name, self.workdir, self.python, self.trainer_uploaded)
             if data_dir is not None:
                 key = await asyncio.get_running_loop().run_in_executor(
-                    None, _sha256_file, Path(data_dir) / "manifest.json")
+                    None, sha256_file, Path(data_dir) / "manifest.json")
                 if key not in self.data_ready:
                     self.data_ready[key] = await self._sync_data(Path(data_dir), report)
                 report = self.data_ready[key]
@@ -1049,7 +1042,7 @@ class SSHRunner:
             with self._hash_lock:
                 got = self._local_hashes.get(key)
             if got is None:
-                got = _sha256_file(p)
+                got = sha256_file(p)
                 with self._hash_lock:
                     self._local_hashes[key] = got
             out[p.relative_to(data_dir).as_posix()] = got
