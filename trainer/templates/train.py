@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 # Model shape
 ASPECT_RATIO = 64  # model_dim = depth * ASPECT_RATIO (rounded up to HEAD_DIM), as in autoresearch
-HEAD_DIM = 64  # attention head size; the model width must be a multiple of it
+HEAD_DIM = 128  # attention head size; the model width must be a multiple of it
 MLP_RATIO = 4  # MLP hidden width = MLP_RATIO * model_dim
 SOFTCAP = 15.0  # logits = SOFTCAP * tanh(logits / SOFTCAP) keeps early logits bounded
 ROPE_BASE = 10000.0  # rotary base frequency
@@ -38,9 +38,9 @@ FINAL_LR_FRAC = 0.0  # lr multiplier reached at the end of the warmdown
 
 # CPU preset: fp32, AdamW for everything, no torch.compile (compiling would eat the budget)
 DEPTH_CPU = 4  # transformer blocks
-BATCH_SIZE_CPU = 16  # sequences per micro-batch
+BATCH_SIZE_CPU = 8  # sequences per micro-batch
 TOTAL_BATCH_TOKENS_CPU = 0  # tokens per optimizer step; 0 = one micro-batch (nothing to gain from accumulating)
-MATRIX_LR_CPU = 0.004  # AdamW lr of the hidden matrices (Adam needs a far smaller lr than Muon)
+MATRIX_LR_CPU = 0.002  # AdamW lr of the hidden matrices (Adam needs a far smaller lr than Muon)
 
 # CUDA preset (sized for one H100): bf16 autocast, torch.compile, Muon + AdamW
 DEPTH_CUDA = 8  # transformer blocks
@@ -58,7 +58,7 @@ class GPTConfig:
     sequence_len: int = 256
     vocab_size: int = 4096
     n_layer: int = 4
-    n_head: int = 4
+    n_head: int = 2
     n_embd: int = 256
 
 
@@ -241,11 +241,9 @@ def resolve_shape(scale, depth, batch):
 def train(ctx):
     """Train a GPT on ctx.train_batches until ctx.should_stop(); return it (eval mode, fp32)."""
     on_cuda = ctx.device.type == "cuda"
-    torch.manual_seed(ctx.seed)
+    torch.manual_seed(ctx.seed)  # seeds every device
     if on_cuda:
-        torch.cuda.manual_seed(ctx.seed)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls left outside autocast use TF32
 
     depth, width, batch = resolve_shape(
         ctx.scale or {}, DEPTH_CUDA if on_cuda else DEPTH_CPU, BATCH_SIZE_CUDA if on_cuda else BATCH_SIZE_CPU)
