@@ -34,6 +34,7 @@ from loop.workspace import Workspace, WorkspaceError
 
 log = logging.getLogger("ratchet.engine")
 
+PRUNE_MIN_STEPS = 20  # a run is never pruned before it has logged this many steps
 HISTORY_RECENT = 200  # most recent experiments always shown to the proposer (besides head's and the keeps)
 MAX_ATTEMPTS = 3  # starts of one experiment before an infrastructure fault counts as a crash
 TICK_S = 1.0  # the engine also wakes at once on a result or a command
@@ -887,8 +888,8 @@ class Engine:
             if not p or getattr(h, "kind", "") != "experiment" or exp_id in self._pruned:
                 continue
             loss, t = p.get("loss"), float(p.get("elapsed_s", 0.0))
-            if not isinstance(loss, (int, float)):
-                continue
+            if not isinstance(loss, (int, float)) or int(p.get("step") or 0) < PRUNE_MIN_STEPS:
+                continue  # too few steps to judge: on a slow or busy machine the first steps say nothing
             prev = self._loss_ema.get(exp_id)
             ema = loss if prev is None or prev[0] > t else 0.7 * prev[1] + 0.3 * loss
             self._loss_ema[exp_id] = (t, ema)

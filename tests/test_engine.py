@@ -237,3 +237,17 @@ def test_hosts_command_shows_slots_and_what_they_train(tmp_path, data_dir, tiny_
     from db.models import Host
 
     assert [(h.name, h.state, h.slots) for h in rows(db, Host)] == [("local", "up", 1)]
+
+
+def test_a_run_with_too_few_steps_is_never_pruned(tmp_path, data_dir, tiny_workspace):
+    """On a slow or busy machine the first steps say nothing: no pruning before PRUNE_MIN_STEPS."""
+    from loop.engine import PRUNE_MIN_STEPS
+
+    slow_bad = lambda src: src.replace("LR = 0.02", "LR = 0.0").replace(  # noqa: E731
+        "        ctx.log(step, loss)\n", "        ctx.log(step, loss)\n        time.sleep(0.5)\n").replace(
+        "import torch\n", "import time\nimport torch\n", 1)
+    eng, db = make_engine_for(tmp_path, data_dir, tiny_workspace, proposer=FixedProposer([slow_bad]), budget_s=5.0,
+                              max_experiments=1)
+    tick_until(eng, lambda: eng.reached_max() and not eng.handles)
+    exp = [e for e in rows(db) if e.kind == "experiment"][0]
+    assert exp.steps < PRUNE_MIN_STEPS and exp.status in ("discard", "keep")  # judged on its result, not pruned
