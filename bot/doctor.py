@@ -246,7 +246,8 @@ def check_runner(settings, ssh_health: Optional[Callable] = None) -> list[Check]
 
         def ssh_health():
             # As serve builds it (host keys recorded where serve records them), without the background checks.
-            runner = SSHRunner(settings.hosts, health_interval_s=None, connect_timeout_s=10.0, op_timeout_s=20.0)
+            runner = SSHRunner(settings.hosts, known_hosts_file=settings.home / "known_hosts", health_interval_s=None,
+                               connect_timeout_s=10.0, op_timeout_s=20.0)
             try:
                 return runner.health()
             finally:

@@ -41,12 +41,35 @@ def setup_logging(home: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.handlers.RotatingFileHandler(path, maxBytes=10_000_000, backupCount=5)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_SecretFilter())
     root = logging.getLogger()
     root.handlers = [h for h in root.handlers if not isinstance(h, logging.handlers.RotatingFileHandler)]
     root.addHandler(handler)
     root.setLevel(logging.INFO)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     return path
+
+
+class _SecretFilter(logging.Filter):
+    """Masks tokens, the API key and database passwords in every log line (the doctor's redaction)."""
+
+    def __init__(self):
+        super().__init__()
+        from bot.doctor import secrets_in
+
+        self.secrets = secrets_in(os.environ, (os.environ.get("RATCHET_DATABASE_URL", ""),))
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.secrets:
+            from bot.doctor import mask
+
+            record.msg, record.args = mask(record.getMessage(), self.secrets), None
+            if record.exc_info:  # another handler may have cached the traceback text already: mask either
+                record.exc_text = record.exc_text or logging.Formatter().formatException(record.exc_info)
+                record.exc_info = None
+            if record.exc_text:
+                record.exc_text = mask(record.exc_text, self.secrets)
+        return True
 
 
 def resolve_device(name: str) -> str:

@@ -62,3 +62,25 @@ def test_serve_refuses_a_different_budget_on_an_existing_run(tmp_path, data_dir,
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     p = ratchet("serve", "--budget-s", "5", "--max-experiments", "1", env=env)
     assert p.returncode == 2 and "--run NAME" in p.stderr
+
+
+def test_secrets_never_reach_the_log_file(tmp_path, monkeypatch):
+    import logging
+
+    from bot.serve import setup_logging
+
+    token, key = "xoxb-123-456-abcdefSECRET", "sk-ant-api03-TOPSECRETKEY"
+    monkeypatch.setenv("SLACK_BOT_TOKEN", token)
+    monkeypatch.setenv("ANTHROPIC_API_KEY", key)
+    path = setup_logging(tmp_path)
+    log = logging.getLogger("ratchet.test")
+    log.warning("connecting with %s and %s", token, key)
+    try:
+        raise RuntimeError(f"rejected {key}")
+    except RuntimeError:
+        log.exception("failed")
+    for h in logging.getLogger().handlers:
+        h.flush()
+    text = path.read_text()
+    assert "connecting with" in text and "rejected" in text
+    assert token not in text and key not in text
