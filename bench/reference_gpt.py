@@ -4,7 +4,8 @@ as trainer/templates/train.py, so the baseline can be compared with it at an equ
 
 GPT-2 as in the paper and nanoGPT: learned absolute position embeddings, pre-LayerNorm blocks
 with biases, GELU MLP, lm_head tied to the token embedding, AdamW with a warmup + cosine
-schedule, gradient clipping at 1.0. Same size and batch tokens as the baseline's presets.
+schedule, gradient clipping at 1.0. Same size and batch tokens as the baseline's presets;
+fp32 on CPU / MPS, bf16 autocast + torch.compile on CUDA, as the baseline.
 It only trains and returns a model; like a proposal it touches no file, network or process.
 Run it through the harness like any train.py.
 """
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 # ---- Hyperparameters ----
 # Device presets carry a _CPU / _CUDA suffix; any non-CUDA device (cpu, mps) uses _CPU.
 
+ASPECT_RATIO = 64  # width = depth * ASPECT_RATIO unless ctx.scale sets it, as the baseline
 HEAD_DIM = 64  # attention head size, as GPT-2; the width must be a multiple of it
 LEARNING_RATE = 0.001  # peak AdamW lr (GPT-2 small: 6e-4); best of 6e-4, 1e-3, 2e-3, 4e-3 at this size
 MIN_LR_FRAC = 0.1  # the cosine decays to this fraction of the peak lr (nanoGPT: lr / 10)
@@ -29,12 +31,10 @@ ADAM_BETA2 = 0.95  # AdamW beta2
 GRAD_CLIP = 1.0  # max global gradient norm
 INIT_STD = 0.02  # std of the normal init; residual projections get INIT_STD / sqrt(2 * depth)
 
-DEPTH_CPU = 4  # transformer blocks, as the baseline's CPU preset
-WIDTH_CPU = 256  # model width, as the baseline's CPU preset
+DEPTH_CPU = 4  # transformer blocks (width 256), as the baseline's CPU preset
 BATCH_SIZE_CPU = 8  # sequences per step, as the baseline's CPU preset
 
-DEPTH_CUDA = 8  # transformer blocks, as the baseline's CUDA preset
-WIDTH_CUDA = 512  # model width, as the baseline's CUDA preset
+DEPTH_CUDA = 8  # transformer blocks (width 512), as the baseline's CUDA preset
 BATCH_SIZE_CUDA = 64  # sequences per micro-batch
 TOTAL_BATCH_TOKENS_CUDA = 524288  # tokens per optimizer step, as the baseline's CUDA preset
 
@@ -144,12 +144,12 @@ def get_lr(progress):
     return LEARNING_RATE * (MIN_LR_FRAC + coeff * (1.0 - MIN_LR_FRAC))
 
 
-def resolve_shape(scale, depth, width, batch):
+def resolve_shape(scale, depth, batch):
     """Apply ctx.scale overrides -> (depth, width, batch); ValueError on a width off HEAD_DIM."""
     depth = max(1, round(int(scale.get("depth", depth)) * float(scale.get("depth_mult", 1.0))))
-    width = int(scale.get("width", width))
-    if width % HEAD_DIM:
-        raise ValueError(f"width {width} is not a multiple of HEAD_DIM={HEAD_DIM}")
+    width = int(scale.get("width", depth * ASPECT_RATIO))
+    if "width" in scale and width % HEAD_DIM:
+        raise ValueError(f"scale width {width} is not a multiple of HEAD_DIM={HEAD_DIM}")
     width = max(1, math.ceil(width * float(scale.get("width_mult", 1.0)) / HEAD_DIM)) * HEAD_DIM
     return depth, width, max(1, int(scale.get("batch", batch)))
 
@@ -162,10 +162,10 @@ def train(ctx):
     torch.manual_seed(ctx.seed)
     if on_cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
-        depth, width, batch = resolve_shape(ctx.scale or {}, DEPTH_CUDA, WIDTH_CUDA, BATCH_SIZE_CUDA)
+        depth, width, batch = resolve_shape(ctx.scale or {}, DEPTH_CUDA, BATCH_SIZE_CUDA)
         grad_accum = max(1, TOTAL_BATCH_TOKENS_CUDA // (batch * ctx.seq_len))
     else:
-        depth, width, batch = resolve_shape(ctx.scale or {}, DEPTH_CPU, WIDTH_CPU, BATCH_SIZE_CPU)
+        depth, width, batch = resolve_shape(ctx.scale or {}, DEPTH_CPU, BATCH_SIZE_CPU)
         grad_accum = 1
     config = GPTConfig(sequence_len=ctx.seq_len, vocab_size=ctx.vocab_size,
                        n_layer=depth, n_head=width // HEAD_DIM, n_embd=width)

@@ -34,7 +34,7 @@ ADAM_BETA1 = 0.8  # AdamW beta1
 ADAM_BETA2 = 0.95  # AdamW beta2
 WARMUP_RATIO = 0.0  # fraction of the budget spent ramping the lr up from 0
 WARMDOWN_RATIO = 0.5  # fraction of the budget spent decaying the lr linearly at the end
-FINAL_LR_FRAC = 0.0  # lr multiplier reached at the end of the warmdown
+FINAL_LR_FRAC = 0.1  # lr multiplier reached at the end of the warmdown
 
 # CPU preset: fp32, AdamW for everything, no torch.compile (compiling would eat the budget)
 DEPTH_CPU = 4  # transformer blocks
