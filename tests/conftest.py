@@ -102,3 +102,13 @@ def tiny_workspace(tmp_path):
     path.mkdir()
     (path / "train.py").write_text(TINY_TRAIN_PY)
     return Workspace.init(path, force=True)
+
+
+@pytest.fixture
+def restore_environ():
+    """Put os.environ back as it was after the test, so nothing a test sets leaks into later tests and the
+    subprocesses they start."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)

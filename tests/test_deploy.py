@@ -22,14 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
 
 
-@pytest.fixture(autouse=True)
-def _restore_environ():
-    """load_settings(config) sets RATCHET_CONFIG in os.environ; never let it (or anything else) leak into
-    later tests and the subprocesses they start."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
+pytestmark = pytest.mark.usefixtures("restore_environ")
 
 
 # ---- ratchet.toml ----

@@ -27,14 +27,7 @@ ANTHROPIC_KEY = "sk-ant-api03-doctor-test-secret-key-0123456789"
 DB_PASSWORD = "pw-doctor-s3cret"
 
 
-@pytest.fixture(autouse=True)
-def _restore_environ():
-    """load_settings(config) sets RATCHET_CONFIG in os.environ; never let it (or anything else) leak into
-    later tests and the subprocesses they start."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
+pytestmark = pytest.mark.usefixtures("restore_environ")
 
 
 @pytest.fixture
