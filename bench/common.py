@@ -69,7 +69,7 @@ def run_loop(home: Path, *, budget_s: float, max_experiments: int, noise_repeats
     ws = Workspace.init(settings.workspace)
     db = make_engine(settings.db_url)
     create_tables(db)
-    engine = Engine(settings, db, ws, LocalRunner("cpu"), OfflineProposer(seed=seed, device="cpu"), data_dir,
+    engine = Engine(settings, db, ws, LocalRunner("cpu", standby=settings.standby), OfflineProposer(seed=seed, device="cpu"), data_dir,
                     max_experiments=max_experiments)
     run = engine.setup()
     seen = 0

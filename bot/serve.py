@@ -113,7 +113,7 @@ def make_runner(settings: Settings):
         from loop.runners.ray_runner import RayRunner
 
         return RayRunner.from_settings(settings)
-    return LocalRunner(settings.device)
+    return LocalRunner(settings.device, standby=settings.standby)
 
 
 def make_chat(settings: Settings, control: Control, console: Console, read_commands: Optional[bool] = None):

@@ -102,6 +102,8 @@ class Settings(BaseSettings):
     budget_claude_usd_per_day: Optional[float] = Field(default=None, gt=0)
     budget_claude_usd_total: Optional[float] = Field(default=None, gt=0)
     runner: Literal["local", "ssh", "ray"] = "local"
+    standby: bool = Field(default=True, description="local runner: keep the next harness started on each slot "
+                                                    "(torch loaded, waiting), so an experiment starts at once")
     hosts: list[HostConfig] = Field(default_factory=list, description="SSH runner hosts")
     ray_address: Optional[str] = Field(default=None, description="Ray cluster address (ray://… or host:port); "
                                                                  "None starts a local Ray instance")

@@ -413,7 +413,7 @@ class Engine:
     def prefetch(self, run: Run) -> None:
         """Ask the proposer for the next proposal in the background (at most one in flight)."""
         if self._pending is not None or time.time() < self._propose_after or run.noise_sigma is None \
-                or getattr(self.proposer, "fast", False):
+                or run.state == "paused" or getattr(self.proposer, "fast", False):  # paused: no paid calls
             return
         parent = run.head_commit
         head_source = self.workspace.read_file(parent)

@@ -1,12 +1,18 @@
-"""The research repo: a plain git repository driven through the `git` CLI.
-Only `Workspace.init` touches the working tree or the index; everything else is plumbing on refs."""
+"""The research repo: a plain git repository driven through the `git` CLI, and through dulwich on the hot
+path (an experiment's commit and reading a file at a commit: a fleet makes one per experiment, and eight git
+processes each cost tens of milliseconds). Only `Workspace.init` touches the working tree or the index;
+everything else is plumbing on objects and refs."""
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import subprocess
 import tempfile
+import threading
+import time
+import weakref
 from pathlib import Path
 
 import trainer.templates
@@ -21,6 +27,15 @@ SAFE_CONFIG = ("core.hooksPath=/dev/null", "commit.gpgsign=false", "core.autocrl
                "core.safecrlf=false", "core.fsmonitor=false", "init.templateDir=")
 BASELINE_MESSAGE = "baseline: train.py and program.md"
 _RUN_NAME = re.compile(r"[A-Za-z0-9._-]+")
+
+
+_SHA = re.compile(r"[0-9a-f]{40}")
+
+
+def _close_repo(ref) -> None:
+    ws = ref()
+    if ws is not None:
+        ws.close()
 
 
 class WorkspaceError(RuntimeError):
@@ -38,6 +53,24 @@ class Workspace:
     def __init__(self, path: Path):
         self.path = Path(path)
         self._read_cache: dict[tuple[str, str], str] = {}
+        self._repo = None  # dulwich.repo.Repo, opened on first use
+        self._repo_lock = threading.Lock()
+
+    def _dulwich(self):
+        """The open dulwich Repo (call with _repo_lock held). Closed at exit, so pack files are not left to __del__."""
+        if self._repo is None:
+            from dulwich.repo import Repo
+
+            self._repo = Repo(str(self.path))
+            atexit.register(_close_repo, weakref.ref(self))
+        return self._repo
+
+    def close(self) -> None:
+        """Close the open object database (a later call opens it again)."""
+        with self._repo_lock:
+            if self._repo is not None:
+                self._repo.close()
+                self._repo = None
 
     # ---- git ----
 
@@ -111,12 +144,26 @@ class Workspace:
         key = (commit, path)
         if key in self._read_cache:
             return self._read_cache[key]
-        text = self._git("cat-file", "blob", f"{commit}:{path}").stdout.decode("utf-8")
+        data = self._read_blob(commit, path) if _SHA.fullmatch(commit) else None
+        if data is None:
+            data = self._git("cat-file", "blob", f"{commit}:{path}").stdout
+        text = data.decode("utf-8")
         if len(commit) == 40:
             if len(self._read_cache) >= 256:
                 self._read_cache.pop(next(iter(self._read_cache)))
             self._read_cache[key] = text
         return text
+
+    def _read_blob(self, commit: str, path: str) -> bytes | None:
+        """The bytes of a top-level file at a full commit sha through dulwich; None when not found that way."""
+        with self._repo_lock:
+            try:
+                repo = self._dulwich()
+                tree = repo[repo[commit.encode()].tree]
+                _mode, sha = tree[path.encode()]
+                return repo[sha].data
+            except (KeyError, AttributeError, ValueError, OSError):
+                return None  # let git say what is wrong
 
     def diff(self, a: str, b: str, path: str = "train.py") -> str:
         """Unified diff of `path` from commit `a` to commit `b` ("" when equal)."""
@@ -164,19 +211,42 @@ class Workspace:
         The commit is stored under refs/ratchet/exp/<exp_id> (replacing an earlier one of that id);
         no branch moves. Returns the new commit's sha. Raises WorkspaceError when git fails.
         """
+        from dulwich.objects import Blob, Commit, Tree
+
         ref = self.exp_ref(exp_id)
-        parent = self.head_commit(parent)
-        listed = self._out("ls-tree", parent, "--", path).split()
-        mode = listed[0] if listed and listed[0] in ("100644", "100755") else "100644"
-        blob = self._out("hash-object", "-w", "--no-filters", "--stdin", input=source.encode("utf-8"))
-        with tempfile.TemporaryDirectory(prefix="ratchet-index-") as tmp:
-            env = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
-            self._git("read-tree", parent, env=env)
-            self._git("update-index", "--add", "--cacheinfo", f"{mode},{blob},{path}", env=env)
-            tree = self._out("write-tree", env=env)
-        sha = self._out("commit-tree", tree, "-p", parent, "-F", "-", input=message.encode("utf-8"))
-        self._git("update-ref", "-m", f"ratchet: experiment {exp_id}", ref, sha)
-        return sha
+        if "/" in path:
+            raise WorkspaceError(f"only top-level files are committed, not {path}")
+        parent = parent if _SHA.fullmatch(parent) else self.head_commit(parent)
+        who = f"{IDENTITY['GIT_COMMITTER_NAME']} <{IDENTITY['GIT_COMMITTER_EMAIL']}>".encode()
+        with self._repo_lock:
+            repo = self._dulwich()
+            try:
+                parent_tree = repo[repo[parent.encode()].tree]
+            except (KeyError, AttributeError, ValueError) as e:
+                raise WorkspaceError(f"commit {parent[:12]} not found") from e
+            blob = Blob.from_string(source.encode("utf-8"))
+            tree = Tree()
+            mode = 0o100644
+            for entry in parent_tree.items():
+                if entry.path == path.encode():
+                    mode = entry.mode if entry.mode in (0o100644, 0o100755) else 0o100644
+                else:
+                    tree.add(entry.path, entry.mode, entry.sha)
+            tree.add(path.encode(), mode, blob.id)
+            commit = Commit()
+            commit.tree, commit.parents = tree.id, [parent.encode()]
+            commit.author = commit.committer = who
+            commit.author_time = commit.commit_time = int(time.time())
+            commit.author_timezone = commit.commit_timezone = 0
+            commit.message = message.encode("utf-8") + (b"" if message.endswith("\n") else b"\n")
+            try:
+                for obj in (blob, tree, commit):
+                    repo.object_store.add_object(obj)  # loose objects, as git hash-object -w writes them
+                repo.refs.set_if_equals(ref.encode(), None, commit.id, committer=who,
+                                        message=f"ratchet: experiment {exp_id}".encode())
+            except OSError as e:
+                raise WorkspaceError(f"cannot write experiment {exp_id}'s commit: {e}") from e
+        return commit.id.decode()
 
     def fast_forward(self, run: str, commit: str, expected_old: str) -> None:
         """Keep: move ratchet/<run> from `expected_old` to `commit` (compare-and-swap).

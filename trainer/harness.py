@@ -313,8 +313,12 @@ def _stack_tail(thread_id: int, n: int = 12) -> list[str]:
 
 def run(*, script: Path, data_dir: Path, budget_s: float, out: Path, device: str = "auto", seed: int = 0,
         scale: dict | None = None, eval_tokens: int | None = None, seq_len: int | None = None,
-        grace_s: float | None = None, curve: Path | None = None, warmup_steps: int | None = None) -> Result:
+        grace_s: float | None = None, curve: Path | None = None, warmup_steps: int | None = None,
+        started: float | None = None) -> Result:
     """Train `script` for `budget_s` seconds, score it and write `out` (result JSON). Returns the Result.
+
+    `started` (epoch seconds) is when this run began, for the watchdog and `total_seconds`: the process start by
+    default, the moment the job arrived for a standby harness (trainer.run --standby).
 
     Never raises: the script's faults become status `crash` (exception, bad module, divergence,
     reading validation data, hitting a resource limit, or what trainer.sandbox.ScriptGuard refuses: network,
@@ -335,13 +339,14 @@ def run(*, script: Path, data_dir: Path, budget_s: float, out: Path, device: str
     finished = threading.Event()
     write_lock = threading.Lock()
     ctx: Context | None = None
+    t0 = PROCESS_START if started is None else started
 
     def finish(r: Result) -> None:
         guard.active = False  # the harness's own writes
         with write_lock:
             if finished.is_set():
                 return
-            r.total_seconds = round(time.time() - PROCESS_START, 3)
+            r.total_seconds = round(time.time() - t0, 3)
             r.peak_memory_mb = round(peak_memory_mb(dev), 1)
             if ctx is not None:
                 r.tokens, r.steps = ctx.tokens, ctx.steps
@@ -353,7 +358,7 @@ def run(*, script: Path, data_dir: Path, budget_s: float, out: Path, device: str
 
     def watchdog() -> None:
         limit = budget_s + grace_s
-        remaining = limit - (time.time() - PROCESS_START)
+        remaining = limit - (time.time() - t0)
         if finished.wait(max(0.0, remaining)):
             return
         res.status, res.error = "timeout", f"still running after budget + grace ({limit:.0f} s)"

@@ -1,6 +1,11 @@
 """`python -m trainer.run`: one harness run from the command line, as the runners invoke it.
 
 Prints the summary block and exits 0 for `ok`, 1 for `crash`, 3 for `timeout`.
+
+`python -m trainer.run --standby` is the same run, started before its job is known: it imports torch and warms
+the lazily loaded parts, then waits for one JSON line on stdin, {"argv": [...the options above...], "source":
+"<train.py>"}, writes the script and runs it. The local runner keeps one standby per slot so an experiment does not
+wait for the interpreter and torch to start (seconds on CPU). End of input before a job: exit 0, nothing run.
 """
 
 from __future__ import annotations
@@ -8,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from trainer.harness import run
@@ -34,14 +40,49 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def warm_up() -> None:
+    """Load what torch loads lazily on a model's first step (autograd, the optimizers, dynamo's hooks), on a toy
+    model, so a standby's first real step does not pay for it (about 2 s of a CPU step in torch 2.13)."""
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Embedding(8, 8), torch.nn.Linear(8, 8))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loss = torch.nn.functional.cross_entropy(model(torch.zeros(2, 4, dtype=torch.long)).view(-1, 8),
+                                             torch.zeros(8, dtype=torch.long))
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        model(torch.zeros(1, 4, dtype=torch.long))
+
+
+def standby() -> int:
+    """Wait for a job on stdin (see the module docstring), then run it as main() would. Exit 2 on a bad job."""
+    warm_up()
+    line = sys.stdin.readline()
+    started = time.time()
+    if not line.strip():
+        return 0  # released: the runner no longer needs this standby (or is gone)
+    try:
+        job = json.loads(line)
+        argv, source = list(job["argv"]), str(job["source"])
+        script = parse_args(argv).script
+    except (ValueError, KeyError, TypeError, SystemExit) as e:
+        print(f"standby: bad job line ({type(e).__name__}: {e})", file=sys.stderr)
+        return 2
+    script.write_text(source)
+    return main(argv, started=started)
+
+
+def main(argv: list[str] | None = None, started: float | None = None) -> int:
+    if argv is None and sys.argv[1:] == ["--standby"]:
+        return standby()
     a = parse_args(argv)
     if not isinstance(a.scale, dict):
         print("--scale must be a JSON object", file=sys.stderr)
         return 2
     res = run(script=a.script, data_dir=a.data, budget_s=a.budget_s, out=a.out, device=a.device, seed=a.seed,
               scale=a.scale, eval_tokens=a.eval_tokens, seq_len=a.seq_len, grace_s=a.grace_s, curve=a.curve,
-              warmup_steps=a.warmup_steps)
+              warmup_steps=a.warmup_steps, started=started)
     if res.log_tail and res.status != "ok":
         print("\n".join(res.log_tail), file=sys.stderr)
     print(summary_block(res), flush=True)

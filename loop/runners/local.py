@@ -2,12 +2,20 @@
 under the sandbox launcher (trainer/sandbox.py) when `sandbox` is on.
 
 Reads the result only from the harness's JSON; never parses the script's prints.
+
+With `standby` on, each slot keeps the next harness already started (`trainer.run --standby`: the interpreter,
+torch and the sandbox are up, waiting for a job on stdin), so an experiment starts training without paying
+seconds of start-up; it runs in a directory of its own under `<workdir's parent>/.standby/` and is moved to the
+experiment's directory when it ends.
 """
 
 from __future__ import annotations
 
+import itertools
+import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -41,20 +49,22 @@ def detect_slots(device: str = "auto", cpu_slots: int = 1) -> list[Slot]:
     return [Slot(f"local:cpu{i}", "local", env) for i in range(cpu_slots)]
 
 
-def harness_command(job: Job, python: str = sys.executable) -> list[str]:
-    """The command line that runs the harness on a job (relative paths inside the workdir)."""
-    cmd = [python, "-P", "-m", "trainer.run", "--script", "train.py", "--data", str(job.data_dir),
-           "--budget-s", str(job.budget_s), "--out", "result.json", "--seed", str(job.seed),
-           "--device", job.device, "--grace-s", str(job.grace)]
+def harness_args(job: Job) -> list[str]:
+    """trainer.run's options for a job (relative paths inside the workdir)."""
+    cmd = ["--script", "train.py", "--data", str(job.data_dir), "--budget-s", str(job.budget_s),
+           "--out", "result.json", "--seed", str(job.seed), "--device", job.device, "--grace-s", str(job.grace)]
     if job.scale:
-        import json
-
         cmd += ["--scale", json.dumps(job.scale)]
     if job.eval_tokens:
         cmd += ["--eval-tokens", str(job.eval_tokens)]
     if job.seq_len:
         cmd += ["--seq-len", str(job.seq_len)]
     return cmd
+
+
+def harness_command(job: Job, python: str = sys.executable) -> list[str]:
+    """The command line that runs the harness on a job."""
+    return [python, "-P", "-m", "trainer.run", *harness_args(job)]
 
 
 def sandbox_config(settings=None) -> SandboxConfig:
@@ -108,10 +118,77 @@ def is_harness_process(pid: int) -> bool:
     return b"trainer.run" in cmdline
 
 
-class LocalHandle:
-    """A running local experiment. Thread-safe; `on_done` is called once when the outcome is ready."""
+def _active_sandbox(sandbox: Optional[SandboxConfig]) -> Optional[SandboxConfig]:
+    return sandbox if sandbox is not None and sandbox.enabled and sys.platform.startswith("linux") else None
 
-    def __init__(self, job: Job, slot: Slot, on_done: Callable[[], None], sandbox: Optional[SandboxConfig] = None):
+
+def _spawn(cmd: list[str], wd: Path, slot: Slot, *, stdin) -> subprocess.Popen:
+    """Start `cmd` in `wd` in its own session (process group), output to wd/log.txt."""
+    env = {**os.environ, **slot.env, "PYTHONUNBUFFERED": "1"}
+    with open(wd / "log.txt", "wb") as log:
+        return subprocess.Popen(cmd, cwd=wd, stdout=log, stderr=subprocess.STDOUT, stdin=stdin, env=env,
+                                start_new_session=True)
+
+
+class Standby:
+    """A harness started before its job (`trainer.run --standby`) in its own directory, under the sandbox.
+
+    `key` says which jobs it can take: the same data directory and device kind (the sandbox exposes the data
+    and sets the memory limit at launch). Dies when released, killed, or when the runner goes away (end of
+    its stdin).
+    """
+
+    _ids = itertools.count()
+
+    def __init__(self, slot: Slot, root: Path, data_dir: Path, cuda: bool, sandbox: Optional[SandboxConfig]):
+        self.slot = slot
+        self.key = (str(data_dir), cuda)
+        self.dir = root / f"{os.getpid()}-{slot.name.replace(':', '-')}-{next(self._ids)}"
+        self.dir.mkdir(parents=True)
+        cmd = [sys.executable, "-P", "-m", "trainer.run", "--standby"]
+        if sandbox:
+            cmd = launcher_command(sandbox, workdir=self.dir, read=[data_dir], cuda=cuda) + cmd
+        self.proc = _spawn(cmd, self.dir, slot, stdin=subprocess.PIPE)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def hand(self, job: Job) -> bool:
+        """Give it the job; False when it is gone (then it must not be used)."""
+        line = json.dumps({"argv": harness_args(job), "source": job.source}) + "\n"
+        try:
+            self.proc.stdin.write(line.encode())
+            self.proc.stdin.close()
+        except (OSError, ValueError):
+            return False
+        return self.alive()
+
+    def release(self) -> None:
+        """Kill it and remove its directory."""
+        kill_group(self.proc.pid)
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        self.proc.wait()
+        remove_tree(self.dir)
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a directory a sandboxed run may have written to, without following anything it planted."""
+    defuse(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+class LocalHandle:
+    """A running local experiment. Thread-safe; `on_done` is called once when the outcome is ready.
+
+    With a `standby` (already started and matching the job), the job is handed to it instead of starting a
+    process; its directory becomes `job.workdir` when the run ends.
+    """
+
+    def __init__(self, job: Job, slot: Slot, on_done: Callable[[], None], sandbox: Optional[SandboxConfig] = None,
+                 standby: Optional[Standby] = None):
         self.exp_id = job.exp_id
         self.slot = slot
         self.job = job
@@ -120,24 +197,28 @@ class LocalHandle:
         self._aborted = ""
         self._timed_out = False
         self.started = time.time()
-        wd = Path(job.workdir)
-        wd.mkdir(parents=True, exist_ok=True)
-        defuse(wd)  # a previous, sandboxed run owned this directory: no link of its making is followed
+        final = Path(job.workdir)
+        final.mkdir(parents=True, exist_ok=True)
+        defuse(final)  # a previous, sandboxed run owned this directory: no link of its making is followed
         for stale in ("result.json", "result.curve.jsonl", "log.txt", "train.py"):
-            (wd / stale).unlink(missing_ok=True)
-        (wd / "train.py").write_text(job.source)
+            (final / stale).unlink(missing_ok=True)
+        self.sandbox = _active_sandbox(sandbox)
+        cuda = uses_cuda(job, slot)
+        self._memory = self.sandbox.memory_bytes(cuda) if self.sandbox else None
+        self._standby_dir: Optional[Path] = None
+        if standby is not None and standby.hand(job):
+            self.proc, wd, self._standby_dir = standby.proc, standby.dir, standby.dir
+        else:
+            if standby is not None:
+                standby.release()
+            wd = final
+            (wd / "train.py").write_text(job.source)
+            cmd = harness_command(job)
+            if self.sandbox:
+                cmd = launcher_command(self.sandbox, workdir=wd, read=[job.data_dir], cuda=cuda) + cmd
+            self.proc = _spawn(cmd, wd, slot, stdin=subprocess.DEVNULL)
         self.log_path = wd / "log.txt"
         self.curve_path = wd / "result.curve.jsonl"
-        env = {**os.environ, **slot.env, "PYTHONUNBUFFERED": "1"}
-        cmd = harness_command(job)
-        self.sandbox = sandbox if sandbox is not None and sandbox.enabled and sys.platform.startswith("linux") else None
-        cuda = uses_cuda(job, slot)
-        if self.sandbox:
-            cmd = launcher_command(self.sandbox, workdir=wd, read=[job.data_dir], cuda=cuda) + cmd
-        self._memory = self.sandbox.memory_bytes(cuda) if self.sandbox else None
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(cmd, cwd=wd, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, env=env, start_new_session=True)
         self.pid = self.proc.pid
         threading.Thread(target=self._watch, name=f"exp-{job.exp_id}", daemon=True).start()
 
@@ -150,8 +231,24 @@ class LocalHandle:
             kill_group(self.pid)
             self.proc.wait()
         kill_group(self.pid)  # leftovers (compile workers) die with their experiment
+        if self._standby_dir is not None:
+            self._move_home()
         self._outcome = self._read_outcome()
         self._on_done()
+
+    def _move_home(self) -> None:
+        """The standby's directory becomes the experiment's (its process is gone: nothing holds it)."""
+        final = Path(self.job.workdir)
+        defuse(self._standby_dir)
+        try:
+            shutil.rmtree(final, ignore_errors=True)
+            os.rename(self._standby_dir, final)
+        except OSError:  # another file system: copy what the run left, then drop the standby's directory
+            final.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(self._standby_dir, final, symlinks=True, dirs_exist_ok=True)
+            remove_tree(self._standby_dir)
+        self.log_path = final / "log.txt"
+        self.curve_path = final / "result.curve.jsonl"
 
     def _read_outcome(self) -> Outcome:
         wall = time.time() - self.started
@@ -216,8 +313,13 @@ class LocalRunner:
 
     name = "local"
 
-    def __init__(self, device: str = "auto", cpu_slots: int = 1, sandbox: SandboxConfig | bool | None = None):
+    def __init__(self, device: str = "auto", cpu_slots: int = 1, sandbox: SandboxConfig | bool | None = None,
+                 standby: bool = False):
         self._slots = detect_slots(device, cpu_slots)
+        self.standby = standby
+        self._standbys: dict[str, Standby] = {}
+        self._cleaned: set[Path] = set()
+        self._lock = threading.Lock()
         if sandbox is None:
             sandbox = sandbox_config()
         elif isinstance(sandbox, bool):
@@ -229,5 +331,45 @@ class LocalRunner:
         return list(self._slots)
 
     def start(self, job: Job, slot: Slot, on_done: Callable[[], None]) -> LocalHandle:
-        """Start a job on a slot. Raises OSError when the process cannot be started (an infra failure)."""
-        return LocalHandle(job, slot, on_done, self.sandbox)
+        """Start a job on a slot (on its standby when one matches), then start the slot's next standby.
+
+        Raises OSError when the process cannot be started (an infra failure).
+        """
+        if not self.standby:
+            return LocalHandle(job, slot, on_done, self.sandbox)
+        cuda = uses_cuda(job, slot)
+        root = Path(job.workdir).parent / ".standby"
+        with self._lock:
+            ready = self._standbys.pop(slot.name, None)
+            self._clean(root)
+        if ready is not None and (ready.key != (str(job.data_dir), cuda) or not ready.alive()):
+            ready.release()
+            ready = None
+        handle = LocalHandle(job, slot, on_done, self.sandbox, standby=ready)
+        try:
+            nxt = Standby(slot, root, Path(job.data_dir), cuda, _active_sandbox(self.sandbox))
+        except OSError as e:  # no standby is no failure: the next job starts the slow way
+            log.warning("could not start a standby harness on %s: %s", slot.name, e)
+        else:
+            with self._lock:
+                old, self._standbys[slot.name] = self._standbys.get(slot.name), nxt
+            if old is not None:
+                old.release()
+        return handle
+
+    def _clean(self, root: Path) -> None:
+        """Once per directory: remove standby directories an earlier service process left behind."""
+        if root in self._cleaned:
+            return
+        self._cleaned.add(root)
+        mine = {s.dir for s in self._standbys.values()}
+        for d in root.glob("*") if root.is_dir() else ():
+            if d not in mine and not d.name.startswith(f"{os.getpid()}-"):
+                remove_tree(d)
+
+    def close(self) -> None:
+        """Release the standbys (running experiments are the engine's to stop)."""
+        with self._lock:
+            standbys, self._standbys = list(self._standbys.values()), {}
+        for s in standbys:
+            s.release()

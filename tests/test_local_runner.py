@@ -1,0 +1,147 @@
+"""The local runner's standby harnesses: started ahead of their job, handed it on stdin, moved home at the end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from loop.runners.base import Job
+from loop.runners.local import LocalRunner
+from tests.conftest import REPO, TINY_TRAIN_PY
+
+
+def make_job(tmp_path: Path, data_dir: Path, exp_id: int, source: str = TINY_TRAIN_PY) -> Job:
+    return Job(exp_id=exp_id, source=source, workdir=tmp_path / "runs" / f"exp-{exp_id}", data_dir=data_dir,
+               budget_s=1.0, seed=exp_id, eval_tokens=2048, grace_s=30.0, device="cpu")
+
+
+def run_job(runner: LocalRunner, job: Job):
+    done = threading.Event()
+    handle = runner.start(job, runner.slots()[0], done.set)
+    assert done.wait(180), "the experiment did not finish"
+    return handle, handle.outcome()
+
+
+def wait_dead(proc: subprocess.Popen, timeout: float = 30) -> int:
+    return proc.wait(timeout=timeout)
+
+
+@pytest.fixture
+def runner():
+    r = LocalRunner("cpu", sandbox=False, standby=True)
+    yield r
+    r.close()
+
+
+def test_the_next_job_runs_on_the_slots_standby_and_its_files_land_in_its_directory(tmp_path, data_dir, runner):
+    first, out1 = run_job(runner, make_job(tmp_path, data_dir, 1))
+    assert out1.result.status == "ok", (out1.result.error, out1.log_tail)
+    assert first._standby_dir is None  # nothing was warm for the first job
+    standby = runner._standbys["local:cpu"]
+    assert standby.alive() and standby.dir.parent == tmp_path / "runs" / ".standby"
+
+    source = TINY_TRAIN_PY.replace("LR = 0.02", "LR = 0.03")
+    second, out2 = run_job(runner, make_job(tmp_path, data_dir, 2, source))
+    r = out2.result
+    assert r.status == "ok" and r.val_bpb > 0, (r.error, out2.log_tail)
+    assert second.pid == standby.proc.pid and r.seed == 2
+    final = tmp_path / "runs" / "exp-2"
+    assert (final / "train.py").read_text() == source
+    assert json.loads((final / "result.json").read_text())["val_bpb"] == r.val_bpb
+    assert (final / "result.curve.jsonl").read_text().count("\n") == r.steps + 1 and out2.curve
+    assert "val_bpb:" in (final / "log.txt").read_text()
+    assert not standby.dir.exists()
+    # the clock of a standby starts when the job arrives, not when its process started
+    assert r.total_seconds < out2.wall_seconds + 1.0
+    # and the slot has its next standby, a different process
+    assert runner._standbys["local:cpu"].proc.pid != standby.proc.pid
+
+
+def test_a_standby_that_cannot_take_the_job_is_released_and_the_job_starts_cold(tmp_path, data_dir,
+                                                                                 stdlib_data_dir, runner):
+    run_job(runner, make_job(tmp_path, data_dir, 1))
+    other_data = runner._standbys["local:cpu"]
+    handle, out = run_job(runner, make_job(tmp_path, stdlib_data_dir, 2))  # other data: not what it exposes
+    assert out.result.status == "ok", (out.result.error, out.log_tail)
+    assert handle._standby_dir is None and wait_dead(other_data.proc) is not None
+    assert not other_data.dir.exists()
+
+    dead = runner._standbys["local:cpu"]
+    dead.proc.kill()
+    wait_dead(dead.proc)
+    handle, out = run_job(runner, make_job(tmp_path, stdlib_data_dir, 3))
+    assert out.result.status == "ok" and handle._standby_dir is None and not dead.dir.exists()
+
+
+def test_close_releases_the_standby(tmp_path, data_dir):
+    runner = LocalRunner("cpu", sandbox=False, standby=True)
+    run_job(runner, make_job(tmp_path, data_dir, 1))
+    standby = runner._standbys["local:cpu"]
+    runner.close()
+    assert wait_dead(standby.proc) is not None and not standby.dir.exists()
+    assert not runner._standbys
+
+
+def test_a_standby_left_by_a_dead_service_exits_and_its_directory_is_cleaned(tmp_path, data_dir):
+    runner = LocalRunner("cpu", sandbox=False, standby=True)
+    run_job(runner, make_job(tmp_path, data_dir, 1))
+    orphan = runner._standbys.pop("local:cpu")
+    orphan.proc.stdin.close()  # what the service's death does to the pipe
+    assert wait_dead(orphan.proc) == 0
+    stale = orphan.dir.with_name("999999-local-cpu-0")  # as an earlier service process leaves it
+    orphan.dir.rename(stale)
+    (stale / "result.json").symlink_to("/etc/passwd")  # whatever it holds, nothing in it is followed
+    fresh = LocalRunner("cpu", sandbox=False, standby=True)
+    try:
+        _, out = run_job(fresh, make_job(tmp_path, data_dir, 2))
+        assert out.result.status == "ok"
+        assert not stale.exists() and Path("/etc/passwd").exists()
+    finally:
+        fresh.close()
+
+
+def test_standby_mode_of_the_harness(tmp_path, data_dir):
+    cmd = [sys.executable, "-P", "-m", "trainer.run", "--standby"]
+    released = subprocess.run(cmd, cwd=tmp_path, input="", capture_output=True, text=True, timeout=120, env=_env())
+    assert released.returncode == 0 and not list(tmp_path.iterdir())
+    bad = subprocess.run(cmd, cwd=tmp_path, input='{"argv": ["--nonsense"]}\n', capture_output=True, text=True,
+                         timeout=120, env=_env())
+    assert bad.returncode == 2 and "standby: bad job line" in bad.stderr
+    job = {"argv": ["--script", "train.py", "--data", str(data_dir), "--budget-s", "1", "--out", "result.json",
+                    "--device", "cpu", "--eval-tokens", "2048"], "source": TINY_TRAIN_PY}
+    ok = subprocess.run(cmd, cwd=tmp_path, input=json.dumps(job) + "\n", capture_output=True, text=True,
+                        timeout=180, env=_env())
+    assert ok.returncode == 0, ok.stderr
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["status"] == "ok" and (tmp_path / "train.py").read_text() == TINY_TRAIN_PY
+
+
+def _env() -> dict:
+    import os
+
+    return {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def test_standby_under_the_full_sandbox(tmp_path, data_dir):
+    from tests.test_sandbox import SANDBOX_UID, full_sandbox
+
+    cfg = full_sandbox()
+    runner = LocalRunner("cpu", sandbox=cfg, standby=True)
+    try:
+        run_job(runner, make_job(tmp_path, data_dir, 1))
+        standby = runner._standbys["local:cpu"]
+        time.sleep(0.5)
+        handle, out = run_job(runner, make_job(tmp_path, data_dir, 2))
+        r = out.result
+        assert r.status == "ok" and r.val_bpb > 0, (r.error, out.log_tail)
+        assert handle._standby_dir == standby.dir and not standby.dir.exists()
+        # it ran as the sandbox user in what is now the experiment's directory
+        assert (tmp_path / "runs" / "exp-2" / "result.json").stat().st_uid == int(SANDBOX_UID)
+    finally:
+        runner.close()
