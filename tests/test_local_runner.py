@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from loop.runners.base import Job
-from loop.runners.local import LocalRunner
+from loop.runners.local import STANDBY_NICE, LocalRunner
 from tests.conftest import REPO, TINY_TRAIN_PY
 
 
@@ -45,9 +46,15 @@ def test_the_next_job_runs_on_the_slots_standby_and_its_files_land_in_its_direct
     assert first._standby_dir is None  # nothing was warm for the first job
     standby = runner._standbys["local:cpu"]
     assert standby.alive() and standby.dir.parent == tmp_path / "runs" / ".standby"
+    assert os.getpriority(os.PRIO_PROCESS, standby.proc.pid) == STANDBY_NICE  # it waits on spare CPU only
 
     source = TINY_TRAIN_PY.replace("LR = 0.02", "LR = 0.03")
-    second, out2 = run_job(runner, make_job(tmp_path, data_dir, 2, source))
+    done = threading.Event()
+    second = runner.start(make_job(tmp_path, data_dir, 2, source), runner.slots()[0], done.set)
+    # training runs at normal priority again where the service may raise it (root), and the next standby waits
+    assert os.getpriority(os.PRIO_PROCESS, second.pid) == (0 if os.geteuid() == 0 else STANDBY_NICE)
+    assert done.wait(180)
+    out2 = second.outcome()
     r = out2.result
     assert r.status == "ok" and r.val_bpb > 0, (r.error, out2.log_tail)
     assert second.pid == standby.proc.pid and r.seed == 2
@@ -123,8 +130,6 @@ def test_standby_mode_of_the_harness(tmp_path, data_dir):
 
 
 def _env() -> dict:
-    import os
-
     return {**os.environ, "PYTHONPATH": str(REPO)}
 
 
