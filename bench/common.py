@@ -47,7 +47,7 @@ def write_json(name: str, figures: dict) -> Path:
 
 
 def run_loop(home: Path, *, budget_s: float, max_experiments: int, noise_repeats: int = 3, seed: int = 0,
-             eval_tokens: int | None = None, workspace: Path | None = None, echo=print):
+             eval_tokens: int | None = None, workspace: Path | None = None, echo=print, **settings_kw):
     """Run the real engine (local runner, offline proposer, SQLite in `home`) until max_experiments are done.
 
     Returns (settings, db engine, run id, wall seconds). Events are echoed as they are written.
@@ -65,7 +65,7 @@ def run_loop(home: Path, *, budget_s: float, max_experiments: int, noise_repeats
     data_dir = prepared_data()
     link_data(home, data_dir)
     settings = Settings(home=home, workspace=workspace or home / "workspace", budget_s=budget_s,
-                        noise_repeats=noise_repeats, seed=seed, eval_tokens=eval_tokens, device="cpu")
+                        noise_repeats=noise_repeats, seed=seed, eval_tokens=eval_tokens, device="cpu", **settings_kw)
     ws = Workspace.init(settings.workspace)
     db = make_engine(settings.db_url)
     create_tables(db)

@@ -32,7 +32,7 @@ def main() -> None:
 
     home = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
     _, db, run_id, wall, _ = run_loop(home, budget_s=a.budget_s, max_experiments=a.experiments,
-                                      noise_repeats=a.noise_repeats)
+                                      noise_repeats=a.noise_repeats, prune=False)  # a pruned run is not overhead
     with Session(db) as s:
         exps = [e for e in s.exec(select(Experiment).where(Experiment.run_id == run_id)).all() if e.started_at]
     first = min(e.started_at for e in exps)

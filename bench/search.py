@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -31,8 +31,9 @@ def main() -> None:
     from sqlmodel import Session, select
 
     from db.models import Experiment, Run
+    from loop.runners.base import Job
+    from loop.runners.local import LocalRunner
     from loop.workspace import Workspace
-    from trainer.result import read_result
 
     home = Path(tempfile.mkdtemp(prefix="bench-search-"))
     settings, db, run_id, wall, _ = run_loop(home, budget_s=a.budget_s, max_experiments=a.experiments, seed=a.seed)
@@ -46,19 +47,23 @@ def main() -> None:
         if e.kind == "experiment":
             by_status[e.status] = by_status.get(e.status, 0) + 1
 
-    # False-keep check: train head again with seeds never used in the search.
+    # False-keep check: train head again with seeds never used in the search, through the same runner (standby
+    # harnesses and sandbox included) so the re-runs train under the conditions the search's runs had.
     head_src = Workspace(settings.workspace).read_file(run.head_commit)
-    script = home / "head_train.py"
-    script.write_text(head_src)
+    runner = LocalRunner("cpu", standby=settings.standby)
     rechecks = []
-    for i in range(a.recheck):
-        out = home / f"recheck-{i}.json"
-        subprocess.run([sys.executable, "-m", "trainer.run", "--script", str(script), "--data", str(prepared_data()),
-                        "--budget-s", str(a.budget_s), "--out", str(out), "--seed", str(100_000 + i),
-                        "--device", "cpu"], check=False, stdout=subprocess.DEVNULL)
-        r = read_result(out)
-        if r.status == "ok":
-            rechecks.append(r.val_bpb)
+    try:
+        for i in range(a.recheck):
+            done = threading.Event()
+            job = Job(exp_id=100_000 + i, source=head_src, workdir=home / f"recheck-{i}", data_dir=prepared_data(),
+                      budget_s=a.budget_s, seed=100_000 + i, eval_tokens=settings.eval_tokens, device="cpu")
+            handle = runner.start(job, runner.slots()[0], done.set)
+            done.wait()
+            r = handle.outcome().result
+            if r.status == "ok":
+                rechecks.append(r.val_bpb)
+    finally:
+        runner.close()
     recheck_mean = statistics.fmean(rechecks) if rechecks else None
     reproduces = recheck_mean is not None and abs(recheck_mean - run.head_val_bpb) <= 2 * run.noise_sigma
     improvement = 100 * (base - run.head_val_bpb) / base
