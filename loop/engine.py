@@ -165,6 +165,7 @@ class Engine:
         # Proposals are made in the background while slots train, so a free slot never waits on the API.
         self._proposer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="proposer")
         self._pending: Optional[Future] = None
+        self._fill: Optional[dict] = None  # set while tick() fills free slots (see there)
         self._pending_parent = ""
         self._pruned: dict[int, dict] = {}  # exp id → why it was pruned (kill sent, outcome pending)
         self._loss_ema: dict[int, tuple[float, float]] = {}  # exp id → (elapsed_s, smoothed loss)
@@ -314,27 +315,36 @@ class Engine:
             if self._budget_reached(run):
                 return
             busy = {h.slot.name for h in self.handles.values()}
-            for slot in self.runner.slots():
-                if slot.name in busy or slot.host in self.hosts_down:
-                    continue
-                exp = self._next_experiment(new_allowed=not self.reached_max())
-                if exp is None or not self._start(exp, slot):
-                    break
+            free = [slot for slot in self.runner.slots() if slot.name not in busy and slot.host not in self.hosts_down]
+            try:
+                self._fill = {}  # what one round of filling reads once: the queue, history, research state
+                for slot in free:
+                    exp = self._next_experiment(new_allowed=not self.reached_max())
+                    if exp is None or not self._start(exp, slot):
+                        break
+            finally:
+                self._fill = None
             if not self.reached_max():
                 self.prefetch(self.get_run())
 
     def _next_experiment(self, new_allowed: bool = True) -> Optional[Experiment]:
         """What a free slot trains next: baseline repeats first; then promotion runs (a person asked for them);
         then, unless max_experiments is reached, re-queued or rebased experiments and fresh proposals."""
-        run = self.get_run()
+        fill = self._fill if self._fill is not None else {}
+        run = fill.get("run") or self.get_run()
         if run.noise_sigma is None:
             return self._next_baseline(run) if new_allowed else None
+        fill["run"] = run  # head and state do not change while one round fills its slots
         kinds = ("promotion", "experiment") if new_allowed else ("promotion",)
-        with Session(self.db, expire_on_commit=False) as db:
-            queued = db.exec(select(Experiment).where(Experiment.run_id == run.id, Experiment.status == "queued",
-                                                      Experiment.kind.in_(kinds))
-                             .order_by((Experiment.kind == "experiment"), Experiment.id)).all()
-        for exp in queued:
+        if fill.get("queued_kinds") != kinds:
+            with Session(self.db, expire_on_commit=False) as db:
+                fill["queued"] = list(db.exec(select(Experiment).where(
+                    Experiment.run_id == run.id, Experiment.status == "queued", Experiment.kind.in_(kinds))
+                    .order_by((Experiment.kind == "experiment"), Experiment.id)).all())
+            fill["queued_kinds"] = kinds
+        queued = fill["queued"]
+        while queued:
+            exp = queued.pop(0)
             if exp.id not in self.handles:
                 return exp
         return self._propose(run) if new_allowed else None
@@ -433,9 +443,14 @@ class Engine:
         if self._pending is None:
             if getattr(self.proposer, "fast", False):  # microseconds: no need to propose ahead of need
                 head_source = self.workspace.read_file(run.head_commit)
+                fill = self._fill if self._fill is not None else {}
+                if "history" not in fill:  # once per round; this round's own proposals are appended below
+                    fill["history"], fill["state"] = self.history(run.id), self.research_state(run)
                 try:
-                    return head_source, self.proposer.propose(head_source, run.head_commit, self.history(run.id),
-                                                              self.research_state(run))
+                    proposal = self.proposer.propose(head_source, run.head_commit, fill["history"], fill["state"])
+                    fill["history"].append(TriedEdit(run.head_commit, proposal.edit_key, "queued", None,
+                                                     proposal.description))
+                    return head_source, proposal
                 except ProposalError:
                     raise
                 except Exception as e:  # a proposer bug must not stop the loop
@@ -563,7 +578,7 @@ class Engine:
     def _start(self, exp: Experiment, slot: Slot) -> bool:
         """Mark the experiment running and hand it to the runner. False when it could not start (recorded:
         re-queued as an infrastructure failure, or the run paused when the disk is full)."""
-        run = self.get_run()
+        run = (self._fill or {}).get("run") or self.get_run()
         s = self.settings
         workdir = s.home / "runs" / run.name / f"exp-{exp.id:06d}"
         seed = exp.seed if exp.kind in ("baseline", "promotion") else s.seed + exp.id
@@ -591,7 +606,8 @@ class Engine:
                 row.pid = handle.pid
                 db.add(row)
 
-        retry_transient(note_pid, what=f"recording #{exp.id}'s pid")
+        if handle.pid is not None:  # remote runners have none: their runs are reaped by experiment id
+            retry_transient(note_pid, what=f"recording #{exp.id}'s pid")
         return True
 
     def _finish(self, exp_id: int, outcome: Optional[Outcome], infra_error: str = "", disk_full: str = "") -> None:

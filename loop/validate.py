@@ -7,6 +7,7 @@ import ast
 import functools
 import difflib
 import hashlib
+import re
 from collections.abc import Container, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -111,6 +112,8 @@ def validate_proposal(
         return Verdict(False, "train.py missing from the proposal", "", "")
     new_source = files[TRAIN_PATH]
     diff, changed = unified_diff(old_source, new_source)
+    if new_source == old_source:
+        return Verdict(False, "no change", "", diff)
 
     try:
         tree = ast.parse(new_source, filename=TRAIN_PATH)
@@ -123,17 +126,76 @@ def validate_proposal(
         return Verdict(False, "does not parse: nested too deeply", "", diff)
 
     try:
-        ast_hash = normalised_ast_hash(new_source)  # parses afresh: hashing strips docstrings in place
+        # A parent that passed and an edit that only swaps literal constants: nothing new can be forbidden
+        # (a fleet validates one such proposal per experiment; the full scan is most of the cost).
+        structure = "" if _literal_edit_of_clean(old_source, new_source) else (
+            _check_train_def(tree) or _first_offence(tree))
+        ast_hash = _hash_tree(tree)  # after the scan: hashing strips docstrings in place
         reason = (
-            _check_train_def(tree)
-            or _first_offence(tree)
+            structure
             or _check_size(changed, max_diff_lines)
             or _check_changed(old_source, new_source, ast_hash)
             or ("duplicate of an earlier experiment" if ast_hash in seen_hashes else "")
         )
     except RecursionError:  # a tree that parses but is too deep to walk (e.g. 1+1+...+1)
         return Verdict(False, "code nested too deeply to check", "", diff)
+    if not structure:
+        _mark_clean(new_source)
     return Verdict(not reason, reason, ast_hash, diff)
+
+
+# Sources (by sha256) whose structure passed the full checks: train(ctx) defined, nothing forbidden.
+_CLEAN: dict[str, None] = {}
+_CLEAN_MAX = 4096
+# A whole line `NAME = literal` (optional trailing comment), unindented: the only lines the fast path accepts.
+_CONSTANT_LINE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\s*=\s*([^#]+?)\s*(#.*)?\n?")
+
+
+def _digest(source: str) -> str:
+    return hashlib.sha256(source.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _mark_clean(source: str) -> None:
+    _CLEAN[_digest(source)] = None
+    if len(_CLEAN) > _CLEAN_MAX:
+        _CLEAN.pop(next(iter(_CLEAN)))
+
+
+def _is_clean(source: str) -> bool:
+    """True when `source` passed the structure checks before, or passes them now (then remembered)."""
+    if _digest(source) in _CLEAN:
+        return True
+    try:
+        tree = ast.parse(source)
+        ok = not (_check_train_def(tree) or _first_offence(tree))
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return False
+    if ok:
+        _mark_clean(source)
+    return ok
+
+
+def _literal_edit_of_clean(old_source: str, new_source: str) -> bool:
+    """True when new differs from a structurally clean old only by replaced whole lines that are, on both
+    sides, `NAME = literal` with the same NAME (a number, string, bool or None, as ast.literal_eval reads it)."""
+    old_lines, new_lines = old_source.splitlines(keepends=True), new_source.splitlines(keepends=True)
+    if len(old_lines) != len(new_lines):
+        return False
+    changed = [(a, b) for a, b in zip(old_lines, new_lines) if a != b]
+    if not changed or len(changed) > 8:
+        return False
+    for a, b in changed:
+        ma, mb = _CONSTANT_LINE.fullmatch(a), _CONSTANT_LINE.fullmatch(b)
+        if not (ma and mb and ma.group(1) == mb.group(1)):
+            return False
+        for value in (ma.group(2), mb.group(2)):
+            try:
+                lit = ast.literal_eval(value)
+            except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+                return False
+            if not (lit is None or type(lit) in (int, float, bool, str)):
+                return False
+    return _is_clean(old_source)
 
 
 @functools.lru_cache(maxsize=128)

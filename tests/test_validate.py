@@ -383,3 +383,46 @@ def test_pathological_nesting_is_rejected_not_raised():
         verdict = check(TRAIN_PY + tail)
         assert not verdict.ok and "nested too deeply" in verdict.reason
     assert check(TRAIN_PY + "x = 1\0\n").reason.startswith("does not parse")
+
+
+# ---- the fast path for literal-only edits ----
+
+def test_a_literal_edit_of_a_clean_parent_skips_the_scan_with_the_same_verdict(monkeypatch):
+    import loop.validate as v
+
+    full = check(EDITED)
+    scans = []
+    monkeypatch.setattr(v, "_first_offence", lambda tree: scans.append(tree) or "")
+    v._CLEAN.clear()
+    first = check(EDITED)  # the parent is scanned once and remembered
+    assert len(scans) == 1
+    again = check(TRAIN_PY.replace("WIDTH = 96 ", "WIDTH = 128 ").replace('LABEL = "tiny"', 'LABEL = "small"'))
+    assert len(scans) == 1 and again.ok  # two literal lines changed: no scan
+    assert (first.ok, first.reason, first.ast_hash, first.diff) == (full.ok, full.reason, full.ast_hash, full.diff)
+
+
+@pytest.mark.parametrize("line", [
+    'MATRIX_LR = __import__("os").getpid()  # AdamW learning rate for weight matrices\n',
+    "MATRIX_LR = open  # AdamW learning rate for weight matrices\n",
+    "MATRIX_LR = [0.02]  # AdamW learning rate for weight matrices\n",
+    "OTHER = 0.03  # AdamW learning rate for weight matrices\n",
+])
+def test_anything_but_a_literal_on_a_constant_line_gets_the_full_checks(line):
+    import loop.validate as v
+
+    v._CLEAN.clear()
+    check(EDITED)  # the parent is known clean
+    old = next(ln for ln in TRAIN_PY.splitlines(keepends=True) if ln.startswith("MATRIX_LR"))
+    assert not v._literal_edit_of_clean(TRAIN_PY, TRAIN_PY.replace(old, line))
+    if "open" in line or "__import__" in line:
+        verdict = check(TRAIN_PY.replace(old, line))
+        assert not verdict.ok and verdict.reason.startswith("forbidden:")
+
+
+def test_a_literal_edit_of_a_parent_that_is_not_clean_is_refused():
+    import loop.validate as v
+
+    v._CLEAN.clear()
+    bad_parent = TRAIN_PY.replace("import math\n", "import os\nimport math\n")
+    verdict = validate_proposal(bad_parent, {"train.py": bad_parent.replace("WIDTH = 96 ", "WIDTH = 128 ")})
+    assert not verdict.ok and "forbidden" in verdict.reason

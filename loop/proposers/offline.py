@@ -4,6 +4,7 @@ at a time. Needs no network; never repeats a (parent, edit_key) pair; edits only
 from __future__ import annotations
 
 import ast
+import functools
 import random
 import re
 from collections.abc import Sequence
@@ -154,6 +155,12 @@ def read_constants(source: str) -> list[Constant]:
     Only UPPERCASE names assigned once at module level to an int/float/bool/str literal on
     one line (a leading - or + allowed for numbers). Raises SyntaxError if source does not parse.
     """
+    return list(_read_constants(source))
+
+
+@functools.lru_cache(maxsize=64)
+def _read_constants(source: str) -> tuple[Constant, ...]:
+    """read_constants, cached: head's source is read again for every proposal made on it."""
     tree = ast.parse(source)
     lines = source.split("\n")
     counts = _assignment_counts(tree)
@@ -163,7 +170,7 @@ def read_constants(source: str) -> list[Constant]:
         # A name bound twice: editing the first binding may change nothing.
         if constant is not None and counts.get(constant.name) == 1:
             found.append(constant)
-    return found
+    return tuple(found)
 
 
 def _constant(node: ast.stmt, lines: list[str]) -> Constant | None:
@@ -289,14 +296,15 @@ def apply_mutation(source: str, mutation: Mutation) -> str:
     lines = source.split("\n")  # not splitlines(): it also splits on \f, unlike ast
     raw = lines[c.line - 1].encode("utf-8")
     lines[c.line - 1] = (raw[:c.start] + mutation.new_text.encode("utf-8") + raw[c.end:]).decode("utf-8")
-    new_source = "\n".join(lines)
+    # Only that line changed: reading it back alone checks the rewrite (the whole file is validated later).
     try:
-        after = {k.name: k.value for k in read_constants(new_source)}
+        node = ast.parse(lines[c.line - 1]).body
+        after = _literal(node[0].value) if len(node) == 1 and isinstance(node[0], ast.Assign) else None
     except SyntaxError as exc:
         raise ProposalError(f"rewriting {c.name} broke train.py: {exc.msg}") from exc
-    if after.get(c.name) != mutation.new_value or type(after.get(c.name)) is not type(mutation.new_value):
+    if after != mutation.new_value or type(after) is not type(mutation.new_value):
         raise ProposalError(f"rewriting {c.name} did not produce {mutation.new_text}")
-    return new_source
+    return "\n".join(lines)
 
 
 # ---- history ----
