@@ -126,6 +126,9 @@ def caps(db: Session, run_id: int, settings, now: Optional[datetime] = None) -> 
 def reached(db: Session, run_id: int, settings, resources=("gpu", "claude"),
             now: Optional[datetime] = None) -> Optional[Cap]:
     """The first cap reached among `resources`, or None."""
+    lim = limits(db, run_id, settings)
+    if all(lim[(r, period)] is None for r in resources for period in PERIODS):
+        return None  # no cap set: no need to sum the ledger (the engine asks on every tick)
     return next((c for c in caps(db, run_id, settings, now) if c.resource in resources and c.reached), None)
 
 

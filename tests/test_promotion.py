@@ -135,7 +135,8 @@ def test_promotion_event_renders_with_a_plot_in_the_shell(tmp_path):
 
 
 def test_cancel_a_running_promotion(tmp_path, data_dir):
-    eng, db, ws = promotion_engine(tmp_path, data_dir, SLOW.replace("step >= 60", "step >= 100000"))
+    # the baseline and the experiment stop at 60 steps as elsewhere; the promotion's runs (scaled) train on
+    eng, db, ws = promotion_engine(tmp_path, data_dir, SLOW.replace("step >= 60", "(step >= 60 and not ctx.scale)"))
     control = Control(db, "main", eng)
     control.promote("olga", None)
     tick_until(eng, lambda: any(getattr(h, "kind", "") == "promotion" for h in eng.handles.values()))

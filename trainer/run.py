@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from trainer.harness import run
+from trainer.harness import run, warm_up
 from trainer.result import summary_block
 
 EXIT_CODES = {"ok": 0, "crash": 1, "timeout": 3}
@@ -41,24 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def warm_up() -> None:
-    """Load what torch loads lazily on a model's first step (autograd, the optimizers, dynamo's hooks), on a toy
-    model, so a standby's first real step does not pay for it (about 2 s of a CPU step in torch 2.13)."""
-    import torch
-
-    model = torch.nn.Sequential(torch.nn.Embedding(8, 8), torch.nn.Linear(8, 8))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    loss = torch.nn.functional.cross_entropy(model(torch.zeros(2, 4, dtype=torch.long)).view(-1, 8),
-                                             torch.zeros(8, dtype=torch.long))
-    loss.backward()
-    opt.step()
-    with torch.no_grad():
-        model(torch.zeros(1, 4, dtype=torch.long))
-
-
 def standby() -> int:
     """Wait for a job on stdin (see the module docstring), then run it as main() would. Exit 2 on a bad job."""
-    warm_up()
+    warm_up()  # before the wait: the job's run() finds it done
     line = sys.stdin.readline()
     started = time.time()
     if not line.strip():
