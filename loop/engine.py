@@ -37,6 +37,7 @@ log = logging.getLogger("ratchet.engine")
 PRUNE_MIN_STEPS = 20  # a run is never pruned before it has logged this many steps
 HISTORY_RECENT = 200  # most recent experiments always shown to the proposer (besides head's and the keeps)
 MAX_ATTEMPTS = 3  # starts of one experiment before an infrastructure fault counts as a crash
+FAST_RETRIES = 8  # invalid proposals in a row a fast proposer may make before a slot waits for the next tick
 TICK_S = 1.0  # the engine also wakes at once on a result or a command
 PROPOSAL_BACKOFF_S = (5, 15, 60, 300)  # growing delay after proposer failures
 NO_SPACE = ("No space left on device", "[Errno 28]", "ENOSPC", "Disk quota exceeded")
@@ -483,6 +484,17 @@ class Engine:
         return head_source, proposal
 
     def _propose(self, run: Run) -> Optional[Experiment]:
+        """A fresh validated proposal stored `queued`, or None. A fast (offline) proposer whose proposal was
+        invalid (a duplicate, say) is asked again at once, a few times, so one invalid proposal does not leave
+        the free slots of this round waiting for the next tick."""
+        for _ in range(FAST_RETRIES if getattr(self.proposer, "fast", False) else 1):
+            invalid_before = self.finished_here
+            exp = self._propose_once(run)
+            if exp is not None or self.finished_here == invalid_before or self.reached_max():
+                return exp  # a proposal, or nothing to propose now (not an invalid one)
+        return None
+
+    def _propose_once(self, run: Run) -> Optional[Experiment]:
         if time.time() < self._propose_after:
             return None
         try:

@@ -457,10 +457,22 @@ def _strip_docstrings(tree: ast.Module) -> None:
             node.body = body[1:]
 
 
+_DEFS = (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+
+
 def _with_bodies(tree: ast.Module) -> Iterator[ast.Module | ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef]:
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+    """The module and every def / class in it. A def is a statement, so only statement lists are searched (if,
+    for, while, with, try and match bodies), never expressions: a small part of the tree, walked without
+    ast.walk's cost."""
+    stack: list[ast.AST] = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, _DEFS):
             yield node
+        for field in ("body", "orelse", "finalbody", "handlers", "cases"):
+            children = getattr(node, field, None)
+            if isinstance(children, list):
+                stack.extend(c for c in children if isinstance(c, (ast.stmt, ast.excepthandler, ast.match_case)))
 
 
 def _count_overlapping(text: str, needle: str) -> int:
