@@ -65,7 +65,8 @@ def test_baseline_then_experiments_with_the_ratchet_rule(tmp_path, data_dir, tin
     base = [e for e in exps if e.kind == "baseline"]
     search = [e for e in exps if e.kind == "experiment"]
     assert [e.status for e in base] == ["keep", "keep"] and len({e.seed for e in base}) == 2
-    assert len(search) == 3 and all(e.status in ("keep", "discard", "crash", "timeout", "invalid") for e in search)
+    assert len(search) == 3 and all(e.status in ("keep", "discard", "crash", "timeout", "invalid", "pruned")
+                                    for e in search), [(e.status, e.reason) for e in search]
     run = rows(db, Run)[0]
     assert run.noise_sigma is not None and run.noise_sigma >= 0
     for e in search:
@@ -79,7 +80,7 @@ def test_baseline_then_experiments_with_the_ratchet_rule(tmp_path, data_dir, tin
     assert tiny_workspace.branch_tip("main") == run.head_commit  # branch and database agree
     kinds = [ev.kind for ev in rows(db, Event)]
     assert kinds.count("baseline_run") == 2 and "baseline" in kinds
-    assert sum(kinds.count(k) for k in ("kept", "discarded", "crashed", "invalid")) == 3
+    assert sum(kinds.count(k) for k in ("kept", "discarded", "crashed", "invalid", "pruned")) == 3
     assert len([r for r in rows(db, BudgetLedger) if r.kind == "gpu_seconds"]) == 5
 
 
