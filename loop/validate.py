@@ -128,8 +128,7 @@ def validate_proposal(
     try:
         # A parent that passed and an edit that only swaps literal constants: nothing new can be forbidden
         # (a fleet validates one such proposal per experiment; the full scan is most of the cost).
-        structure = "" if _literal_edit_of_clean(old_source, new_source) else (
-            _check_train_def(tree) or _first_offence(tree))
+        structure = "" if _literal_edit_of_clean(old_source, new_source) else _check_structure(tree)
         ast_hash = _hash_tree(tree)  # after the scan: hashing strips docstrings in place
         reason = (
             structure
@@ -166,8 +165,7 @@ def _is_clean(source: str) -> bool:
     if _digest(source) in _CLEAN:
         return True
     try:
-        tree = ast.parse(source)
-        ok = not (_check_train_def(tree) or _first_offence(tree))
+        ok = not _check_structure(ast.parse(source))
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         return False
     if ok:
@@ -263,6 +261,11 @@ def _check_train_def(tree: ast.Module) -> str:
     return ""
 
 
+def _check_structure(tree: ast.Module) -> str:
+    """What the fast path may skip for a literal-only edit: train(ctx) defined, nothing forbidden ("" if ok)."""
+    return _check_train_def(tree) or _first_offence(tree)
+
+
 def _check_size(changed: int, max_diff_lines: int) -> str:
     if changed > max_diff_lines:
         return f"diff too large: {changed} changed lines (max {max_diff_lines})"
@@ -270,9 +273,7 @@ def _check_size(changed: int, max_diff_lines: int) -> str:
 
 
 def _check_changed(old_source: str, new_source: str, ast_hash: str) -> str:
-    if new_source == old_source:
-        return "no change"
-    try:
+    try:  # identical sources were refused before parsing
         old_hash = normalised_ast_hash(old_source)
     except (SyntaxError, ValueError):
         return ""

@@ -125,6 +125,11 @@ def _active_sandbox(sandbox: Optional[SandboxConfig]) -> Optional[SandboxConfig]
     return sandbox if sandbox is not None and sandbox.enabled and sys.platform.startswith("linux") else None
 
 
+def _sandboxed(cmd: list[str], sandbox: Optional[SandboxConfig], wd: Path, data_dir: Path, cuda: bool) -> list[str]:
+    """`cmd` behind the sandbox launcher (wd writable, the data readable), or as is when the sandbox is off."""
+    return launcher_command(sandbox, workdir=wd, read=[data_dir], cuda=cuda) + cmd if sandbox else cmd
+
+
 def _spawn(cmd: list[str], wd: Path, slot: Slot, *, stdin) -> subprocess.Popen:
     """Start `cmd` in `wd` in its own session (process group), output to wd/log.txt."""
     env = {**os.environ, **slot.env, "PYTHONUNBUFFERED": "1"}
@@ -148,9 +153,7 @@ class Standby:
         self.key = (str(data_dir), cuda)
         self.dir = root / f"{os.getpid()}-{slot.name.replace(':', '-')}-{next(self._ids)}"
         self.dir.mkdir(parents=True)
-        cmd = [sys.executable, "-P", "-m", "trainer.run", "--standby"]
-        if sandbox:
-            cmd = launcher_command(sandbox, workdir=self.dir, read=[data_dir], cuda=cuda) + cmd
+        cmd = _sandboxed([sys.executable, "-P", "-m", "trainer.run", "--standby"], sandbox, self.dir, data_dir, cuda)
         self.proc = _spawn(cmd, self.dir, slot, stdin=subprocess.PIPE)
         _renice(self.proc.pid, STANDBY_NICE)  # start-up takes what the running experiment leaves of the CPU
 
@@ -226,9 +229,7 @@ class LocalHandle:
                 standby.release()
             wd = final
             (wd / "train.py").write_text(job.source)
-            cmd = harness_command(job)
-            if self.sandbox:
-                cmd = launcher_command(self.sandbox, workdir=wd, read=[job.data_dir], cuda=cuda) + cmd
+            cmd = _sandboxed(harness_command(job), self.sandbox, wd, job.data_dir, cuda)
             self.proc = _spawn(cmd, wd, slot, stdin=subprocess.DEVNULL)
         self.log_path = wd / "log.txt"
         self.curve_path = wd / "result.curve.jsonl"
@@ -375,9 +376,8 @@ class LocalRunner:
         if root in self._cleaned:
             return
         self._cleaned.add(root)
-        mine = {s.dir for s in self._standbys.values()}
         for d in root.glob("*") if root.is_dir() else ():
-            if d not in mine and not d.name.startswith(f"{os.getpid()}-"):
+            if not d.name.startswith(f"{os.getpid()}-"):  # this process's own are named by its pid
                 remove_tree(d)
 
     def close(self) -> None:
