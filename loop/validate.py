@@ -115,21 +115,28 @@ def validate_proposal(
     if new_source == old_source:
         return Verdict(False, "no change", "", diff)
 
-    try:
-        tree = ast.parse(new_source, filename=TRAIN_PATH)
-    except SyntaxError as exc:
-        where = f"line {exc.lineno}: " if exc.lineno else ""
-        return Verdict(False, f"does not parse: {where}{exc.msg}", "", diff)
-    except ValueError as exc:  # null bytes, on some Python versions
-        return Verdict(False, f"does not parse: {exc}", "", diff)
-    except (RecursionError, MemoryError):  # the parser's own limits on nesting
-        return Verdict(False, "does not parse: nested too deeply", "", diff)
+    # A parent that passed and an edit that only swaps literal constants: nothing new can be forbidden
+    # (a fleet validates one such proposal per experiment; the full scan is most of the cost).
+    literal_edit = _literal_edit_of_clean(old_source, new_source)
+    # ...and its hash is the parent's, one statement's piece swapped: no parse or dump of the whole file.
+    spliced = _spliced_hash(old_source, new_source) if literal_edit else None
+    if spliced is None:
+        try:
+            tree = ast.parse(new_source, filename=TRAIN_PATH)
+        except SyntaxError as exc:
+            where = f"line {exc.lineno}: " if exc.lineno else ""
+            return Verdict(False, f"does not parse: {where}{exc.msg}", "", diff)
+        except ValueError as exc:  # null bytes, on some Python versions
+            return Verdict(False, f"does not parse: {exc}", "", diff)
+        except (RecursionError, MemoryError):  # the parser's own limits on nesting
+            return Verdict(False, "does not parse: nested too deeply", "", diff)
 
     try:
-        # A parent that passed and an edit that only swaps literal constants: nothing new can be forbidden
-        # (a fleet validates one such proposal per experiment; the full scan is most of the cost).
-        structure = "" if _literal_edit_of_clean(old_source, new_source) else _check_structure(tree)
-        ast_hash = _hash_tree(tree)  # after the scan: hashing strips docstrings in place
+        if spliced is not None:
+            structure, ast_hash = "", spliced
+        else:
+            structure = "" if literal_edit else _check_structure(tree)
+            ast_hash = _hash_tree(tree)  # after the scan: hashing strips docstrings in place
         reason = (
             structure
             or _check_size(changed, max_diff_lines)
@@ -196,15 +203,111 @@ def _literal_edit_of_clean(old_source: str, new_source: str) -> bool:
     return _is_clean(old_source)
 
 
-@functools.lru_cache(maxsize=128)
 def normalised_ast_hash(source: str) -> str:
     """sha256 hex of the source's AST without positions or docstrings.
 
     Comments, blank lines, formatting and docstrings do not change it. Raises SyntaxError
-    (or ValueError for null bytes) when the source does not parse. Cached: head's source is
-    hashed again for every proposal made on it.
+    (or ValueError for null bytes) when the source does not parse, RecursionError when it is
+    nested too deeply to walk. Cached: head's source is hashed again for every proposal made on it.
     """
-    return _hash_tree(ast.parse(source))
+    return _pieces(source).ast_hash
+
+
+@dataclass(frozen=True)
+class _Pieces:
+    """A source's normalised dump (what _hash_tree hashes) cut at its top-level statements:
+    prefix + ", ".join(pieces) + suffix. `slots` maps a 1-based line number to the index in `pieces` of a
+    module-level `NAME = literal` statement that has that line to itself (see _spliced_hash); it is empty
+    when the cut could not be checked against the whole dump."""
+
+    ast_hash: str
+    prefix: str
+    suffix: str
+    pieces: tuple[str, ...]
+    slots: Mapping[int, int]
+
+
+@functools.lru_cache(maxsize=32)  # a dump is ~25 bytes per source byte: keep only recent heads
+def _pieces(source: str) -> _Pieces:
+    """Parse, strip docstrings and dump `source` once, keeping each top-level statement's piece.
+
+    Raises SyntaxError / ValueError when it does not parse, RecursionError when too deep to dump.
+    Cached: every proposal on a head splices into the head's pieces.
+    """
+    tree = ast.parse(source)
+    body = list(tree.body)
+    slots: dict[int, int] = {}
+    for i, node in enumerate(body):
+        if (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+                and _is_literal(node.value) and node.col_offset == 0 and node.lineno == node.end_lineno
+                and (i == 0 or body[i - 1].end_lineno < node.lineno)
+                and (i + 1 == len(body) or body[i + 1].lineno > node.lineno)):
+            slots[node.lineno] = id(node)  # → an index into the stripped body below
+    _strip_docstrings(tree)
+    whole = ast.dump(tree, annotate_fields=True, include_attributes=False)
+    pieces = tuple(ast.dump(node, annotate_fields=True, include_attributes=False) for node in tree.body)
+    index = {id(node): k for k, node in enumerate(tree.body)}
+    joined = ", ".join(pieces)
+    at = whole.find(joined) if pieces else -1
+    prefix, suffix = (whole[:at], whole[at + len(joined):]) if at >= 0 else ("", "")
+    # ast.dump formats a list's items one by one and joins them with ", ": a cut that reassembles to the
+    # whole dump stays right when one item is swapped. If it did not (another Python), splice nothing.
+    ok = at >= 0 and prefix + joined + suffix == whole
+    return _Pieces(
+        ast_hash=hashlib.sha256(whole.encode("utf-8")).hexdigest(), prefix=prefix, suffix=suffix, pieces=pieces,
+        slots={line: index[node_id] for line, node_id in slots.items() if node_id in index} if ok else {},
+    )
+
+
+def _is_literal(node: ast.expr) -> bool:
+    """A number, string, bool or None constant, or a signed number: what a constant line may hold."""
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        node = node.operand
+        return isinstance(node, ast.Constant) and type(node.value) in (int, float)
+    return isinstance(node, ast.Constant) and (node.value is None or type(node.value) in (int, float, bool, str))
+
+
+def _spliced_hash(old_source: str, new_source: str) -> str | None:
+    """normalised_ast_hash(new_source) without parsing new_source, when new differs from old only in whole
+    lines that are, in old, a module-level `NAME = literal` statement alone on its line, and are, in new,
+    such a statement too (parsed alone). Each such line is a complete logical line at the top level of
+    both files, so new's tree is old's with those statements swapped. None when that cannot be shown
+    (then the caller parses); never raises.
+    """
+    if "\r" in old_source or "\r" in new_source:  # \r ends a line for the parser but not for split("\n")
+        return None
+    old_lines, new_lines = old_source.split("\n"), new_source.split("\n")
+    if len(old_lines) != len(new_lines):
+        return None
+    changed = [i for i, (a, b) in enumerate(zip(old_lines, new_lines)) if a != b]
+    if not changed or len(changed) > 8:
+        return None
+    try:
+        parent = _pieces(old_source)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return None
+    pieces = list(parent.pieces)
+    for i in changed:
+        k = parent.slots.get(i + 1)
+        # A backslash at a line's end joins the next line to it: then the line is not complete alone.
+        if k is None or any(_continues(ln) for ln in (old_lines[i], new_lines[i])) \
+                or (i > 0 and _continues(old_lines[i - 1])):
+            return None
+        try:
+            body = ast.parse(new_lines[i]).body
+        except (SyntaxError, ValueError, RecursionError, MemoryError):
+            return None
+        if not (len(body) == 1 and isinstance(body[0], ast.Assign) and len(body[0].targets) == 1
+                and isinstance(body[0].targets[0], ast.Name) and body[0].col_offset == 0
+                and _is_literal(body[0].value)):
+            return None
+        pieces[k] = ast.dump(body[0], annotate_fields=True, include_attributes=False)
+    dumped = parent.prefix + ", ".join(pieces) + parent.suffix
+    return hashlib.sha256(dumped.encode("utf-8")).hexdigest()
+
+
+def _continues(line: str) -> bool:
+    return line.rstrip().endswith("\\")
 
 
 def apply_edits(source: str, edits: Sequence[tuple[str, str]]) -> str:

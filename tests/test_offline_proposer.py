@@ -272,3 +272,27 @@ def test_template_proposals_validate(device):
         verdict = validate_proposal(source, {"train.py": p.source}, seen_hashes=seen)
         assert verdict.ok, (p.edit_key, verdict.reason)
         seen.add(verdict.ast_hash)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda", "mps"])
+def test_the_cached_candidates_are_every_mutable_constants_mutations_in_order(device):
+    from loop.proposers.offline import _all_candidates, _mutable
+
+    for source in (TRAIN_PY, TEMPLATE.read_text()):
+        consts = read_constants(source)
+        preset = preset_suffix(consts, device)
+        expected = [m for c in consts if _mutable(c, preset) for m in candidate_mutations(c, FACTORS)]
+        assert list(_all_candidates(source, device, FACTORS)) == expected
+        assert _all_candidates(source, device, FACTORS) is _all_candidates(source, device, FACTORS)
+
+
+def test_a_cached_head_still_skips_what_was_tried_since():
+    proposer, history = OfflineProposer(seed=5, factors=FACTORS), []
+    keys = []
+    for _ in range(CPU_CANDIDATES):  # the same head every time: its candidates come from the cache
+        p = proposer.propose(TRAIN_PY, PARENT, history)
+        keys.append(p.edit_key)
+        history.append(TriedEdit(PARENT, p.edit_key, "discard", 1.0, p.description))
+    assert len(set(keys)) == CPU_CANDIDATES
+    with pytest.raises(ProposalExhausted):
+        proposer.propose(TRAIN_PY, PARENT, history)

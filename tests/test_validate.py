@@ -426,3 +426,108 @@ def test_a_literal_edit_of_a_parent_that_is_not_clean_is_refused():
     bad_parent = TRAIN_PY.replace("import math\n", "import os\nimport math\n")
     verdict = validate_proposal(bad_parent, {"train.py": bad_parent.replace("WIDTH = 96 ", "WIDTH = 128 ")})
     assert not verdict.ok and "forbidden" in verdict.reason
+
+
+# ---- the spliced hash: a literal edit's hash from the parent's cached dump ----
+
+def _slow_hash(source: str) -> str:
+    """The hash as the full path computes it: parse and dump the whole file."""
+    import ast
+
+    import loop.validate as v
+
+    return v._hash_tree(ast.parse(source))
+
+
+def _slow_verdict(monkeypatch, old: str, new: str, **kwargs):
+    import loop.validate as v
+
+    with monkeypatch.context() as m:
+        m.setattr(v, "_spliced_hash", lambda *_: None)
+        return validate_proposal(old, {"train.py": new}, **kwargs)
+
+
+def test_offline_proposals_take_the_spliced_hash_and_get_the_full_paths_verdict(monkeypatch):
+    import loop.validate as v
+    from loop.proposers.base import TriedEdit
+    from loop.proposers.offline import OfflineProposer
+    from loop.workspace import TEMPLATE
+
+    for parent in (TRAIN_PY, TEMPLATE.read_text()):
+        proposer, history = OfflineProposer(seed=3, device="cuda"), []
+        for _ in range(25):  # TRAIN_PY has 31 candidate edits
+            p = proposer.propose(parent, "head", history)
+            history.append(TriedEdit("head", p.edit_key, "queued", None, p.description))
+            spliced = v._spliced_hash(parent, p.source)
+            assert spliced == _slow_hash(p.source), p.description  # taken, and the same hash
+            seen = {_slow_hash(p.source)}
+            fast = validate_proposal(parent, {"train.py": p.source}, seen_hashes=seen)
+            slow = _slow_verdict(monkeypatch, parent, p.source, seen_hashes=seen)
+            assert fast == slow and fast.reason == "duplicate of an earlier experiment"
+
+
+def test_several_literal_lines_changed_at_once_splice_to_the_full_hash():
+    import random
+
+    import loop.validate as v
+
+    rng = random.Random(0)
+    lines = TRAIN_PY.split("\n")
+    constant_lines = [i for i, ln in enumerate(lines) if ln[:1].isupper() and " = " in ln]
+    values = ["0", "-3", "+2.5", "1e-3", "True", "None", "'x'", '"a # b"', "-0.0", "10_000"]
+    for _ in range(60):
+        new = list(lines)
+        for i in rng.sample(constant_lines, rng.randint(1, 4)):
+            name, rest = new[i].split(" = ", 1)
+            comment = rest[rest.index("#"):] if "#" in rest and not rest.startswith('"') else ""
+            new[i] = f"{name} = {rng.choice(values)}  {comment}".rstrip()
+        source = "\n".join(new)
+        if source == TRAIN_PY:
+            continue
+        assert v._spliced_hash(TRAIN_PY, source) == _slow_hash(source)
+
+
+@pytest.mark.parametrize("old, new", [
+    # a line of a string, not a statement
+    ('X = 1\nDOC = """\nY = 1\n"""\n', 'X = 1\nDOC = """\nY = 2\n"""\n'),
+    # a keyword argument on an unindented line of a call
+    ("X = 1\nf(\nY = 1\n)\n", "X = 1\nf(\nY = 2\n)\n"),
+    # a second statement on the line would be lost with it
+    ("X = 1; import math\n", "X = 2\n"),
+    # a backslash would join the next line to the new one
+    ("X = 1\nY = 2\n", "X = 1 \\\nY = 2\n"),
+    # the line before continues onto the changed line
+    ("Y = 2; \\\nX = 1\n", "Y = 2; \\\nX = 3\n"),
+    # a carriage return ends a line for the parser
+    ("X = 1\r\nY = 2\r\n", "X = 3\r\nY = 2\r\n"),
+    # not a literal any more, or not an assignment
+    ("X = 1\n", "X = y\n"), ("X = 1\n", "X += 1\n"), ("X = 1\n", "X = 1 +\n"),
+    # lines added or removed
+    ("X = 1\n", "X = 1\nY = 2\n"),
+])
+def test_the_splice_declines_what_it_cannot_show_and_the_verdict_stays_the_full_paths(monkeypatch, old, new):
+    import loop.validate as v
+
+    assert v._spliced_hash(old, new) is None
+    assert validate_proposal(old, {"train.py": new}) == _slow_verdict(monkeypatch, old, new)
+
+
+def test_a_module_docstring_before_the_constants_does_not_shift_the_splice():
+    import loop.validate as v
+
+    old = '"""Doc."""\nA = 1\nimport math\nB = "s"  # one of: "s", "t"\n\n\ndef train(ctx):\n    return A\n'
+    new = old.replace("A = 1", "A = 2").replace('B = "s"', 'B = "t"')
+    assert v._spliced_hash(old, new) == _slow_hash(new) != _slow_hash(old)
+
+
+def test_a_wrong_piece_would_be_caught(monkeypatch):
+    """The comparison above can fail: a splice into the wrong statement gives another hash."""
+    import loop.validate as v
+
+    new = EDITED
+    assert v._spliced_hash(TRAIN_PY, new) == _slow_hash(new)
+    real = v._pieces(TRAIN_PY)
+    shifted = v._Pieces(real.ast_hash, real.prefix, real.suffix, real.pieces,
+                        {line: k + 1 for line, k in real.slots.items()})
+    monkeypatch.setattr(v, "_pieces", lambda _source: shifted)
+    assert v._spliced_hash(TRAIN_PY, new) != _slow_hash(new)

@@ -230,3 +230,25 @@ def test_concurrent_keeps_race_safely(ws):
     with ThreadPoolExecutor(8) as pool:
         winners = [s for s in pool.map(keep, shas) if s]
     assert len(winners) == 1 and ws.branch_tip("r") == winners[0]
+
+
+def test_an_experiment_ref_is_replaced_in_place_and_a_held_lock_is_respected(ws):
+    base = ws.head_commit()
+    first = ws.commit_experiment(5, base, edit(SCRIPT, "A = 1", "A = 2"), "first")
+    second = ws.commit_experiment(5, base, edit(SCRIPT, "A = 1", "A = 3"), "second")
+    assert first != second and git(ws, "rev-parse", "refs/ratchet/exp/5") == second
+    ref_file = ws.path / ".git" / "refs" / "ratchet" / "exp" / "5"
+    assert ref_file.read_text() == second + "\n" and not ref_file.with_name("5.lock").exists()
+    ref_file.with_name("6.lock").write_text("")  # another writer (git update-ref) holds exp 6's ref
+    with pytest.raises(WorkspaceError, match="experiment 6"):
+        ws.commit_experiment(6, base, edit(SCRIPT, "A = 1", "A = 4"), "locked")
+    assert ref_file.with_name("6.lock").exists() and not ref_file.with_name("6").exists()  # theirs stays
+    assert git(ws, "fsck", "--no-dangling") == ""
+
+
+def test_a_committed_source_read_back_from_the_cache_is_what_git_stored(ws):
+    base = ws.head_commit()
+    source = edit(ws.read_file(base), "DEPTH_CPU = 4", "DEPTH_CPU = 5") + "# é ✓\n"
+    sha = ws.commit_experiment(9, base, source, "exp 9")
+    assert ws.read_file(sha) == source  # served from the cache the commit filled
+    assert Workspace(ws.path).read_file(sha) == source == git(ws, "cat-file", "blob", f"{sha}:train.py") + "\n"

@@ -103,15 +103,11 @@ class OfflineProposer:
         parse, ProposalExhausted when every candidate was tried.
         """
         try:
-            constants = read_constants(head_source)
+            every = _all_candidates(head_source, self.device, self.factors)
         except SyntaxError as exc:
             raise ProposalError(f"head train.py does not parse: line {exc.lineno}: {exc.msg}") from exc
         tried = {t.edit_key for t in history if t.parent == parent}
-        preset = preset_suffix(constants, self.device)
-        candidates = [
-            m for c in constants if _mutable(c, preset)
-            for m in candidate_mutations(c, self.factors) if m.edit_key not in tried
-        ]
+        candidates = [m for m in every if m.edit_key not in tried]
         if not candidates:
             raise ProposalExhausted(
                 f"no untried offline edit left from {parent[:12]} ({len(tried)} edits tried there)")
@@ -126,6 +122,18 @@ class OfflineProposer:
             proposer=self.name,
             edit_key=mutation.edit_key,
         )
+
+
+@functools.lru_cache(maxsize=16)
+def _all_candidates(source: str, device: str, factors: tuple[float, ...]) -> tuple[Mutation, ...]:
+    """Every mutation of every mutable constant of `source`, in proposal order (tried ones included).
+
+    Cached: a head is proposed on once per free slot, and its candidates do not change. Raises SyntaxError
+    when source does not parse.
+    """
+    constants = read_constants(source)
+    preset = preset_suffix(constants, device)
+    return tuple(m for c in constants if _mutable(c, preset) for m in candidate_mutations(c, factors))
 
 
 def preset_suffix(constants: Sequence[Constant], device: str) -> str:

@@ -1,0 +1,151 @@
+"""Profile the engine thread of bench/scheduler_scale.py: where one decision's time goes.
+
+    python bench/profile_scale.py [--slots 64 512] [--trainer-s 5] [--seconds 25] [--top 35]
+
+Builds the same simulated fleet (SimRunner, real engine, SQLite, dulwich workspace, offline proposer),
+runs the engine's own loop (tick, then wait up to TICK_S for a wake) in a thread under cProfile, and
+prints: ticks, the share of wall time spent inside tick() versus waiting for a wake, per-decision cost,
+slot idle fraction, and the top functions by cumulative and by own time. Only the engine thread is
+profiled; the simulated trainer's timer threads are not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.scheduler_scale import SimRunner  # noqa: E402
+
+
+def build(n_slots: int, trainer_s: float):
+    """The scheduler_scale set-up: (engine, db engine), noise floor already measured. Nothing started."""
+    from sqlmodel import select
+
+    from db.models import Experiment, Run
+    from db.session import create_tables, make_engine, session_scope
+    from loop.config import Settings
+    from loop.engine import Engine
+    from loop.proposers.offline import OfflineProposer
+    from loop.workspace import Workspace
+
+    home = Path(tempfile.mkdtemp(prefix="bench-profile-"))
+    settings = Settings(home=home, workspace=home / "ws", budget_s=trainer_s, noise_repeats=2, prune=False)
+    ws = Workspace.init(settings.workspace)
+    db = make_engine(settings.db_url)
+    create_tables(db)
+    ref: list = []
+    runner = SimRunner(n_slots, trainer_s, ref)
+    engine = Engine(settings, db, ws, runner,
+                    OfflineProposer(seed=0, device="cuda", factors=(0.5, 0.6, 0.7, 0.8, 0.9, 1.1, 1.25, 1.4, 2.0)),
+                    home / "data", device="cuda")
+    ref.append(engine)
+    engine.setup()
+    with session_scope(db) as s:
+        run = s.exec(select(Run)).one()
+        run.noise_sigma, run.head_val_bpb, run.head_runs = 0.002, 1.0, [1.0]
+        for seed in range(2):
+            s.add(Experiment(run_id=run.id, kind="baseline", status="keep", commit=run.baseline_commit,
+                             parent_commit=run.baseline_commit, val_bpb=1.0, seed=seed))
+    return engine, db
+
+
+def profile(n_slots: int, trainer_s: float, seconds: float, top: int, dump: str = "") -> None:
+    """Run the engine loop for `seconds` (wall) under cProfile and print what it measured; with `dump`, also
+    write the raw stats to `<dump>.<n_slots>` (for pstats). Raises nothing new."""
+    from sqlmodel import Session, select
+
+    from db.models import Experiment
+    from loop import engine as engine_mod
+
+    engine, db = build(n_slots, trainer_s)
+    exhausted = [0]
+    propose = engine.proposer.propose
+
+    def counted(*a, **kw):  # how often the proposer had nothing left on head: slots then wait a TICK_S
+        from loop.proposers.base import ProposalExhausted
+
+        try:
+            return propose(*a, **kw)
+        except ProposalExhausted:
+            exhausted[0] += 1
+            raise
+
+    engine.proposer.propose = counted
+    prof = cProfile.Profile()
+    stats = {"ticks": 0, "tick_s": 0.0, "wait_s": 0.0, "max_tick_s": 0.0}
+    stop = threading.Event()
+
+    def loop():  # Engine._loop, instrumented: time inside tick() vs time waiting for a wake
+        prof.enable()
+        while not stop.is_set():
+            t = time.perf_counter()
+            engine.tick()
+            dt = time.perf_counter() - t
+            stats["ticks"] += 1
+            stats["tick_s"] += dt
+            stats["max_tick_s"] = max(stats["max_tick_s"], dt)
+            t = time.perf_counter()
+            engine._wake.wait(engine_mod.TICK_S)
+            engine._wake.clear()
+            stats["wait_s"] += time.perf_counter() - t
+        prof.disable()
+
+    th = threading.Thread(target=loop, name="engine-profiled", daemon=True)
+    t0 = last = time.time()
+    th.start()
+    busy_area = 0.0
+    while time.time() - t0 < seconds:
+        time.sleep(0.1)
+        now = time.time()
+        busy_area += len(engine.handles) * (now - last)
+        last = now
+    wall = time.time() - t0
+    stop.set()
+    engine.wake()
+    th.join(60)
+    engine.stop(kill=True)
+    with Session(db) as s:
+        statuses = s.exec(select(Experiment.status).where(Experiment.kind == "experiment",
+                                                          Experiment.finished_at.is_not(None))).all()
+    n_done = len(statuses)
+    by_status = {k: statuses.count(k) for k in sorted(set(statuses))}
+    total = stats["tick_s"] + stats["wait_s"]
+    print(f"\n=== {n_slots} slots × {trainer_s:g} s trainer, {wall:.1f} s wall ===")
+    print(f"decisions {n_done} ({n_done / wall:.1f}/s), slot idle {100 * (1 - busy_area / (n_slots * wall)):.1f}%, "
+          f"ticks {stats['ticks']} (longest {stats['max_tick_s']:.2f} s)")
+    print(f"outcomes {by_status}; proposer exhausted {exhausted[0]} times")
+    print(f"engine thread: {100 * stats['tick_s'] / max(total, 1e-9):.0f}% in tick(), "
+          f"{100 * stats['wait_s'] / max(total, 1e-9):.0f}% waiting; "
+          f"{1000 * stats['tick_s'] / max(1, n_done):.1f} ms of tick() per decision (profiler overhead included)")
+    if dump:
+        prof.dump_stats(f"{dump}.{n_slots}")
+    for key in ("cumulative", "tottime"):
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).strip_dirs().sort_stats(key).print_stats(top)
+        print(f"--- top {top} by {key} ---")
+        print("\n".join(buf.getvalue().splitlines()[6:]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--slots", type=int, nargs="+", default=[64, 512])
+    ap.add_argument("--trainer-s", type=float, default=5.0)
+    ap.add_argument("--seconds", type=float, default=25.0)
+    ap.add_argument("--top", type=int, default=35)
+    ap.add_argument("--dump", default="", help="write raw cProfile stats to DUMP.<slots>")
+    a = ap.parse_args()
+    for n in a.slots:
+        profile(n, a.trainer_s, a.seconds, a.top, a.dump)
+
+
+if __name__ == "__main__":
+    main()
