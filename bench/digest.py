@@ -22,7 +22,8 @@ from bench.common import write_json  # noqa: E402
 
 
 def fill(db, n: int, seed: int = 0, keep_percent: float = 0.2) -> None:
-    """One run with 3 baseline repeats and n experiments over the last 30 days, bulk-inserted."""
+    """One run with 3 baseline repeats and n experiments over the last 30 days, bulk-inserted; each keep
+    has a confirm run and is judged on the mean of the two."""
     from sqlalchemy import insert
 
     from db.models import BudgetLedger, Experiment, Run, utcnow
@@ -45,15 +46,23 @@ def fill(db, n: int, seed: int = 0, keep_percent: float = 0.2) -> None:
         v = None if st in ("crash", "invalid") else (head + rng.gauss(0, 0.002) if base else
                                                      head - abs(rng.gauss(0, 0.002)) if st == "keep"
                                                      else head + abs(rng.gauss(0.002, 0.01)))
-        if st == "keep" and not base:
-            d = {"verdict": "keep", "delta": v - head}
-            head = v
+        confirm = None
+        if st == "keep" and not base:  # kept on the mean of its run and one confirm run, as the engine does
+            confirm = head - abs(rng.gauss(0, 0.002))  # both runs beat head, as a keep's mean must
+            mean = (v + confirm) / 2
+            d = {"verdict": "keep", "delta": mean - head, "val_bpb": mean, "runs": [v, confirm]}
+            head = mean
         else:
             d = {}
-        rows.append(dict(run_id=run_id, kind="baseline" if base else "experiment", status=st, val_bpb=v,
-                         description=f"change {i}", decision=d, created_at=at, finished_at=at, reason="", diff="",
-                         hypothesis="", log_tail="", usage={}))
+        common = dict(run_id=run_id, created_at=at, finished_at=at, reason="", diff="", hypothesis="", log_tail="",
+                      usage={})
+        rows.append(dict(common, kind="baseline" if base else "experiment", status=st, val_bpb=v,
+                         description=f"change {i}", decision=d))
         ledger.append(dict(run_id=run_id, day=at.date().isoformat(), kind="gpu_seconds", amount=310.0, created_at=at))
+        if confirm is not None:
+            rows.append(dict(common, kind="confirm", status="keep", val_bpb=confirm, description=f"confirm {i}",
+                             decision={}))
+            ledger.append(dict(ledger[-1]))
     with session_scope(db) as s:
         for k in range(0, len(rows), 20000):
             s.execute(insert(Experiment), rows[k:k + 20000])

@@ -21,10 +21,12 @@ EVENT_METADATA_TYPE = "ratchet_event"
 DAILY_METADATA_TYPE = "ratchet_daily"
 
 # Kinds rendered as one compact line; with slack_daily_thread they go into the day's thread.
-COMPACT_KINDS = frozenset({"discarded", "crashed", "invalid", "pruned", "aborted", "baseline_run", "infra_failed"})
+COMPACT_KINDS = frozenset({"discarded", "crashed", "invalid", "pruned", "aborted", "baseline_run", "infra_failed",
+                           "confirming"})
 MARK = {"kept": "✓", "discarded": "✗", "crashed": "!", "invalid": "⊘", "pruned": "✂", "aborted": "■",
         "paused": "⏸", "resumed": "▶", "baseline": "≈", "baseline_run": "·", "infra_failed": "↻", "hint": "✎",
-        "reverted": "↩", "proposer_error": "!", "budget": "$", "digest": "📈", "rebased": "↷", "host_down": "▼",
+        "reverted": "↩", "proposer_error": "!", "budget": "$", "digest": "📈", "rebased": "↷", "confirming": "🔁",
+        "host_down": "▼",
         "host_up": "▲", "promotion": "⇪", "promotion_requested": "⇪", "promotion_started": "⇪",
         "promotion_cancelled": "⇪"}
 # A promotion's verdict (loop/promotion.py judge) → its mark and words.

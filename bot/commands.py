@@ -215,11 +215,17 @@ def format_experiment(e) -> str:
              f"val_bpb {_bpb(e.val_bpb)} · training {e.training_seconds or 0:.1f} s · steps {e.steps or 0} · "
              f"params {(e.params or 0) / 1e6:.2f}M · peak {e.peak_memory_mb or 0:.0f} MiB · {e.slot or '-'}",
              f"parent {e.parent_commit[:10]} → commit {e.commit[:10]}" if e.commit else ""]
-    if e.decision:
-        d = e.decision
+    d = e.decision or {}
+    if d.get("pruned"):
+        lines.append(f"pruned: {d['pruned'].get('reason', '')}")
+    if "verdict" in d:  # a pruned run has no verdict, only its pruning record
         lines.append(f"rule: {d['verdict']}: {d['val_bpb']:.4f} vs head {d['head_val_bpb']:.4f} "
                      f"(Δ {d['delta']:+.4f}; needs < −{d['threshold']:.4f} = max({d['min_delta']}, "
                      f"{d['z']}·σ {d['sigma']:.4f}))")
+        if d.get("runs"):
+            first = d.get("first_run") or {}
+            lines.append(f"runs: {', '.join(f'{v:.4f}' for v in d['runs'])} (the rule judged their mean); first "
+                         f"run alone: {first.get('verdict', '?')}")
     if e.log_tail:
         lines.append("log tail:\n" + e.log_tail)
     if e.diff:

@@ -24,14 +24,16 @@ log = logging.getLogger("ratchet.shell")
 
 EVENT_STYLE = {"kept": "bold green", "discarded": "yellow", "crashed": "red", "invalid": "magenta",
                "aborted": "red", "paused": "bold cyan", "resumed": "bold cyan", "baseline": "bold",
-               "baseline_run": "dim", "infra_failed": "red", "proposer_error": "red", "hint": "cyan", "pruned": "yellow", "rebased": "cyan",
-               "host_down": "bold red", "host_up": "green", "budget_changed": "cyan", "reverted": "bold yellow",
+               "baseline_run": "dim", "infra_failed": "red", "proposer_error": "red", "hint": "cyan",
+               "pruned": "yellow", "rebased": "cyan", "confirming": "cyan", "host_down": "bold red",
+               "host_up": "green", "budget_changed": "cyan", "reverted": "bold yellow",
                "promotion": "bold magenta", "promotion_requested": "magenta", "promotion_started": "magenta",
                "promotion_cancelled": "magenta"}
 EVENT_MARK = {"kept": "✓", "discarded": "✗", "crashed": "!", "invalid": "⊘", "aborted": "■", "paused": "⏸",
               "resumed": "▶", "baseline": "≈", "baseline_run": "·", "infra_failed": "↻", "hint": "✎", "pruned": "✂",
-              "rebased": "↷", "host_down": "▼", "host_up": "▲", "budget_changed": "$", "reverted": "↶",
-              "promotion": "⇪", "promotion_requested": "⇪", "promotion_started": "⇪", "promotion_cancelled": "⇪"}
+              "rebased": "↷", "confirming": "⟳", "host_down": "▼", "host_up": "▲", "budget_changed": "$",
+              "reverted": "↶", "promotion": "⇪", "promotion_requested": "⇪", "promotion_started": "⇪",
+              "promotion_cancelled": "⇪"}
 
 
 def stdin_is_interactive(stream: TextIO = sys.stdin) -> bool:

@@ -18,10 +18,10 @@ def utcnow() -> datetime:
 
 
 RUN_STATES = ("running", "paused")
-EXPERIMENT_STATUSES = ("proposed", "queued", "running", "keep", "discard", "crash", "timeout", "pruned",
-                       "invalid", "aborted", "infra_failed")
+EXPERIMENT_STATUSES = ("proposed", "queued", "running", "confirming", "keep", "discard", "crash", "timeout",
+                       "pruned", "invalid", "aborted", "infra_failed")
 FINAL_STATUSES = frozenset({"keep", "discard", "crash", "timeout", "pruned", "invalid", "aborted"})
-ACTIVE_STATUSES = frozenset({"proposed", "queued", "running"})
+ACTIVE_STATUSES = frozenset({"proposed", "queued", "running", "confirming"})
 
 
 class Run(SQLModel, table=True):
@@ -48,12 +48,15 @@ class Run(SQLModel, table=True):
 
 
 class Experiment(SQLModel, table=True):
-    """One proposal trained once (or a baseline repeat). Seconds, MiB, USD; val_bpb in bits per byte."""
+    """One proposal trained once, or a baseline repeat, a confirm run of a passing change, a promotion run.
+    Seconds, MiB, USD; val_bpb in bits per byte."""
 
     __tablename__ = "experiments"
     id: Optional[int] = Field(default=None, primary_key=True)
     run_id: int = Field(foreign_key="runs.id", index=True)
-    kind: str = "experiment"  # baseline | experiment | promotion
+    kind: str = "experiment"  # baseline | experiment | confirm | promotion
+    # a confirm run: the experiment whose passing result it re-trains with a new seed before that becomes head
+    confirms_id: Optional[int] = Field(default=None, foreign_key="experiments.id", index=True)
     promotion_id: Optional[int] = Field(default=None, foreign_key="promotions.id", index=True)
     scale: str = ""  # scale name for promotion runs ("" = the loop's own)
     scale_overrides: dict = Field(default_factory=dict, sa_column=Column(JSON))  # passed to ctx.scale

@@ -85,6 +85,8 @@ class Settings(BaseSettings):
     noise_repeats: int = Field(default=3, ge=2, description="baseline runs that measure the noise floor")
     min_delta: float = Field(default=0.0003, ge=0, description="smallest val_bpb gain ever kept")
     noise_z: float = Field(default=2.0, ge=0, description="a keep must beat head by z·σ")
+    confirm_runs: int = Field(default=1, ge=0, description="new-seed re-runs a passing change needs before it "
+                                                           "becomes head (its runs' mean must pass); 0: keep at once")
 
     proposer: Optional[Literal["offline", "claude"]] = None  # None: claude when ANTHROPIC_API_KEY is set
     claude_model: str = Field(default="claude-opus-4-8", description="Anthropic model id for the Claude proposer")

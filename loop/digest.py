@@ -107,7 +107,9 @@ def build_digest(db_engine, run_name: str, settings, *, now: Optional[datetime] 
                 if fin is not None and since <= _aware(fin) < until)
     promo_rows = [(i, sc, st, v) for i, sc, st, v, fin in promos
                   if fin is None or since <= _aware(fin) < until]
-    kept_all = [KeptChange(i, d, v, (dec or {}).get("delta"), _aware(f)) for i, d, v, dec, f in kept_rows]
+    # a confirmed keep's val_bpb is the mean of its runs (the rule's input), not its first run alone
+    kept_all = [KeptChange(i, d, (dec or {}).get("val_bpb", v), (dec or {}).get("delta"), _aware(f))
+                for i, d, v, dec, f in kept_rows]
     base_vals = [v for _, kind, st, v, _, _ in rows if kind == "baseline" and st == "keep" and v is not None]
     baseline = statistics.fmean(base_vals) if base_vals else None
 
@@ -121,19 +123,20 @@ def build_digest(db_engine, run_name: str, settings, *, now: Optional[datetime] 
     best_then = before[-1].val_bpb if before else baseline
 
     plot = PlotData()
-    kept_ids = {k.id for k in kept_all}
+    kept_val = {k.id: k.val_bpb for k in kept_all}
+    kept_ids = set(kept_val)
     best = baseline
     x = 0
     for exp_id, kind, st, v, _, desc in rows:
-        if v is None or st not in PLOTTED_STATUSES:
+        if v is None or st not in PLOTTED_STATUSES or kind == "confirm":  # a re-run is not a new point
             continue
         plot.points.append((x, v, "baseline" if kind == "baseline" else st))
         if kind == "baseline" and best is not None and not plot.head:
             plot.head.append((x, best))
         if exp_id in kept_ids:
-            best = v
-            plot.head.append((x, v))
-            plot.labels.append((x, v, desc))
+            best = kept_val[exp_id]
+            plot.head.append((x, best))
+            plot.labels.append((x, best, desc))
         x += 1
     if plot.head and x:
         plot.head.append((x - 1, plot.head[-1][1]))  # carry the step line to the last experiment

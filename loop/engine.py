@@ -26,7 +26,7 @@ from loop import budget, events, faults, promotion
 from loop.config import Settings
 from loop.proposers.base import (ProposalAuthError, ProposalError, ProposalExhausted, ProposalRejected, Proposer,
                                  ResearchState, TriedEdit)
-from loop.rule import decide, noise_floor
+from loop.rule import decide, noise_floor, pooled_sigma
 from loop.runners.base import Handle, Job, Outcome, Runner, Slot
 from loop.runners.local import is_harness_process, kill_group
 from loop.validate import normalised_ast_hash, validate_proposal
@@ -273,13 +273,23 @@ class Engine:
         """True once this process has finished (or is finishing) max_experiments experiments."""
         if self.max_experiments is None:
             return False
-        live = sum(1 for h in self.handles.values() if getattr(h, "kind", "experiment") == "experiment")
-        return self.finished_here + live >= self.max_experiments
+        kinds = [getattr(h, "kind", "experiment") for h in self.handles.values()]
+        confirming = {getattr(h, "confirms_id", None) for h in self.handles.values()
+                      if getattr(h, "kind", "") == "confirm"}  # an experiment whose confirmation trains
+        return self.finished_here + kinds.count("experiment") + len(confirming) >= self.max_experiments
 
     def idle(self) -> bool:
-        """Nothing is training and nothing more will start without a command."""
+        """Nothing is training and nothing more will start without a command (a change waiting for its
+        confirmation runs still has them to train)."""
         run = self.get_run()
-        return not self.handles and (self.reached_max() or run.state == "paused")
+        if self.handles or not (self.reached_max() or run.state == "paused"):
+            return False
+        if run.state == "paused":
+            return True
+        with Session(self.db) as db:
+            return db.exec(select(Experiment.id).where(Experiment.run_id == run.id, Experiment.status == "queued",
+                                                       Experiment.kind.in_(("confirm", "promotion")))
+                           .limit(1)).first() is None
 
     def running(self) -> list[Running]:
         """Live experiments with their latest curve point."""
@@ -329,14 +339,15 @@ class Engine:
                 self.prefetch(self.get_run())
 
     def _next_experiment(self, new_allowed: bool = True) -> Optional[Experiment]:
-        """What a free slot trains next: baseline repeats first; then promotion runs (a person asked for them);
-        then, unless max_experiments is reached, re-queued or rebased experiments and fresh proposals."""
+        """What a free slot trains next: baseline repeats first; then promotion runs (a person asked for them)
+        and confirmation runs (a change that passed waits on them); then, unless max_experiments is reached,
+        re-queued or rebased experiments and fresh proposals."""
         fill = self._fill if self._fill is not None else {}
         run = fill.get("run") or self.get_run()
         if run.noise_sigma is None:
             return self._next_baseline(run) if new_allowed else None
         fill["run"] = run  # head and state do not change while one round fills its slots
-        kinds = ("promotion", "experiment") if new_allowed else ("promotion",)
+        kinds = ("promotion", "confirm", "experiment") if new_allowed else ("promotion", "confirm")
         if fill.get("queued_kinds") != kinds:
             with Session(self.db, expire_on_commit=False) as db:
                 fill["queued"] = list(db.exec(select(Experiment).where(
@@ -610,6 +621,7 @@ class Engine:
             self._finish(exp.id, None, infra_error=f"could not start on {slot.name}: {e}", disk_full=full)
             return False
         handle.kind, handle.description, handle.promotion_id = exp.kind, exp.description, exp.promotion_id
+        handle.confirms_id = exp.confirms_id
         self.handles[exp.id] = handle
 
         def note_pid():  # what a restart uses to kill the orphaned process
@@ -631,9 +643,9 @@ class Engine:
                                what=f"recording #{exp_id}")
         if done is None:
             return
-        kind, status, keep_move, promoted = done
+        counted, status, keep_move, promoted = done
         self._pruned.pop(exp_id, None)
-        if kind == "experiment" and status in FINAL_STATUSES:
+        if counted:
             self.finished_here += 1
         faults.point("decision.after_commit", status)
         if keep_move:
@@ -648,8 +660,9 @@ class Engine:
         self.on_change()
 
     def _record(self, exp_id: int, outcome: Optional[Outcome], infra_error: str, disk_full: str):
-        """_finish's transaction. Returns (kind, status, keep_move, promoted), or None when the experiment is no
-        longer running (its result was recorded by an earlier try)."""
+        """_finish's transaction. Returns (counted, status, keep_move, promoted), or None when the experiment
+        is no longer running (its result was recorded by an earlier try). counted: an experiment reached its
+        final status (this one, or the candidate whose last confirmation run this was)."""
         keep_move: Optional[tuple[str, str, str]] = None
         promoted: Optional[tuple[str, str]] = None
         with session_scope(self.db) as db:
@@ -688,31 +701,40 @@ class Engine:
                 exp.status, exp.reason, exp.val_bpb = "pruned", info["reason"], None
                 exp.decision = {"pruned": info}
                 db.add(events.experiment_event(exp, run, head_before))
+            elif outcome.aborted and exp.kind == "confirm":
+                exp.status, exp.reason, exp.val_bpb = "queued", f"re-queued: {outcome.aborted}", None  # still owed
             elif outcome.aborted:
                 exp.status, exp.reason, exp.val_bpb = "aborted", outcome.aborted, None
                 db.add(events.experiment_event(exp, run, head_before))
             elif outcome.result.status != "ok":
                 exp.status, exp.reason, exp.val_bpb = outcome.result.status, outcome.result.error, None
-                db.add(events.experiment_event(exp, run, head_before))
+                if exp.kind != "confirm":  # a failed confirmation is told in its candidate's discard
+                    db.add(events.experiment_event(exp, run, head_before))
             elif exp.kind == "baseline":
                 exp.status = "keep"
                 db.add(events.experiment_event(exp, run))
                 self._maybe_measure_noise(db, run)
-            elif exp.kind == "promotion":
-                exp.status = "keep"  # measured
+            elif exp.kind in ("promotion", "confirm"):
+                exp.status = "keep"  # measured (a confirm run's verdict is its candidate's, set below)
             elif exp.parent_commit != run.head_commit:
                 self._rebase_or_discard(db, run, exp)
             else:
                 d = decide(exp.val_bpb, run.head_val_bpb, run.noise_sigma, min_delta=self.settings.min_delta,
                            z=self.settings.noise_z)
                 exp.decision, exp.status = d.as_dict(), d.verdict
-                if d.verdict == "keep":
-                    keep_move = (run.name, exp.commit, run.head_commit)
-                    run.head_commit, run.head_val_bpb, run.head_runs = exp.commit, exp.val_bpb, [exp.val_bpb]
-                    run.updated_at = utcnow()
-                    db.add(run)
-                db.add(events.experiment_event(exp, run, head_before))
+                if d.verdict == "keep" and self.settings.confirm_runs:
+                    self._queue_confirmation(db, run, exp)
+                else:
+                    if d.verdict == "keep":
+                        keep_move = self._advance_head(db, run, exp, [exp.val_bpb])
+                    db.add(events.experiment_event(exp, run, head_before))
             db.add(exp)
+            counted = exp.kind == "experiment" and exp.status in FINAL_STATUSES
+            if exp.kind == "confirm" and exp.status in FINAL_STATUSES:
+                db.flush()
+                resolved = self._resolve_confirmation(db, run, exp)
+                if resolved is not None:
+                    counted, keep_move = True, resolved
             if exp.kind == "promotion" and exp.status != "queued":
                 db.flush()
                 promoted = self._judge_promotion(db, run, exp.promotion_id)
@@ -720,7 +742,106 @@ class Engine:
                 self._maybe_auto_promote(db, run)
             db.flush()
             faults.point("decision.before_commit", exp.status)
-            return exp.kind, exp.status, keep_move, promoted
+            return counted, exp.status, keep_move, promoted
+
+    def _advance_head(self, db: Session, run: Run, exp: Experiment, runs: list[float]) -> tuple[str, str, str]:
+        """Make `exp` head in the database (val_bpb = the mean of its runs); returns the branch move
+        (name, new, old) that _finish applies after the commit."""
+        move = (run.name, exp.commit, run.head_commit)
+        run.head_commit, run.head_val_bpb, run.head_runs = exp.commit, statistics.fmean(runs), list(runs)
+        run.updated_at = utcnow()
+        db.add(run)
+        return move
+
+    def _queue_confirmation(self, db: Session, run: Run, exp: Experiment) -> None:
+        """A result that passed the rule does not become head yet: the same commit is queued confirm_runs
+        more times (new seeds, ahead of fresh proposals) and is kept only if the mean of its runs passes too.
+
+        Why: the best of many noisy tries is biased low (the winner's curse), so a keep on one seed is
+        often luck; a fresh seed's run is not selected and pulls the estimate back to the truth. The pairs
+        also measure the noise floor again as the run goes on (see _pooled_sigma).
+        """
+        exp.status = "confirming"
+        rows = [Experiment(run_id=run.id, kind="confirm", confirms_id=exp.id, status="queued",
+                           parent_commit=exp.parent_commit, commit=exp.commit, proposer=exp.proposer,
+                           description=f"confirm #{exp.id}: {exp.description}", edit_key=exp.edit_key)
+                for _ in range(self.settings.confirm_runs)]
+        for r in rows:
+            db.add(r)
+        db.flush()
+        d = exp.decision
+        ids = ", ".join(f"#{r.id}" for r in rows)
+        ev = events.run_event(run, "confirming", f"#{exp.id} {exp.description or exp.edit_key}: val_bpb "
+                              f"{exp.val_bpb:.4f} vs head {d['head_val_bpb']:.4f} ({d['delta']:+.4f}) passes; "
+                              f"re-training it with {len(rows)} new seed{'s' if len(rows) > 1 else ''} ({ids}) "
+                              "before it becomes head", val_bpb=exp.val_bpb, head_val_bpb=d["head_val_bpb"],
+                              confirm_ids=[r.id for r in rows], description=exp.description)
+        ev.experiment_id = exp.id
+        db.add(ev)
+
+    def _resolve_confirmation(self, db: Session, run: Run, confirm: Experiment) -> Optional[tuple]:
+        """After a confirm run is recorded: once its candidate's confirmation runs are all in (or one failed),
+        the candidate's verdict. Keep iff the mean of all its runs passes the rule against head with σ
+        re-pooled (a failed confirmation run discards it; a head that moved on meanwhile gets the stale-parent
+        treatment with that mean). Confirm runs take their candidate's verdict. Returns the branch move of a
+        keep, () for a verdict that moves nothing, or None while the candidate still waits."""
+        cand = db.get(Experiment, confirm.confirms_id) if confirm.confirms_id else None
+        if cand is None or cand.status != "confirming":
+            if cand is not None and confirm.status == "keep" and cand.status != "keep":
+                confirm.status = "discard"  # a late sibling of a candidate already discarded
+            return None
+        rows = list(db.exec(select(Experiment).where(Experiment.confirms_id == cand.id)).all())
+        failed = next((r for r in rows if r.status in FINAL_STATUSES and r.status != "keep"), None)
+        if failed is None and any(r.status not in FINAL_STATUSES for r in rows):
+            return None
+        head_before, first, move = run.head_val_bpb, dict(cand.decision or {}), ()
+        if failed is not None:
+            cand.status = "discard"
+            cand.reason = f"its confirmation run #{failed.id} {failed.status}: {failed.reason}"
+            cand.decision = {**first, "verdict": "discard", "first_run": first, "confirm_failed": failed.id}
+            db.add(events.experiment_event(cand, run, head_before))
+        else:
+            runs = [cand.val_bpb] + [r.val_bpb for r in rows]
+            mean = statistics.fmean(runs)
+            run.noise_sigma = self._pooled_sigma(db, run)
+            db.add(run)
+            if cand.parent_commit != run.head_commit:
+                self._rebase_or_discard(db, run, cand, val_bpb=mean, runs=runs, first_run=first)  # adds the event
+            else:
+                d = decide(mean, run.head_val_bpb, run.noise_sigma, min_delta=self.settings.min_delta,
+                           z=self.settings.noise_z)
+                cand.status = d.verdict
+                cand.decision = {**d.as_dict(), "runs": runs, "first_run": first}
+                if d.verdict == "keep":
+                    move = self._advance_head(db, run, cand, runs)
+                else:
+                    cand.reason = (f"did not hold up: {len(runs)} runs average {mean:.4f} vs head "
+                                   f"{run.head_val_bpb:.4f} (first run {cand.val_bpb:.4f})")
+                db.add(events.experiment_event(cand, run, head_before))
+        for r in rows:
+            if r.status == "queued":  # a sibling run no longer needed
+                r.status, r.reason = "aborted", f"#{cand.id} was discarded"
+            elif r.status == "keep":
+                r.status = "keep" if cand.status == "keep" else "discard"
+            db.add(r)
+        db.add(cand)
+        return move
+
+    def _pooled_sigma(self, db: Session, run: Run) -> float:
+        """σ pooled over the baseline repeats and every change with confirmation runs (each a group of runs
+        of one commit): the three baseline runs alone give a rough σ (two degrees of freedom), and every
+        confirmation adds one more."""
+        base = [v for v in db.exec(select(Experiment.val_bpb).where(
+            Experiment.run_id == run.id, Experiment.kind == "baseline", Experiment.status == "keep")).all()
+            if v is not None]
+        pairs = db.exec(select(Experiment.confirms_id, Experiment.val_bpb).where(
+            Experiment.run_id == run.id, Experiment.kind == "confirm", Experiment.val_bpb.is_not(None))).all()
+        groups: dict[int, list[float]] = {}
+        for cid, v in pairs:
+            groups.setdefault(cid, []).append(v)
+        firsts = dict(db.exec(select(Experiment.id, Experiment.val_bpb).where(
+            Experiment.id.in_(list(groups)), Experiment.val_bpb.is_not(None))).all()) if groups else {}
+        return pooled_sigma([base] + [[firsts[c], *vs] for c, vs in groups.items() if c in firsts])
 
     def _commit_bpb(self, db: Session, run: Run, commit: str) -> Optional[float]:
         """Mean val_bpb of the accepted runs of `commit` (its keep or its baseline repeats)."""
@@ -729,15 +850,17 @@ class Engine:
         vals = [v for v in vals if v is not None]
         return statistics.fmean(vals) if vals else None
 
-    def _rebase_or_discard(self, db: Session, run: Run, exp: Experiment) -> None:
+    def _rebase_or_discard(self, db: Session, run: Run, exp: Experiment, val_bpb: Optional[float] = None,
+                           **extra) -> None:
         """A result whose parent is no longer head (another slot kept meanwhile). If it beat its own parent
         by the rule, its change is rebased onto the new head and queued as a new experiment that must
         confirm the gain there; so the ratchet stays monotone and two results never both advance the
-        branch from the same parent. Otherwise it is discarded."""
+        branch from the same parent. Otherwise it is discarded. val_bpb: the value judged (default the
+        experiment's own; the mean of its runs after a confirmation); extra: stored with the decision."""
         parent_bpb = self._commit_bpb(db, run, exp.parent_commit)
-        d = decide(exp.val_bpb, parent_bpb if parent_bpb is not None else run.head_val_bpb, run.noise_sigma,
+        d = decide(exp.val_bpb if val_bpb is None else val_bpb, parent_bpb if parent_bpb is not None else run.head_val_bpb, run.noise_sigma,
                    min_delta=self.settings.min_delta, z=self.settings.noise_z)
-        exp.decision = {**d.as_dict(), "compared_with": "parent", "stale_parent": True}
+        exp.decision = {**d.as_dict(), "compared_with": "parent", "stale_parent": True, **extra}
         exp.status = "discard"
         if d.verdict != "keep":
             exp.reason = f"head moved on while it trained, and it did not beat its parent ({d.delta:+.4f})"

@@ -5,6 +5,8 @@ Builds rows only; the caller adds them in the same transaction as the change the
 
 from __future__ import annotations
 
+import statistics
+
 from db.models import Event, Experiment, Run
 
 
@@ -13,23 +15,31 @@ def _bpb(v) -> str:
 
 
 def experiment_event(exp: Experiment, run: Run, head_before: float | None = None) -> Event:
-    """The event for a finished experiment: kept / discarded / crashed / timeout / invalid / aborted / baseline."""
+    """The event for a finished experiment: kept / discarded / crashed / timeout / invalid / aborted / baseline.
+    A confirmed change's val_bpb is the mean of its runs (payload and text); `first_run_val_bpb` its first."""
     what = exp.description or exp.edit_key or f"experiment {exp.id}"
-    payload = {"status": exp.status, "val_bpb": exp.val_bpb, "head_val_bpb": head_before, "sigma": run.noise_sigma,
+    # a confirmed change is judged on the mean of its runs (decision["runs"]); its own val_bpb is the first
+    runs = (exp.decision or {}).get("runs") or []
+    val = statistics.fmean(runs) if runs else exp.val_bpb
+    over = f" (mean of {len(runs)} runs)" if runs else ""
+    payload = {"status": exp.status, "val_bpb": val, "head_val_bpb": head_before, "sigma": run.noise_sigma,
                "description": exp.description, "hypothesis": exp.hypothesis, "training_seconds": exp.training_seconds,
-               "host": exp.host, "slot": exp.slot, "commit": exp.commit, "decision": exp.decision}
+               "host": exp.host, "slot": exp.slot, "commit": exp.commit, "decision": exp.decision,
+               "first_run_val_bpb": exp.val_bpb}
     if exp.kind == "baseline":
         kind = "baseline_run" if exp.status == "keep" else "crashed"
         text = (f"baseline run #{exp.id} (seed {exp.seed}): val_bpb {_bpb(exp.val_bpb)}" if exp.status == "keep"
                 else f"baseline run #{exp.id} {exp.status}: {exp.reason}")
     elif exp.status == "keep":
         kind = "kept"
-        d = exp.val_bpb - head_before
-        text = (f"kept #{exp.id} {what}: val_bpb {_bpb(head_before)} → {_bpb(exp.val_bpb)} "
+        d = val - head_before
+        text = (f"kept #{exp.id} {what}: val_bpb {_bpb(head_before)} → {_bpb(val)}{over} "
                 f"({d:+.4f}, {100 * d / head_before:+.2f}%, noise σ {_bpb(run.noise_sigma)})")
     elif exp.status == "discard":
         kind = "discarded"
-        text = f"discarded #{exp.id} {what}: val_bpb {_bpb(exp.val_bpb)} vs head {_bpb(head_before)}"
+        text = f"discarded #{exp.id} {what}: val_bpb {_bpb(val)}{over} vs head {_bpb(head_before)}"
+        if runs:
+            text += f" (first run {_bpb(exp.val_bpb)})"
     elif exp.status in ("crash", "timeout"):
         kind = "crashed"
         text = f"{exp.status} #{exp.id} {what}: {exp.reason}"

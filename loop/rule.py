@@ -37,6 +37,32 @@ def noise_floor(values: Sequence[float]) -> float:
     return statistics.stdev(values)
 
 
+def pooled_sigma(groups: Sequence[Sequence[float]], outlier_ratio: float = 5.0) -> float:
+    """σ pooled over groups of runs of the same code: sqrt(Σ_g Σ_i (x_gi − x̄_g)² / Σ_g (n_g − 1)).
+
+    The standard pooled variance (e.g. Wikipedia, "Pooled variance"): each group contributes n−1 degrees
+    of freedom around its own mean, so groups of different code (the baseline repeats, a confirmed change
+    and its re-runs) estimate one shared run-to-run noise. Groups of fewer than two values add nothing.
+    With three groups or more, a group whose own standard deviation exceeds outlier_ratio × the median
+    group's is left out: code that behaves differently by seed (one seed diverges) is not noise, and one
+    such group would otherwise inflate σ for the rest of the run. For normal noise a pair's spread passes
+    5 × the median spread in under 0.1% of pairs (|Z| > 3.4).
+    Raises ValueError when no group has two values.
+    """
+    spreads = []
+    for g in groups:
+        if len(g) >= 2:
+            m = statistics.fmean(g)
+            ss = sum((x - m) ** 2 for x in g)
+            spreads.append((ss, len(g) - 1))
+    if not spreads:
+        raise ValueError("the noise floor needs at least one group of two runs")
+    if len(spreads) >= 3:
+        cap = outlier_ratio * statistics.median((ss / dof) ** 0.5 for ss, dof in spreads)
+        spreads = [(ss, dof) for ss, dof in spreads if (ss / dof) ** 0.5 <= cap] or spreads
+    return (sum(ss for ss, _ in spreads) / sum(dof for _, dof in spreads)) ** 0.5
+
+
 def decide(val_bpb: float, head_val_bpb: float, sigma: float, *, min_delta: float = 0.0003,
            z: float = 2.0) -> Decision:
     """Keep iff val_bpb < head − max(min_delta, z·σ); anything else is discarded.

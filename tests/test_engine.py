@@ -18,8 +18,11 @@ from loop.runners.local import LocalRunner
 
 
 def make_engine_for(tmp_path, data_dir, ws, proposer=None, **kw):
+    # confirm_runs=0: these tests are about other things, and a keep on one run keeps them short;
+    # test_a_passing_change_is_confirmed_before_it_becomes_head covers confirmation
     settings = Settings(home=tmp_path / "home", workspace=ws.path, budget_s=kw.pop("budget_s", 1.0),
-                        noise_repeats=kw.pop("noise_repeats", 2), eval_tokens=2048, grace_s=30, device="cpu")
+                        noise_repeats=kw.pop("noise_repeats", 2), eval_tokens=2048, grace_s=30, device="cpu",
+                        confirm_runs=kw.pop("confirm_runs", 0), prune=kw.pop("prune", True))
     db = make_engine(f"sqlite:///{tmp_path / 'r.db'}")
     create_tables(db)
     eng = Engine(settings, db, ws, LocalRunner("cpu"), proposer or OfflineProposer(seed=1), data_dir, **kw)
@@ -187,6 +190,9 @@ def test_pruning_stops_a_deliberately_bad_run_early(tmp_path, data_dir, tiny_wor
     assert info["loss"] > info["head_loss"] * 1.05 and info["elapsed_s"] >= 0.3 * 6.0
     assert info["saved_s"] > 0 and exp.training_seconds < 6.0
     assert any(ev.kind == "pruned" for ev in rows(db, Event))
+    from bot.commands import format_experiment
+
+    assert f"pruned: {exp.reason}" in format_experiment(exp)  # `show` of a pruned run (no rule verdict)
     base = [e for e in rows(db) if e.kind == "baseline"]
     assert all(len(e.curve) > 3 for e in base)  # head's curve, kept for comparison
 
@@ -207,7 +213,7 @@ def test_two_slots_finishing_on_the_same_parent_one_kept_one_rebased(tmp_path, d
         lambda src: src.replace("lr=LR,", "lr=LR * 20,"),
     ])
     settings = Settings(home=tmp_path / "home", workspace=ws.path, budget_s=3.0, noise_repeats=2, eval_tokens=2048,
-                        grace_s=30, device="cpu", prune=False)
+                        grace_s=30, device="cpu", prune=False, confirm_runs=0)
     db = make_engine(f"sqlite:///{tmp_path / 'r.db'}")
     create_tables(db)
     eng = Engine(settings, db, ws, LocalRunner("cpu", cpu_slots=2), proposer, data_dir, max_experiments=3)
@@ -252,3 +258,74 @@ def test_a_run_with_too_few_steps_is_never_pruned(tmp_path, data_dir, tiny_works
     tick_until(eng, lambda: eng.reached_max() and not eng.handles)
     exp = [e for e in rows(db) if e.kind == "experiment"][0]
     assert exp.steps < PRUNE_MIN_STEPS and exp.status in ("discard", "keep")  # judged on its result, not pruned
+
+
+def test_a_passing_change_is_confirmed_before_it_becomes_head(tmp_path, data_dir):
+    """One slot, a deliberately slow baseline (LR 0.001). Seeds are settings.seed (0) + experiment id, and ids
+    run baseline 1–2, then each experiment followed by its confirm run: 3/4, 5/6, 7/8. A clear gain is kept on
+    the mean of its two runs; a change whose even-seed run crashes, and one whose even-seed model is spoiled,
+    pass on their odd first run and are discarded by their confirmation."""
+    from loop.rule import pooled_sigma
+    from loop.workspace import Workspace
+    from tests.conftest import TINY_TRAIN_PY
+
+    path = tmp_path / "ws"
+    path.mkdir()
+    (path / "train.py").write_text(TINY_TRAIN_PY.replace("LR = 0.02", "LR = 0.001"))
+    ws = Workspace.init(path, force=True)
+    end = "    return model\n"
+    proposer = FixedProposer([
+        lambda src: src.replace("LR = 0.001", "LR = 0.004"),  # a clear gain, leaving room for more below
+        lambda src: src.replace("lr=LR,", "lr=LR * 5,").replace(
+            end, "    if ctx.seed % 2 == 0:\n        raise RuntimeError('diverged on this seed')\n" + end),
+        lambda src: src.replace("lr=LR,", "lr=LR * 6,").replace(
+            end, "    if ctx.seed % 2 == 0:\n        model.head.weight.data.mul_(-50.0)\n" + end),
+    ])
+    eng, db = make_engine_for(tmp_path, data_dir, ws, proposer=proposer, max_experiments=3, budget_s=2.0,
+                              confirm_runs=1, prune=False)
+    assert eng.settings.seed == 0
+    seen_confirming = []
+
+    def done():
+        seen_confirming.extend(e.id for e in rows(db) if e.status == "confirming")
+        return eng.idle()
+
+    tick_until(eng, done, timeout=300)
+    exps = {e.id: e for e in rows(db)}
+    assert [(e.kind, e.confirms_id) for e in exps.values()] == [
+        ("baseline", None), ("baseline", None), ("experiment", None), ("confirm", 3), ("experiment", None),
+        ("confirm", 5), ("experiment", None), ("confirm", 7)]
+    assert set(seen_confirming) == {3, 5, 7}  # each waited as `confirming` while its re-run trained
+    assert [exps[i].seed for i in (3, 4)] == [3, 4] and exps[4].commit == exps[3].commit
+
+    kept, crashed, spoiled = exps[3], exps[5], exps[7]
+    base = [exps[1].val_bpb, exps[2].val_bpb]
+    runs = [kept.val_bpb, exps[4].val_bpb]
+    d = kept.decision
+    assert kept.status == "keep" and d["runs"] == runs and d["val_bpb"] == pytest.approx(sum(runs) / 2)
+    assert d["first_run"]["verdict"] == "keep" and d["first_run"]["val_bpb"] == kept.val_bpb
+    assert d["sigma"] == pytest.approx(pooled_sigma([base, runs]))  # σ re-pooled with this pair
+    assert exps[4].status == "keep"
+
+    assert crashed.status == "discard" and crashed.decision["first_run"]["verdict"] == "keep"
+    assert exps[6].status == "crash" and crashed.reason.startswith("its confirmation run #6 crash:")
+    assert "diverged on this seed" in crashed.reason
+
+    assert spoiled.status == "discard" and spoiled.reason.startswith("did not hold up: 2 runs average")
+    assert spoiled.decision["first_run"]["verdict"] == "keep" and spoiled.decision["verdict"] == "discard"
+    assert exps[8].status == "discard" and exps[8].val_bpb > spoiled.val_bpb + 1
+
+    run = rows(db, Run)[0]
+    assert (run.head_commit, run.head_runs) == (kept.commit, runs)
+    assert run.head_val_bpb == pytest.approx(sum(runs) / 2) and ws.branch_tip("main") == kept.commit
+    # the spoiled pair (seed-dependent code, not noise) is left out of σ: three groups, it is the outlier
+    assert run.noise_sigma == pytest.approx(pooled_sigma([base, runs]))
+    events = [(ev.kind, ev.experiment_id, ev.text) for ev in rows(db, Event) if ev.experiment_id in (3, 5, 7)]
+    assert [(k, i) for k, i, _ in events] == [("confirming", 3), ("kept", 3), ("confirming", 5),
+                                              ("discarded", 5), ("confirming", 7), ("discarded", 7)]
+    assert "re-training it with 1 new seed (#4)" in events[0][2] and "(mean of 2 runs)" in events[1][2]
+    assert len([r for r in rows(db, BudgetLedger) if r.kind == "gpu_seconds"]) == 8  # confirm runs are paid for
+    from bot.commands import format_experiment
+
+    shown = format_experiment(kept)
+    assert f"runs: {runs[0]:.4f}, {runs[1]:.4f} (the rule judged their mean); first run alone: keep" in shown

@@ -164,11 +164,17 @@ def test_downgrade_upgrade_round_trip_with_data(db_url):
     migrate.upgrade(eng)
     with session_scope(eng) as s:
         s.get(Run, 1).promoted_commit = "b" * 40
-    assert migrate.downgrade(eng, "-1") == FIRST
+    with session_scope(eng) as s:  # a confirm run and its candidate: the column 0003 adds
+        s.add(Experiment(run_id=1, kind="confirm", confirms_id=1, status="keep", val_bpb=2.1))
+    assert migrate.downgrade(eng, "-1") == "0002"
+    assert "confirms_id" not in {c["name"] for c in inspect(eng).get_columns("experiments")}
+    assert migrate.downgrade(eng, FIRST) == FIRST
     cols = {c["name"] for c in inspect(eng).get_columns("experiments")}
     assert "scale" not in cols and "promotions" not in inspect(eng).get_table_names()
     with eng.connect() as c:
-        assert c.execute(text("SELECT count(*) FROM experiments")).scalar() == 2
+        assert c.execute(text("SELECT count(*) FROM experiments")).scalar() == 3  # the confirm run's row too
+    with eng.begin() as c:
+        c.execute(text("DELETE FROM experiments WHERE kind = 'confirm'"))  # back to fill_at_first_revision's rows
     assert migrate.upgrade(eng) == migrate.head_revision()
     assert migrate.schema_diff(eng) == []
     assert_first_revision_rows(eng)

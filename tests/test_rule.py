@@ -2,7 +2,7 @@
 
 import pytest
 
-from loop.rule import decide, noise_floor
+from loop.rule import decide, noise_floor, pooled_sigma
 
 
 def test_noise_floor_is_the_sample_std():
@@ -22,3 +22,18 @@ def test_keep_needs_to_beat_head_by_the_noise_margin():
     d = decide(1.9, 2.0, 0.01, min_delta=0.001, z=3)
     assert d.as_dict() == {"verdict": "keep", "val_bpb": 1.9, "head_val_bpb": 2.0, "sigma": 0.01, "z": 3,
                            "min_delta": 0.001, "threshold": 0.03, "delta": pytest.approx(-0.1)}
+
+
+def test_pooled_sigma_over_groups_of_runs_of_one_code():
+    # Σ(x − x̄)² = 2 (baseline) + 2 (pair) over 2 + 1 degrees of freedom
+    assert pooled_sigma([[1.0, 2.0, 3.0], [5.0, 7.0]]) == pytest.approx((4 / 3) ** 0.5)
+    assert pooled_sigma([[1.0, 2.0, 3.0], [4.0]]) == pytest.approx(1.0)  # a single run adds nothing
+    with pytest.raises(ValueError):
+        pooled_sigma([[1.0], [2.0]])
+
+
+def test_pooled_sigma_leaves_out_code_that_behaves_differently_by_seed():
+    steady = [[2.0, 2.01, 1.99], [1.9, 1.91], [1.8, 1.79], [1.7, 1.71]]
+    assert pooled_sigma(steady + [[1.6, 9.0]]) == pytest.approx(pooled_sigma(steady))
+    assert pooled_sigma(steady + [[1.6, 9.0]], outlier_ratio=1e9) > 1  # without the guard it would dominate
+    assert pooled_sigma([[1.0, 1.1], [2.0, 5.0]]) > 1  # two groups: no median to judge by, both count

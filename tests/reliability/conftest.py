@@ -173,14 +173,20 @@ def gpu_rows(url: str, exp_id: int) -> list:
 
 
 def assert_consistent(url: str, ws: Workspace, *, allow_queued: bool = False) -> Run:
-    """Nothing lost, branch and database agree: no experiment left running or half-proposed; every trained
+    """Nothing lost, branch and database agree: no experiment left running or half-proposed (a change may
+    wait `confirming` for its queued confirm run); every trained
     experiment has one GPU ledger row per recorded run (never more than its starts); head is the last keep
     and the branch tip is head; every event delivered. Returns the run."""
     exps = rows(url, Experiment)
-    open_ = [e for e in exps if e.status in ("running", "proposed") or (e.status == "queued" and not allow_queued)]
+    # a change waiting for its confirm run (queued, e.g. the run was paused) is owed, not lost
+    owed = {e.confirms_id for e in exps if e.kind == "confirm" and e.status == "queued"}
+    confirming = {e.id for e in exps if e.status == "confirming"}
+    assert owed <= confirming and confirming <= owed, (owed, confirming)
+    open_ = [e for e in exps if e.status in ("running", "proposed") or
+             (e.status == "queued" and not allow_queued and e.kind != "confirm")]
     assert not open_, [(e.id, e.status, e.reason) for e in open_]
     for e in exps:
-        assert e.status in FINAL_STATUSES | {"queued"}, (e.id, e.status)
+        assert e.status in FINAL_STATUSES | {"queued", "confirming"}, (e.id, e.status)
         if e.status in FINAL_STATUSES - {"invalid"}:
             assert 1 <= len(gpu_rows(url, e.id)) <= e.attempts, (e.id, e.attempts, len(gpu_rows(url, e.id)))
     run = rows(url, Run)[0]

@@ -44,8 +44,9 @@ def test_kill_9_while_an_experiment_trains(tmp_path, data_dir, serve, measured):
 
 @pytest.mark.parametrize("point", ["decision.before_commit:keep", "decision.after_commit:keep"])
 def test_kill_9_inside_the_keep_decision(tmp_path, data_dir, serve, measured, point):
-    """before_commit: the keep is lost with the process, so the experiment is re-run and kept then.
-    after_commit: the keep is in the database but the branch has not moved; the restart moves it."""
+    """The keep is decided when the change's confirm run is recorded. before_commit: that decision is lost
+    with the process, so the confirm run is re-run and the change kept then. after_commit: the keep is in
+    the database but the branch has not moved; the restart moves it."""
     home, ws = clone(measured, tmp_path / "c")
     url, out = sqlite_url(home), tmp_path / "out.txt"
     env = settings_env(home, data_dir, ws.path)
@@ -57,8 +58,10 @@ def test_kill_9_inside_the_keep_decision(tmp_path, data_dir, serve, measured, po
         assert proc.wait(timeout=300) == -signal.SIGKILL, out.read_text()[-3000:]
     exp = rows(url, Experiment, kind="experiment")[0]
     run = rows(url, Run)[0]
-    if point.startswith("decision.before_commit"):
-        assert exp.status == "running" and run.head_commit == base_tip  # nothing of the decision was written
+    confirm = rows(url, Experiment, kind="confirm")[0]
+    assert confirm.confirms_id == exp.id and confirm.commit == exp.commit
+    if point.startswith("decision.before_commit"):  # nothing of the decision was written
+        assert (exp.status, confirm.status) == ("confirming", "running") and run.head_commit == base_tip
     else:
         assert exp.status == "keep" and run.head_commit == exp.commit and ws.branch_tip("main") == base_tip
 
@@ -66,7 +69,10 @@ def test_kill_9_inside_the_keep_decision(tmp_path, data_dir, serve, measured, po
     assert proc.wait(timeout=300) == 0, out.read_text()[-3000:]
     exp = rows(url, Experiment, id=exp.id)[0]
     assert exp.status == "keep" and exp.description == "unigram prior"
-    assert exp.attempts == (2 if "before" in point else 1) and len(gpu_rows(url, exp.id)) == 1
+    assert exp.attempts == 1 and len(gpu_rows(url, exp.id)) == 1
+    confirm = rows(url, Experiment, id=confirm.id)[0]
+    assert confirm.status == "keep" and confirm.attempts == (2 if "before" in point else 1)
+    assert len(gpu_rows(url, confirm.id)) == 1 and exp.decision["runs"] == [exp.val_bpb, confirm.val_bpb]
     run = assert_consistent(url, ws)
     assert ws.read_file(ws.branch_tip("main")).count(UNIGRAM_ON) == 1  # the kept change is on the branch
     kept = [ev for ev in rows(url, Event) if ev.kind == "kept" and ev.experiment_id == exp.id]
