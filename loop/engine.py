@@ -35,6 +35,8 @@ from loop.workspace import Workspace, WorkspaceError
 log = logging.getLogger("ratchet.engine")
 
 PRUNE_MIN_STEPS = 20  # a run is never pruned before it has logged this many steps
+PRUNE_WINDOW = 0.1  # fraction of the budget over which a run's and head's losses are averaged before comparing
+PRUNE_CHECKS = 3  # consecutive checks a run must be behind by the margin before it is stopped
 HISTORY_RECENT = 200  # most recent experiments always shown to the proposer (besides head's and the keeps)
 MAX_ATTEMPTS = 3  # starts of one experiment before an infrastructure fault counts as a crash
 FAST_RETRIES = 8  # invalid proposals in a row a fast proposer may make before a slot waits for the next tick
@@ -79,15 +81,16 @@ def disk_full_reason(workdir: Optional[str], outcome: Optional[Outcome], local: 
     return ""
 
 
-def curve_loss_at(curve: list, t: float, window: int = 5) -> Optional[float]:
-    """The loss of a [[elapsed_s, loss], …] curve at elapsed time t: a moving average over `window` points
-    around the first point at or after t (None when the curve is empty or ends before t)."""
+def curve_loss_at(curve: list, t: float, window_s: float) -> Optional[float]:
+    """The mean loss of a [[elapsed_s, loss], …] curve over the window_s seconds up to elapsed time t
+    (None when the curve ends before t or has no point in the window).
+
+    A window in seconds, not points: one step's loss is noisy (a small batch on CPU moves it by ±5%), so a
+    run and head are compared on the same stretch of time, averaged."""
     if not curve or curve[-1][0] < t:
         return None
-    i = next(k for k, (e, _) in enumerate(curve) if e >= t)
-    lo = max(0, i - window // 2)
-    pts = curve[lo:lo + window]
-    return sum(loss for _, loss in pts) / len(pts)
+    pts = [loss for e, loss in curve if t - window_s < e <= t]
+    return sum(pts) / len(pts) if pts else None
 
 
 def promoted_ref(run: str) -> str:
@@ -169,7 +172,8 @@ class Engine:
         self._fill: Optional[dict] = None  # set while tick() fills free slots (see there)
         self._pending_parent = ""
         self._pruned: dict[int, dict] = {}  # exp id → why it was pruned (kill sent, outcome pending)
-        self._loss_ema: dict[int, tuple[float, float]] = {}  # exp id → (elapsed_s, smoothed loss)
+        self._loss_seen: dict[int, list] = {}  # exp id → [[elapsed_s, loss], …] as seen at each tick (pruning)
+        self._behind: dict[int, int] = {}  # exp id → consecutive checks behind head by the margin
         self._head_curve_cache: tuple[str, list] = ("", [])
         self.hosts_down: set[str] = set()  # hosts whose slots take no new experiment
         self.run_id: Optional[int] = None
@@ -313,7 +317,8 @@ class Engine:
                 if h.done():
                     self._finish(exp_id, h.outcome())  # raises if the database stays away: the handle stays
                     del self.handles[exp_id]
-                    self._loss_ema.pop(exp_id, None)
+                    self._loss_seen.pop(exp_id, None)
+                    self._behind.pop(exp_id, None)
             run = self.get_run()
             self._prune(run)
             if run.noise_sigma is not None:
@@ -1017,23 +1022,28 @@ class Engine:
 
     # ---- early pruning ----
 
-    def _head_curve(self, run: Run) -> list[list[float]]:
-        """Head's loss curve ([[elapsed_s, loss], …]): its kept run, or the first baseline repeat."""
+    def _head_curves(self, run: Run) -> list[list[list[float]]]:
+        """Head's loss curves ([[elapsed_s, loss], …] each): those of its accepted runs (the kept run and its
+        confirm runs, or the baseline repeats), the most recent five."""
         if self._head_curve_cache[0] == run.head_commit:
             return self._head_curve_cache[1]
         with Session(self.db) as db:
-            curve = db.exec(select(Experiment.curve).where(Experiment.run_id == run.id,
-                                                           Experiment.commit == run.head_commit,
-                                                           Experiment.status == "keep")
-                            .order_by(Experiment.id.desc())).first() or []
-        self._head_curve_cache = (run.head_commit, curve)
-        return curve
+            curves = [c for c in db.exec(select(Experiment.curve).where(
+                Experiment.run_id == run.id, Experiment.commit == run.head_commit, Experiment.status == "keep",
+                Experiment.kind != "promotion").order_by(Experiment.id.desc()).limit(5)).all() if c]
+        self._head_curve_cache = (run.head_commit, curves)
+        return curves
 
     def _prune(self, run: Run) -> None:
-        """Stop experiments whose smoothed loss is behind head's at the same elapsed time by more than the
-        margin, once prune_after of the budget has passed (status `pruned`; the GPU-seconds saved are kept)."""
+        """Stop experiments whose loss is behind head's at the same elapsed time by more than the margin, once
+        prune_after of the budget has passed (status `pruned`; the GPU-seconds saved are kept).
+
+        Both sides are averaged over the last PRUNE_WINDOW of the budget (the run over the points seen at
+        each tick, head over all its accepted runs' curves), and the run must be behind on PRUNE_CHECKS
+        checks in a row: comparing one noisy step with one stretch of one head curve stopped good runs."""
         s = self.settings
-        head = self._head_curve(run) if s.prune and run.noise_sigma is not None else []
+        head = self._head_curves(run) if s.prune and run.noise_sigma is not None else []
+        window = PRUNE_WINDOW * run.budget_s
         for exp_id, h in list(self.handles.items()):
             p = h.progress() if head else None
             if not p or getattr(h, "kind", "") != "experiment" or exp_id in self._pruned:
@@ -1041,14 +1051,24 @@ class Engine:
             loss, t = p.get("loss"), float(p.get("elapsed_s", 0.0))
             if not isinstance(loss, (int, float)) or int(p.get("step") or 0) < PRUNE_MIN_STEPS:
                 continue  # too few steps to judge: on a slow or busy machine the first steps say nothing
-            prev = self._loss_ema.get(exp_id)
-            ema = loss if prev is None or prev[0] > t else 0.7 * prev[1] + 0.3 * loss
-            self._loss_ema[exp_id] = (t, ema)
-            ref = curve_loss_at(head, t)
-            if t < s.prune_after * run.budget_s or ref is None or ema <= ref * (1 + s.prune_margin):
+            seen = self._loss_seen.setdefault(exp_id, [])
+            if seen and seen[-1][0] > t:
+                seen.clear()  # a re-run of the experiment: its clock started again
+            if not seen or seen[-1][0] < t:
+                seen.append([t, float(loss)])
+            del seen[:-200]  # bounded: only the last window is ever read
+            mine = curve_loss_at(seen, t, window)
+            refs = [r for r in (curve_loss_at(c, t, window) for c in head) if r is not None]
+            ref = sum(refs) / len(refs) if refs else None
+            behind = (t >= s.prune_after * run.budget_s and mine is not None and ref is not None
+                      and sum(1 for e, _ in seen if e > t - window) >= PRUNE_CHECKS
+                      and mine > ref * (1 + s.prune_margin))
+            self._behind[exp_id] = self._behind.get(exp_id, 0) + 1 if behind else 0
+            if self._behind[exp_id] < PRUNE_CHECKS:
                 continue
-            info = {"reason": f"pruned at {t:.0f}/{run.budget_s:.0f} s: smoothed loss {ema:.3f} vs head's {ref:.3f}",
-                    "elapsed_s": t, "loss": ema, "head_loss": ref, "saved_s": max(0.0, run.budget_s - t)}
+            info = {"reason": f"pruned at {t:.0f}/{run.budget_s:.0f} s: loss {mine:.3f} vs head's {ref:.3f} "
+                              f"(means over the last {window:.3g} s)",
+                    "elapsed_s": t, "loss": mine, "head_loss": ref, "saved_s": max(0.0, run.budget_s - t)}
             self._pruned[exp_id] = info
             h.kill(info["reason"])
 

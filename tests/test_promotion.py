@@ -43,7 +43,7 @@ def promotion_engine(tmp_path, data_dir, baseline_src):
     (path / "train.py").write_text(baseline_src)
     ws = Workspace.init(path, force=True)
     settings = Settings(home=tmp_path / "home", workspace=ws.path, budget_s=20.0, noise_repeats=2, eval_tokens=2048,
-                        grace_s=30, device="cpu", prune=False, promote_seeds=2,
+                        grace_s=30, device="cpu", prune=False, promote_seeds=2, confirm_runs=0,
                         scales=[ScaleConfig(name="s0"), ScaleConfig(name="wide", budget_mult=1.0, scale={"width": 64})],
                         promote_scale="wide")
     db = make_engine(f"sqlite:///{tmp_path / 'r.db'}")
