@@ -1,9 +1,12 @@
 """Scheduler scale: a simulated fleet through the real engine, database, git workspace and offline proposer.
 
-    python bench/scheduler_scale.py [--slots 8 64 512] [--trainer-s 5] [--seconds 60]
+    python bench/scheduler_scale.py [--slots 8 64 512] [--trainer-s 5] [--seconds 60] [--knobs 200]
 
 The trainer is simulated (each "experiment" returns after --trainer-s seconds with a plausible
-val_bpb: head's value plus noise, sometimes better), so what is measured is the loop itself.
+val_bpb: head's value plus noise, sometimes better), so what is measured is the loop itself. The
+simulated train.py is the template plus --knobs constants: the template alone gives the offline
+proposer about 111 edits per head, which a 512-slot fleet takes in one round, and then slots wait
+for head to move whatever the engine's speed (a fleet that size would run the Claude proposer).
 Prints decisions per second, database time per experiment, slot idle fraction and the engine
 process's CPU (% of one core); writes bench/results/scheduler_scale.json.
 Target: at 512 slots with a 5 s trainer, slot idle fraction < 2% and engine CPU < 25% of one core.
@@ -90,7 +93,7 @@ class SimRunner:
         return SimHandle(job, slot, on_done, self.seconds, self.rng, self._head)
 
 
-def measure(n_slots: int, trainer_s: float, seconds: float) -> dict:
+def measure(n_slots: int, trainer_s: float, seconds: float, knobs: int = 0) -> dict:
     from sqlalchemy import event
     from sqlmodel import Session, select
 
@@ -99,11 +102,15 @@ def measure(n_slots: int, trainer_s: float, seconds: float) -> dict:
     from loop.config import Settings
     from loop.engine import Engine
     from loop.proposers.offline import OfflineProposer
-    from loop.workspace import Workspace
+    from loop.workspace import TEMPLATE, Workspace
 
     home = Path(tempfile.mkdtemp(prefix="bench-scale-"))
     settings = Settings(home=home, workspace=home / "ws", budget_s=trainer_s, noise_repeats=2, prune=False)
-    ws = Workspace.init(settings.workspace)
+    if knobs:  # more constants, so the offline proposer has an untried edit for every slot of a large fleet
+        settings.workspace.mkdir(parents=True)
+        (settings.workspace / "train.py").write_text(TEMPLATE.read_text() + "\n# ---- simulated knobs ----\n" + "".join(
+            f"SIM_KNOB_{i:03d} = 1.0  # a constant the simulated trainer ignores\n" for i in range(knobs)))
+    ws = Workspace.init(settings.workspace, force=True)
     db = make_engine(settings.db_url)
     create_tables(db)
     db_time = [0.0]
@@ -154,6 +161,7 @@ def measure(n_slots: int, trainer_s: float, seconds: float) -> dict:
         "decisions_per_s": n_done / wall, "db_seconds_per_experiment": db_time[0] / max(1, n_done),
         "slot_idle_fraction": 1 - busy_area / (n_slots * wall), "engine_cpu_percent_of_one_core": 100 * cpu / wall,
         "kept": sum(1 for e in done if e.status == "keep"), "invalid": sum(1 for e in done if e.status == "invalid"),
+        "knobs": knobs,
     }
 
 
@@ -162,10 +170,13 @@ def main() -> None:
     ap.add_argument("--slots", type=int, nargs="+", default=[8, 64, 512])
     ap.add_argument("--trainer-s", type=float, default=5.0)
     ap.add_argument("--seconds", type=float, default=60.0, help="measured wall time per fleet size")
+    ap.add_argument("--knobs", type=int, default=200,
+                    help="extra constants in the simulated train.py (the template alone gives the offline "
+                         "proposer ~111 edits per head: fewer than a 512-slot fleet takes in one round)")
     a = ap.parse_args()
     rows = []
     for n in a.slots:
-        r = measure(n, a.trainer_s, a.seconds)
+        r = measure(n, a.trainer_s, a.seconds, a.knobs)
         rows.append(r)
         print(f"{n:4d} slots × {a.trainer_s:g} s trainer: {r['decisions_per_s']:6.1f} decisions/s, "
               f"DB {1000 * r['db_seconds_per_experiment']:.1f} ms/experiment, slot idle {100 * r['slot_idle_fraction']:.1f}%, "
