@@ -66,7 +66,7 @@ def test_healthy_local_setup(home):
     assert code == 0, out
     assert st == {"config": ["ok"], "database": ["ok"], "slack": ["ok"], "anthropic": ["ok"], "runner": ["ok"],
                   "data": ["ok"]}, out
-    assert "schema at 0002" in out and "fingerprints match" in out and "all ok" in out
+    assert f"schema at {migrate.head_revision()}" in out and "fingerprints match" in out and "all ok" in out
     assert "not configured: serve uses the shell chat" in out and "offline proposer" in out
 
 
