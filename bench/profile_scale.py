@@ -16,46 +16,13 @@ import cProfile
 import io
 import pstats
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.scheduler_scale import SimRunner  # noqa: E402
-
-
-def build(n_slots: int, trainer_s: float):
-    """The scheduler_scale set-up: (engine, db engine), noise floor already measured. Nothing started."""
-    from sqlmodel import select
-
-    from db.models import Experiment, Run
-    from db.session import create_tables, make_engine, session_scope
-    from loop.config import Settings
-    from loop.engine import Engine
-    from loop.proposers.offline import OfflineProposer
-    from loop.workspace import Workspace
-
-    home = Path(tempfile.mkdtemp(prefix="bench-profile-"))
-    settings = Settings(home=home, workspace=home / "ws", budget_s=trainer_s, noise_repeats=2, prune=False)
-    ws = Workspace.init(settings.workspace)
-    db = make_engine(settings.db_url)
-    create_tables(db)
-    ref: list = []
-    runner = SimRunner(n_slots, trainer_s, ref)
-    engine = Engine(settings, db, ws, runner,
-                    OfflineProposer(seed=0, device="cuda", factors=(0.5, 0.6, 0.7, 0.8, 0.9, 1.1, 1.25, 1.4, 2.0)),
-                    home / "data", device="cuda")
-    ref.append(engine)
-    engine.setup()
-    with session_scope(db) as s:
-        run = s.exec(select(Run)).one()
-        run.noise_sigma, run.head_val_bpb, run.head_runs = 0.002, 1.0, [1.0]
-        for seed in range(2):
-            s.add(Experiment(run_id=run.id, kind="baseline", status="keep", commit=run.baseline_commit,
-                             parent_commit=run.baseline_commit, val_bpb=1.0, seed=seed))
-    return engine, db
+from bench.scheduler_scale import build  # noqa: E402
 
 
 def profile(n_slots: int, trainer_s: float, seconds: float, top: int, dump: str = "") -> None:
@@ -66,7 +33,7 @@ def profile(n_slots: int, trainer_s: float, seconds: float, top: int, dump: str 
     from db.models import Experiment
     from loop import engine as engine_mod
 
-    engine, db = build(n_slots, trainer_s)
+    engine, db = build(n_slots, trainer_s, prefix="bench-profile-")
     exhausted = [0]
     propose = engine.proposer.propose
 

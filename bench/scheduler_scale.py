@@ -93,9 +93,11 @@ class SimRunner:
         return SimHandle(job, slot, on_done, self.seconds, self.rng, self._head)
 
 
-def measure(n_slots: int, trainer_s: float, seconds: float, knobs: int = 0) -> dict:
-    from sqlalchemy import event
-    from sqlmodel import Session, select
+def build(n_slots: int, trainer_s: float, knobs: int = 0, prefix: str = "bench-scale-"):
+    """The simulated fleet set up in a new temporary home: (engine, db engine), with the noise floor already
+    measured (the simulation is about the steady state, not the baseline) and nothing started. knobs: extra
+    constants appended to the template's train.py."""
+    from sqlmodel import select
 
     from db.models import Experiment, Run
     from db.session import create_tables, make_engine, session_scope
@@ -104,7 +106,7 @@ def measure(n_slots: int, trainer_s: float, seconds: float, knobs: int = 0) -> d
     from loop.proposers.offline import OfflineProposer
     from loop.workspace import TEMPLATE, Workspace
 
-    home = Path(tempfile.mkdtemp(prefix="bench-scale-"))
+    home = Path(tempfile.mkdtemp(prefix=prefix))
     settings = Settings(home=home, workspace=home / "ws", budget_s=trainer_s, noise_repeats=2, prune=False)
     if knobs:  # more constants, so the offline proposer has an untried edit for every slot of a large fleet
         settings.workspace.mkdir(parents=True)
@@ -113,6 +115,29 @@ def measure(n_slots: int, trainer_s: float, seconds: float, knobs: int = 0) -> d
     ws = Workspace.init(settings.workspace, force=True)
     db = make_engine(settings.db_url)
     create_tables(db)
+    ref: list = []
+    runner = SimRunner(n_slots, trainer_s, ref)
+    engine = Engine(settings, db, ws, runner, OfflineProposer(seed=0, device="cuda", factors=(0.5, 0.6, 0.7, 0.8, 0.9,
+                                                                                             1.1, 1.25, 1.4, 2.0)),
+                    home / "data", device="cuda")
+    ref.append(engine)
+    engine.setup()
+    with session_scope(db) as s:
+        run = s.exec(select(Run)).one()
+        run.noise_sigma, run.head_val_bpb, run.head_runs = 0.002, 1.0, [1.0]
+        for seed in range(2):
+            s.add(Experiment(run_id=run.id, kind="baseline", status="keep", commit=run.baseline_commit,
+                             parent_commit=run.baseline_commit, val_bpb=1.0, seed=seed))
+    return engine, db
+
+
+def measure(n_slots: int, trainer_s: float, seconds: float, knobs: int = 0) -> dict:
+    from sqlalchemy import event
+    from sqlmodel import Session, select
+
+    from db.models import Experiment
+
+    engine, db = build(n_slots, trainer_s, knobs)
     db_time = [0.0]
 
     @event.listens_for(db, "before_cursor_execute")
@@ -123,21 +148,6 @@ def measure(n_slots: int, trainer_s: float, seconds: float, knobs: int = 0) -> d
     def _t1(conn, cursor, statement, params, context, executemany):
         db_time[0] += time.perf_counter() - context._t0
 
-    ref: list = []
-    runner = SimRunner(n_slots, trainer_s, ref)
-    engine = Engine(settings, db, ws, runner, OfflineProposer(seed=0, device="cuda", factors=(0.5, 0.6, 0.7, 0.8, 0.9,
-                                                                                             1.1, 1.25, 1.4, 2.0)),
-                    home / "data", device="cuda")
-    ref.append(engine)
-    engine.setup()
-    # Start from a measured noise floor: the simulation is about the steady state, not the baseline.
-    with session_scope(db) as s:
-        run = s.exec(select(Run)).one()
-        run.noise_sigma, run.head_val_bpb, run.head_runs = 0.002, 1.0, [1.0]
-        for seed in range(2):
-            s.add(Experiment(run_id=run.id, kind="baseline", status="keep", commit=run.baseline_commit,
-                             parent_commit=run.baseline_commit, val_bpb=1.0, seed=seed))
-    db_time[0] = 0.0
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.time()
     engine.start()

@@ -836,9 +836,7 @@ class Engine:
         """σ pooled over the baseline repeats and every change with confirmation runs (each a group of runs
         of one commit): the three baseline runs alone give a rough σ (two degrees of freedom), and every
         confirmation adds one more."""
-        base = [v for v in db.exec(select(Experiment.val_bpb).where(
-            Experiment.run_id == run.id, Experiment.kind == "baseline", Experiment.status == "keep")).all()
-            if v is not None]
+        base = self._baseline_runs(db, run)
         pairs = db.exec(select(Experiment.confirms_id, Experiment.val_bpb).where(
             Experiment.run_id == run.id, Experiment.kind == "confirm", Experiment.val_bpb.is_not(None))).all()
         groups: dict[int, list[float]] = {}
@@ -863,7 +861,8 @@ class Engine:
         branch from the same parent. Otherwise it is discarded. val_bpb: the value judged (default the
         experiment's own; the mean of its runs after a confirmation); extra: stored with the decision."""
         parent_bpb = self._commit_bpb(db, run, exp.parent_commit)
-        d = decide(exp.val_bpb if val_bpb is None else val_bpb, parent_bpb if parent_bpb is not None else run.head_val_bpb, run.noise_sigma,
+        d = decide(exp.val_bpb if val_bpb is None else val_bpb,
+                   parent_bpb if parent_bpb is not None else run.head_val_bpb, run.noise_sigma,
                    min_delta=self.settings.min_delta, z=self.settings.noise_z)
         exp.decision = {**d.as_dict(), "compared_with": "parent", "stale_parent": True, **extra}
         exp.status = "discard"
@@ -1072,10 +1071,14 @@ class Engine:
             self._pruned[exp_id] = info
             h.kill(info["reason"])
 
+    def _baseline_runs(self, db: Session, run: Run) -> list[float]:
+        """val_bpb of each finished baseline repeat of the run."""
+        return [v for v in db.exec(select(Experiment.val_bpb).where(
+            Experiment.run_id == run.id, Experiment.kind == "baseline", Experiment.status == "keep")).all()
+            if v is not None]
+
     def _maybe_measure_noise(self, db: Session, run: Run) -> None:
-        done = db.exec(select(Experiment.val_bpb).where(Experiment.run_id == run.id, Experiment.kind == "baseline",
-                                                        Experiment.status == "keep")).all()
-        done = [v for v in done if v is not None]
+        done = self._baseline_runs(db, run)
         if len(done) < self.settings.noise_repeats or run.noise_sigma is not None:
             return
         run.noise_sigma = noise_floor(done)
