@@ -127,7 +127,8 @@ def test_unauthorised_resume_is_refused_naming_the_role_and_a_group_member_may(w
     world.fake.wait_ack(world.fake.slash_command("resume", user=GROUPIE))  # operator through user group S0ONCALL
     world.post_with("resumed by <@U0GROUPIE>")
     assert world.run().state == "running"
-    audit = world.audit()
+    # the post comes from the event the command wrote; its audit row is written just after, so wait for it
+    audit = world.fake.wait_for(lambda: (a := world.audit()) and len(a) >= 2 and a, what="two audit rows")
     assert [(a.user, a.command, a.allowed) for a in audit] == [(f"<@{VIEWER}>", "resume", False),
                                                                (f"<@{GROUPIE}>", "resume", True)]
     assert "needs the operator role" in audit[0].result
@@ -139,7 +140,8 @@ def test_pause_button_after_its_confirm_dialog_pauses(world):
     world.fake.wait_ack(world.fake.block_action(post, blocks.PAUSE, user=VIEWER))
     world.post_with("paused by <@U0VIEWER>")
     assert world.run().state == "paused"
-    assert world.audit()[-1].command == "pause"
+    # the post can arrive before the audit row, which is written once the command has returned
+    assert world.fake.wait_for(lambda: world.audit(), what="the audit row")[-1].command == "pause"
 
 
 def test_show_diff_posts_the_diff_in_the_posts_thread(world):
@@ -149,7 +151,7 @@ def test_show_diff_posts_the_diff_in_the_posts_thread(world):
                                               if m.get("thread_ts") == post["ts"] != m["ts"]), None),
                                     what="the diff reply")
     assert f"diff of #{world.kept.id}" in reply["text"] and "+LR = 0.03" in reply["text"]
-    assert world.audit()[-1].command == "diff"
+    assert world.fake.wait_for(lambda: world.audit(), what="the audit row")[-1].command == "diff"
 
 
 def test_promote_button_runs_promote_through_the_shared_grammar(world):
