@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -12,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from loop.runners.base import Job
-from loop.runners.local import STANDBY_NICE, LocalRunner
+from loop.runners.base import Job, Slot
+from loop.runners.local import STANDBY_NICE, LocalRunner, Standby
+from trainer.result import STANDBY_FAILED
 from tests.conftest import REPO, TINY_TRAIN_PY
 
 
@@ -86,6 +89,37 @@ def test_a_standby_that_cannot_take_the_job_is_released_and_the_job_starts_cold(
     assert out.result.status == "ok" and handle._standby_dir is None and not dead.dir.exists()
 
 
+def _failing_env(tmp_path: Path) -> dict:
+    """An environment in which the harness's warm-up raises: torch's compile cache must be made under a file."""
+    (tmp_path / "a-file").write_text("")
+    return {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "a-file" / "cache")}
+
+
+def test_a_standby_that_fails_after_it_was_handed_the_job_gives_it_to_a_fresh_harness(tmp_path, data_dir, runner,
+                                                                                      caplog):
+    # What a disk that was full while the standby warmed up does (tempfile finds no usable directory), made
+    # deterministic: the standby is stopped until it holds the job, so it is alive when handed it and fails after.
+    slot = runner.slots()[0]
+    bad = Standby(Slot(slot.name, slot.host, {**slot.env, **_failing_env(tmp_path)}),
+                  tmp_path / "runs" / ".standby", data_dir, False, None)
+    os.killpg(bad.proc.pid, signal.SIGSTOP)
+    runner._standbys[slot.name] = bad
+    done = threading.Event()
+    with caplog.at_level(logging.WARNING, logger="loop.runners.local"):
+        handle = runner.start(make_job(tmp_path, data_dir, 1), slot, done.set)
+        assert handle.pid == bad.proc.pid  # it took the job
+        os.killpg(bad.proc.pid, signal.SIGCONT)
+        assert done.wait(180)
+    assert bad.proc.returncode == STANDBY_FAILED
+    out = handle.outcome()
+    assert out.result.status == "ok" and out.result.seed == 1, (out.result.error, out.log_tail)
+    assert handle.pid != bad.proc.pid and handle._standby_dir is None and not bad.dir.exists()
+    final = tmp_path / "runs" / "exp-1"
+    assert (final / "train.py").read_text() == TINY_TRAIN_PY and (final / "result.json").exists()
+    assert any("failed before it took #1" in r.getMessage() and "starting it afresh" in r.getMessage()
+               for r in caplog.records)
+
+
 def test_close_releases_the_standby(tmp_path, data_dir):
     runner = LocalRunner("cpu", sandbox=False, standby=True)
     run_job(runner, make_job(tmp_path, data_dir, 1))
@@ -120,6 +154,10 @@ def test_standby_mode_of_the_harness(tmp_path, data_dir):
     bad = subprocess.run(cmd, cwd=tmp_path, input='{"argv": ["--nonsense"]}\n', capture_output=True, text=True,
                          timeout=120, env=_env())
     assert bad.returncode == 2 and "standby: bad job line" in bad.stderr
+    broken = subprocess.run(cmd, cwd=tmp_path, input='{"argv": ["--nonsense"]}\n', capture_output=True, text=True,
+                            timeout=120, env={**_env(), **_failing_env(tmp_path)})
+    assert broken.returncode == STANDBY_FAILED and "standby: warm-up failed (NotADirectoryError" in broken.stderr
+    assert "bad job line" not in broken.stderr  # it failed before it read the job
     job = {"argv": ["--script", "train.py", "--data", str(data_dir), "--budget-s", "1", "--out", "result.json",
                     "--device", "cpu", "--eval-tokens", "2048"], "source": TINY_TRAIN_PY}
     ok = subprocess.run(cmd, cwd=tmp_path, input=json.dumps(job) + "\n", capture_output=True, text=True,

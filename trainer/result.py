@@ -11,6 +11,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 STATUSES = ("ok", "crash", "timeout")
+# trainer.run's exit code when a standby harness failed before it took a job (its warm-up raised: e.g. a full
+# disk, where tempfile finds no usable directory). The job is not at fault; the runner starts it afresh.
+STANDBY_FAILED = 4
 
 
 @dataclass

@@ -5,7 +5,9 @@ Prints the summary block and exits 0 for `ok`, 1 for `crash`, 3 for `timeout`.
 `python -m trainer.run --standby` is the same run, started before its job is known: it imports torch and warms
 the lazily loaded parts, then waits for one JSON line on stdin, {"argv": [...the options above...], "source":
 "<train.py>"}, writes the script and runs it. The local runner keeps one standby per slot so an experiment does not
-wait for the interpreter and torch to start (seconds on CPU). End of input before a job: exit 0, nothing run.
+wait for the interpreter and torch to start (seconds on CPU). End of input before a job: exit 0, nothing run. A
+warm-up that fails (a full disk, say): exit 4 (STANDBY_FAILED) without reading the job, which the runner then
+starts afresh.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import time
 from pathlib import Path
 
 from trainer.harness import run, warm_up
-from trainer.result import summary_block
+from trainer.result import STANDBY_FAILED, summary_block
 
 EXIT_CODES = {"ok": 0, "crash": 1, "timeout": 3}
 
@@ -42,8 +44,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def standby() -> int:
-    """Wait for a job on stdin (see the module docstring), then run it as main() would. Exit 2 on a bad job."""
-    warm_up()  # before the wait: the job's run() finds it done
+    """Wait for a job on stdin (see the module docstring), then run it as main() would. Exit 2 on a bad job,
+    STANDBY_FAILED when the warm-up raises (before the job is read: it is not the job's failure)."""
+    try:
+        warm_up()  # before the wait: the job's run() finds it done
+    except Exception as e:  # noqa: BLE001 -- whatever it is, the job has not started
+        try:
+            print(f"standby: warm-up failed ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
+        except OSError:
+            pass  # the log is on the disk that is full
+        return STANDBY_FAILED
     line = sys.stdin.readline()
     started = time.time()
     if not line.strip():

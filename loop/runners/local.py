@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from loop.runners.base import Job, Outcome, Slot, downsample_curve, last_curve_point, read_curve, tail
-from trainer.result import Result, read_result
+from trainer.result import STANDBY_FAILED, Result, read_result
 from trainer.sandbox import (LAUNCH_FAILED, SandboxConfig, defuse, describe_features, launcher_command,
                              sandbox_features, signal_message)
 
@@ -212,6 +212,7 @@ class LocalHandle:
         self._outcome: Optional[Outcome] = None
         self._aborted = ""
         self._timed_out = False
+        self._infra_error = ""
         self.started = time.time()
         final = Path(job.workdir)
         final.mkdir(parents=True, exist_ok=True)
@@ -221,30 +222,64 @@ class LocalHandle:
         self.sandbox = _active_sandbox(sandbox)
         cuda = uses_cuda(job, slot)
         self._memory = self.sandbox.memory_bytes(cuda) if self.sandbox else None
+        self._cuda = cuda
+        self._lock = threading.Lock()  # kill() against the switch from a failed standby to a fresh process
         self._standby_dir: Optional[Path] = None
         if standby is not None and standby.hand(job):
-            self.proc, wd, self._standby_dir = standby.proc, standby.dir, standby.dir
+            self.proc, self._standby_dir = standby.proc, standby.dir
+            self.log_path, self.curve_path = standby.dir / "log.txt", standby.dir / "result.curve.jsonl"
         else:
             if standby is not None:
                 standby.release()
-            wd = final
-            (wd / "train.py").write_text(job.source)
-            cmd = _sandboxed(harness_command(job), self.sandbox, wd, job.data_dir, cuda)
-            self.proc = _spawn(cmd, wd, slot, stdin=subprocess.DEVNULL)
-        self.log_path = wd / "log.txt"
-        self.curve_path = wd / "result.curve.jsonl"
+            self._start_fresh()
         self.pid = self.proc.pid
         threading.Thread(target=self._watch, name=f"exp-{job.exp_id}", daemon=True).start()
 
-    def _watch(self) -> None:
-        deadline = self.job.budget_s + self.job.grace + BACKSTOP_S
+    def _start_fresh(self) -> None:
+        """Start the harness the slow way, in the experiment's own directory (sets proc, log_path, curve_path)."""
+        wd = Path(self.job.workdir)
+        (wd / "train.py").write_text(self.job.source)
+        cmd = _sandboxed(harness_command(self.job), self.sandbox, wd, self.job.data_dir, self._cuda)
+        self.proc = _spawn(cmd, wd, self.slot, stdin=subprocess.DEVNULL)
+        self.log_path, self.curve_path = wd / "log.txt", wd / "result.curve.jsonl"
+
+    def _wait(self) -> None:
+        """Wait for the process; past budget + grace + BACKSTOP_S the runner kills it (the harness did not)."""
         try:
-            self.proc.wait(timeout=deadline)
+            self.proc.wait(timeout=self.job.budget_s + self.job.grace + BACKSTOP_S)
         except subprocess.TimeoutExpired:
             self._timed_out = True
             kill_group(self.pid)
             self.proc.wait()
         kill_group(self.pid)  # leftovers (compile workers) die with their experiment
+
+    def _standby_failed(self) -> bool:
+        """The standby died before it took the job (STANDBY_FAILED, or its sandbox launcher could not start it).
+        It was alive when handed the job but was already failing: e.g. its warm-up met a disk that was full."""
+        return (self._standby_dir is not None and not self._timed_out
+                and self.proc.returncode in (STANDBY_FAILED, LAUNCH_FAILED)
+                and not (self._standby_dir / "result.json").exists())
+
+    def _watch(self) -> None:
+        self._wait()
+        if self._standby_failed():
+            last = tail(self._standby_dir / "log.txt")
+            log.warning("standby harness on %s failed before it took #%s (exit code %s%s); starting it afresh",
+                        self.slot.name, self.exp_id, self.proc.returncode, f": {last[-1]}" if last else "")
+            remove_tree(self._standby_dir)
+            self._standby_dir = None
+            with self._lock:
+                restart = not self._aborted
+                if restart:
+                    try:
+                        self._start_fresh()
+                    except OSError as e:  # the runner's failure, not the idea's: the engine re-queues it
+                        log.warning("could not start #%s afresh on %s: %s", self.exp_id, self.slot.name, e)
+                        self._infra_error, restart = f"could not start the harness: {e}", False
+                    else:
+                        self.pid = self.proc.pid
+            if restart:
+                self._wait()
         if self._standby_dir is not None:
             self._move_home()
         self._outcome = self._read_outcome()
@@ -271,6 +306,8 @@ class LocalHandle:
         result_path = Path(self.job.workdir) / "result.json"
         if self._aborted:
             res = Result(status="crash", error=f"aborted: {self._aborted}", seed=self.job.seed)
+        elif self._infra_error:
+            res = Result(status="crash", error=self._infra_error, seed=self.job.seed)
         elif result_path.exists():
             try:
                 res = read_result(result_path)
@@ -282,7 +319,8 @@ class LocalHandle:
         else:
             res = Result(status="crash", error=self._no_result_error(log_tail), seed=self.job.seed)
         return Outcome(result=res, slot=self.slot.name, host=self.slot.host, wall_seconds=round(wall, 3),
-                       log_tail=log_tail, aborted=self._aborted, curve=downsample_curve(read_curve(self.curve_path)))
+                       log_tail=log_tail, aborted=self._aborted, curve=downsample_curve(read_curve(self.curve_path)),
+                       infra_failed=bool(self._infra_error))
 
     def _no_result_error(self, log_tail: list[str]) -> str:
         """Why the harness left no result: the limit a signal points to, or the launcher's own reason."""
@@ -304,7 +342,8 @@ class LocalHandle:
 
     def kill(self, reason: str) -> None:
         """Stop the experiment (its whole process group): SIGTERM, then SIGKILL after KILL_WAIT_S."""
-        self._aborted = reason or "killed"
+        with self._lock:
+            self._aborted = reason or "killed"
         if kill_group(self.pid, signal.SIGTERM):
             try:
                 self.proc.wait(timeout=KILL_WAIT_S)
