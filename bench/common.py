@@ -76,7 +76,7 @@ def run_loop(home: Path, *, budget_s: float, max_experiments: int, noise_repeats
     t0 = time.time()
     engine.start()
     try:
-        while not (engine.reached_max() and not engine.handles):
+        while not engine.finished():
             time.sleep(0.5)
             with Session(db) as s:
                 for ev in s.exec(select(Event).where(Event.id > seen).order_by(Event.id)).all():

@@ -1,6 +1,6 @@
 """Profile the engine thread of bench/scheduler_scale.py: where one decision's time goes.
 
-    python bench/profile_scale.py [--slots 64 512] [--trainer-s 5] [--seconds 25] [--top 35]
+    python bench/profile_scale.py [--slots 64 512] [--trainer-s 5] [--seconds 25] [--top 35] [--knobs 200]
 
 Builds the same simulated fleet (SimRunner, real engine, SQLite, dulwich workspace, offline proposer),
 runs the engine's own loop (tick, then wait up to TICK_S for a wake) in a thread under cProfile, and
@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.scheduler_scale import build  # noqa: E402
 
 
-def profile(n_slots: int, trainer_s: float, seconds: float, top: int, dump: str = "") -> None:
+def profile(n_slots: int, trainer_s: float, seconds: float, top: int, dump: str = "", knobs: int = 200) -> None:
     """Run the engine loop for `seconds` (wall) under cProfile and print what it measured; with `dump`, also
     write the raw stats to `<dump>.<n_slots>` (for pstats). Raises nothing new."""
     from sqlmodel import Session, select
@@ -33,7 +33,7 @@ def profile(n_slots: int, trainer_s: float, seconds: float, top: int, dump: str 
     from db.models import Experiment
     from loop import engine as engine_mod
 
-    engine, db = build(n_slots, trainer_s, prefix="bench-profile-")
+    engine, db = build(n_slots, trainer_s, knobs=knobs, prefix="bench-profile-")
     exhausted = [0]
     propose = engine.proposer.propose
 
@@ -108,10 +108,11 @@ def main() -> None:
     ap.add_argument("--trainer-s", type=float, default=5.0)
     ap.add_argument("--seconds", type=float, default=25.0)
     ap.add_argument("--top", type=int, default=35)
+    ap.add_argument("--knobs", type=int, default=200, help="extra constants in the simulated train.py (see scheduler_scale)")
     ap.add_argument("--dump", default="", help="write raw cProfile stats to DUMP.<slots>")
     a = ap.parse_args()
     for n in a.slots:
-        profile(n, a.trainer_s, a.seconds, a.top, a.dump)
+        profile(n, a.trainer_s, a.seconds, a.top, a.dump, a.knobs)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import heapq
 import random
 import resource
 import sys
@@ -29,11 +30,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import write_json  # noqa: E402
 
 
-class SimHandle:
-    """A simulated experiment: done after `seconds`, with a result drawn around the current head; about 5% of
-    train.py sources (the same ones on every run of them) are 0.01 better than head."""
+JITTER = 0.1  # a simulated run lasts trainer_s × U(1 - JITTER, 1 + JITTER)
 
-    def __init__(self, job, slot, on_done, seconds: float, rng: random.Random, head_bpb: float):
+
+class SimHandle:
+    """A simulated experiment: done `seconds` after it started, with a result drawn around the current head;
+    about 5% of train.py sources (the same ones on every run of them) are 0.01 better than head."""
+
+    def __init__(self, job, slot, seconds: float, rng: random.Random, head_bpb: float):
         from loop.runners.base import Outcome
         from trainer.result import Result
 
@@ -43,18 +47,12 @@ class SimHandle:
         # commit (new seed) must see the same gain, or no keep would ever hold up and head would never move.
         better = hashlib.sha256(job.source.encode()).digest()[0] < 13  # 13/256 ≈ 5% of changes
         v = head_bpb - (0.01 if better else 0.0) + rng.gauss(0, 0.002)
-        self._outcome = None
         res = Result(status="ok", val_bpb=v, training_seconds=seconds, total_seconds=seconds + 0.5, tokens=10_000,
                      steps=100, params=1_000_000, device="sim", seed=job.seed)
         curve = [[seconds * i / 10, 8.0 - 0.3 * i] for i in range(11)]
-
-        def finish():
-            self._outcome = Outcome(result=res, slot=slot.name, host=slot.host, wall_seconds=seconds, curve=curve)
-            on_done()
-
-        self._timer = threading.Timer(seconds, finish)
-        self._timer.daemon = True
-        self._timer.start()
+        self._ready = Outcome(result=res, slot=slot.name, host=slot.host, wall_seconds=seconds, curve=curve)
+        self._outcome = None
+        self.killed = False
 
     def done(self):
         return self._outcome is not None
@@ -63,14 +61,16 @@ class SimHandle:
         return self._outcome
 
     def kill(self, reason):
-        self._timer.cancel()
+        self.killed = True
 
     def progress(self):
         return None
 
 
 class SimRunner:
-    """N simulated slots on N/8 hosts."""
+    """N simulated slots on N/8 hosts. One clock thread finishes the runs that are due, as the fleet runners
+    (SSH, Ray) watch all their runs from one thread: a thread per run would measure thread start-up under
+    the GIL (milliseconds each when the engine is busy), not the engine."""
 
     name = "sim"
 
@@ -81,6 +81,10 @@ class SimRunner:
         self.seconds, self.rng, self.engine_ref = seconds, random.Random(0), engine_ref
         self.busy_s = 0.0
         self._head, self._head_at = 1.0, 0.0
+        self._due: list = []  # heap of (due time, sequence, handle, on_done)
+        self._seq = 0
+        self._cv = threading.Condition()
+        threading.Thread(target=self._clock, name="sim-clock", daemon=True).start()
 
     def slots(self):
         return list(self._slots)
@@ -89,8 +93,26 @@ class SimRunner:
         now = time.time()
         if now - self._head_at > 0.5:  # the simulation's own reads stay out of the engine's figures
             self._head, self._head_at = self.engine_ref[0].get_run().head_val_bpb or 1.0, now
-        self.busy_s += self.seconds
-        return SimHandle(job, slot, on_done, self.seconds, self.rng, self._head)
+        # ±JITTER: real runs of one time budget end seconds apart (start-up, evaluation), so a fleet started
+        # at once does not stay in lock-step; with none, every slot would finish in the same instant forever.
+        seconds = self.seconds * self.rng.uniform(1 - JITTER, 1 + JITTER)
+        self.busy_s += seconds
+        h = SimHandle(job, slot, seconds, self.rng, self._head)
+        with self._cv:
+            self._seq += 1
+            heapq.heappush(self._due, (now + seconds, self._seq, h, on_done))
+            self._cv.notify()
+        return h
+
+    def _clock(self):
+        while True:
+            with self._cv:
+                while not self._due or self._due[0][0] > time.time():
+                    self._cv.wait(None if not self._due else self._due[0][0] - time.time())
+                _, _, h, on_done = heapq.heappop(self._due)
+            if not h.killed:
+                h._outcome = h._ready
+                on_done()
 
 
 def build(n_slots: int, trainer_s: float, knobs: int = 0, prefix: str = "bench-scale-"):
@@ -148,9 +170,19 @@ def measure(n_slots: int, trainer_s: float, seconds: float, knobs: int = 0) -> d
     def _t1(conn, cursor, statement, params, context, executemany):
         db_time[0] += time.perf_counter() - context._t0
 
+    # Warm-up: the first fill of every slot is measured on its own (one large round); the figures below are
+    # the steady state that follows, which is what a fleet running for days sees.
+    t_start = time.time()
+    engine.start()
+    while len(engine.handles) < n_slots and time.time() - t_start < 120:
+        time.sleep(0.01)
+    warmup = time.time() - t_start
+    db_time[0] = 0.0
+    with Session(db) as s:
+        done_before = len(s.exec(select(Experiment.id).where(Experiment.kind == "experiment",
+                                                             Experiment.finished_at.is_not(None))).all())
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.time()
-    engine.start()
     busy_area = 0.0
     last = t0
     while time.time() - t0 < seconds:
@@ -164,14 +196,14 @@ def measure(n_slots: int, trainer_s: float, seconds: float, knobs: int = 0) -> d
     with Session(db) as s:
         done = s.exec(select(Experiment).where(Experiment.kind == "experiment",
                                                Experiment.finished_at.is_not(None))).all()
-    n_done = len(done)
+    n_done = len(done) - done_before
     cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
     return {
         "slots": n_slots, "trainer_s": trainer_s, "wall_seconds": wall, "decisions": n_done,
         "decisions_per_s": n_done / wall, "db_seconds_per_experiment": db_time[0] / max(1, n_done),
         "slot_idle_fraction": 1 - busy_area / (n_slots * wall), "engine_cpu_percent_of_one_core": 100 * cpu / wall,
         "kept": sum(1 for e in done if e.status == "keep"), "invalid": sum(1 for e in done if e.status == "invalid"),
-        "knobs": knobs,
+        "knobs": knobs, "warmup_seconds": warmup, "jitter": JITTER,
     }
 
 
@@ -191,7 +223,7 @@ def main() -> None:
         print(f"{n:4d} slots × {a.trainer_s:g} s trainer: {r['decisions_per_s']:6.1f} decisions/s, "
               f"DB {1000 * r['db_seconds_per_experiment']:.1f} ms/experiment, slot idle {100 * r['slot_idle_fraction']:.1f}%, "
               f"engine CPU {r['engine_cpu_percent_of_one_core']:.0f}% of a core ({r['decisions']} decisions, "
-              f"{r['kept']} kept, {r['invalid']} invalid)")
+              f"{r['kept']} kept, {r['invalid']} invalid; first fill of all slots {r['warmup_seconds']:.1f} s)")
     big = [r for r in rows if r["slots"] == 512]
     if big:
         ok = big[0]["slot_idle_fraction"] < 0.02 and big[0]["engine_cpu_percent_of_one_core"] < 25

@@ -194,7 +194,7 @@ def serve(settings: Settings, *, max_experiments: Optional[int] = None, budget_e
         while not stop.is_set():
             shell.deliver()
             progress.update()
-            if engine.reached_max() and not engine.handles:
+            if engine.finished():
                 break
             stop.wait(0.5)
     finally:

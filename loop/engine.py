@@ -15,13 +15,14 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable, Optional
 
-from sqlalchemy import or_
+from sqlalchemy import bindparam, insert, or_, update
 from sqlmodel import Session, select
 
-from db.models import FINAL_STATUSES, BudgetLedger, Experiment, Hint, Host, Promotion, Run, utcnow
-from db.session import retry_transient, session_scope
+from db.models import FINAL_STATUSES, BudgetLedger, Experiment, Hint, Host, Promotion, Run, column_values, utcnow
+from db.session import is_transient, retry_transient, session_scope
 from loop import budget, events, faults, promotion
 from loop.config import Settings
 from loop.proposers.base import (ProposalAuthError, ProposalError, ProposalExhausted, ProposalRejected, Proposer,
@@ -41,6 +42,8 @@ HISTORY_RECENT = 200  # most recent experiments always shown to the proposer (be
 MAX_ATTEMPTS = 3  # starts of one experiment before an infrastructure fault counts as a crash
 FAST_RETRIES = 8  # invalid proposals in a row a fast proposer may make before a slot waits for the next tick
 TICK_S = 1.0  # the engine also wakes at once on a result or a command
+FAST_HISTORY_TTL_S = 10.0  # a fast proposer's history is read again at least this often (new hints, results)
+FILL_CHUNK = 32  # free slots started per transaction while a round fills many (a fleet after a wave of results)
 PROPOSAL_BACKOFF_S = (5, 15, 60, 300)  # growing delay after proposer failures
 NO_SPACE = ("No space left on device", "[Errno 28]", "ENOSPC", "Disk quota exceeded")
 SPACE_PROBE_BYTES = 1 << 16  # a failed run's work directory must take this much more, or the disk is full
@@ -102,15 +105,47 @@ class SeenHashes:
     """`h in seen`: is there an experiment of the run with this normalised-AST hash? Asked of the database
     (an indexed column) so a long run never loads every hash into memory."""
 
+    _QUERY = select(Experiment.__table__.c.id).where(Experiment.__table__.c.run_id == bindparam("run_id"),
+                                                     Experiment.__table__.c.ast_hash == bindparam("ast_hash")).limit(1)
+
     def __init__(self, db, run_id: int):
         self.db, self.run_id = db, run_id
 
     def __contains__(self, ast_hash: object) -> bool:
         if not ast_hash:
             return False
-        with Session(self.db) as s:
-            return s.exec(select(Experiment.id).where(Experiment.run_id == self.run_id,
-                                                      Experiment.ast_hash == ast_hash).limit(1)).first() is not None
+        with self.db.connect() as conn:  # Core, not a Session: asked once per proposal (a fleet: 100/s)
+            return conn.execute(self._QUERY, {"run_id": self.run_id, "ast_hash": ast_hash}).first() is not None
+
+
+def _update_experiments(db: Session, rows: list[dict]) -> None:
+    """One executemany UPDATE of experiments rows: each dict holds "id" and the same columns to set."""
+    table = Experiment.__table__
+    cols = [k for k in rows[0] if k != "id"]
+    db.execute(update(table).where(table.c.id == bindparam("b_id")).values(
+        {c: bindparam(f"b_{c}") for c in cols}), [{f"b_{k}": v for k, v in r.items()} for r in rows])
+
+
+class RoundSeen:
+    """SeenHashes plus the hashes of the proposals one round of filling has validated but not stored yet."""
+
+    def __init__(self, stored: SeenHashes, pending: set):
+        self.stored, self.pending = stored, pending
+
+    def __contains__(self, ast_hash: object) -> bool:
+        return ast_hash in self.pending or ast_hash in self.stored
+
+
+@dataclass
+class NewProposal:
+    """A fast proposer's validated proposal, not stored yet: the Experiment's fields and its train.py text.
+    The round's transaction stores it (see Engine._start_many)."""
+
+    fields: dict
+    source: str
+    id = None  # no row yet
+    kind = "experiment"
+    confirms_id = None
 
 
 def normalise_health(rec) -> dict:
@@ -172,9 +207,11 @@ class Engine:
         self._fill: Optional[dict] = None  # set while tick() fills free slots (see there)
         self._pending_parent = ""
         self._pruned: dict[int, dict] = {}  # exp id → why it was pruned (kill sent, outcome pending)
+        self._cancels_done: set[int] = set()  # cancelled promotions whose runs were aborted (see _expand_promotions)
         self._loss_seen: dict[int, list] = {}  # exp id → [[elapsed_s, loss], …] as seen at each tick (pruning)
         self._behind: dict[int, int] = {}  # exp id → consecutive checks behind head by the margin
         self._head_curve_cache: tuple[str, list] = ("", [])
+        self._history_cache: tuple = ("", 0.0, [], None)  # (head, monotonic time read, history, state): _fast_history
         self.hosts_down: set[str] = set()  # hosts whose slots take no new experiment
         self.run_id: Optional[int] = None
         # the device type experiments train on (what `auto` resolves to), for the proposer
@@ -277,14 +314,26 @@ class Engine:
         """True once this process has finished (or is finishing) max_experiments experiments."""
         if self.max_experiments is None:
             return False
-        kinds = [getattr(h, "kind", "experiment") for h in self.handles.values()]
-        confirming = {getattr(h, "confirms_id", None) for h in self.handles.values()
+        live = [*self.handles.values(), *(exp for exp, _ in (self._fill or {}).get("picks", ()))]  # picks start soon
+        kinds = [getattr(h, "kind", "experiment") for h in live]
+        confirming = {getattr(h, "confirms_id", None) for h in live
                       if getattr(h, "kind", "") == "confirm"}  # an experiment whose confirmation trains
         return self.finished_here + kinds.count("experiment") + len(confirming) >= self.max_experiments
 
+    def finished(self) -> bool:
+        """max_experiments is reached and nothing trains: what a bounded run (`--max-experiments`) waits for.
+        Asked under the engine's lock from other threads: while a round starts its picks they count towards
+        the limit before they are in `handles`, and a look between the two would end the run too early."""
+        with self.lock:
+            return self.reached_max() and not self.handles
+
     def idle(self) -> bool:
         """Nothing is training and nothing more will start without a command (a change waiting for its
-        confirmation runs still has them to train)."""
+        confirmation runs still has them to train). Taken under the engine's lock (see finished)."""
+        with self.lock:
+            return self._idle()
+
+    def _idle(self) -> bool:
         run = self.get_run()
         if self.handles or not (self.reached_max() or run.state == "paused"):
             return False
@@ -313,9 +362,10 @@ class Engine:
     def tick(self) -> None:
         """Collect finished experiments, then fill free slots unless paused or at the limit."""
         with self.lock:
-            for exp_id, h in list(self.handles.items()):
-                if h.done():
-                    self._finish(exp_id, h.outcome())  # raises if the database stays away: the handle stays
+            done = [(exp_id, h.outcome()) for exp_id, h in list(self.handles.items()) if h.done()]
+            if done:
+                self._finish_many(done)  # raises if the database stays away: the handles stay for the next tick
+                for exp_id, _ in done:
                     del self.handles[exp_id]
                     self._loss_seen.pop(exp_id, None)
                     self._behind.pop(exp_id, None)
@@ -333,14 +383,23 @@ class Engine:
             busy = {h.slot.name for h in self.handles.values()}
             free = [slot for slot in self.runner.slots() if slot.name not in busy and slot.host not in self.hosts_down]
             try:
-                self._fill = {}  # what one round of filling reads once: the queue, history, research state
+                # What one round of filling reads once (the queue, history, research state) and what it picks:
+                # the picks start together, in one transaction (a large fleet frees many slots per tick).
+                self._fill = {"picks": [], "picked": set(), "invalid": [], "hashes": set(), "run": run}
                 for slot in free:
                     exp = self._next_experiment(new_allowed=not self.reached_max())
-                    if exp is None or not self._start(exp, slot):
+                    if exp is None:
                         break
+                    self._fill["picks"].append((exp, slot))
+                    if exp.id is not None:  # a stored row (a new proposal has none yet)
+                        self._fill["picked"].add(exp.id)
+                    if len(self._fill["picks"]) >= FILL_CHUNK:  # the first slots need not wait for the last
+                        self._start_many(self._fill)
+                        self._fill["picks"], self._fill["invalid"] = [], []
+                self._start_many(self._fill)
             finally:
                 self._fill = None
-            if not self.reached_max():
+            if not self.reached_max() and not getattr(self.proposer, "fast", False):  # a fast one needs none
                 self.prefetch(self.get_run())
 
     def _next_experiment(self, new_allowed: bool = True) -> Optional[Experiment]:
@@ -348,10 +407,9 @@ class Engine:
         and confirmation runs (a change that passed waits on them); then, unless max_experiments is reached,
         re-queued or rebased experiments and fresh proposals."""
         fill = self._fill if self._fill is not None else {}
-        run = fill.get("run") or self.get_run()
+        run = fill.get("run") or self.get_run()  # read by tick(): head and state do not change while a round fills
         if run.noise_sigma is None:
             return self._next_baseline(run) if new_allowed else None
-        fill["run"] = run  # head and state do not change while one round fills its slots
         kinds = ("promotion", "confirm", "experiment") if new_allowed else ("promotion", "confirm")
         if fill.get("queued_kinds") != kinds:
             with Session(self.db, expire_on_commit=False) as db:
@@ -362,9 +420,13 @@ class Engine:
         queued = fill["queued"]
         while queued:
             exp = queued.pop(0)
-            if exp.id not in self.handles:
+            if not self._taken(exp.id):
                 return exp
         return self._propose(run) if new_allowed else None
+
+    def _taken(self, exp_id: Optional[int]) -> bool:
+        """The experiment trains, or this round of filling already picked it."""
+        return exp_id in self.handles or exp_id in (self._fill or {}).get("picked", ())
 
     def _next_baseline(self, run: Run) -> Optional[Experiment]:
         with session_scope(self.db) as db:
@@ -375,7 +437,7 @@ class Engine:
                 self._pause(db, run.id, f"baseline {failed[0].status}: {failed[0].reason}")
                 return None
             for e in base:
-                if e.status == "queued" and e.id not in self.handles:
+                if e.status == "queued" and not self._taken(e.id):
                     return e
             if len(base) >= self.settings.noise_repeats:
                 return None  # the remaining repeats are training
@@ -412,6 +474,17 @@ class Engine:
             out.append(TriedEdit(e.parent_commit, e.edit_key, e.status, e.val_bpb, e.description, exp_id=e.id,
                                  delta=delta, reason=(e.reason or "").splitlines()[0][:200] if e.reason else ""))
         return out
+
+    def _fast_history(self, run: Run) -> tuple[list[TriedEdit], ResearchState]:
+        """history() and research_state() for a fast proposer, read again when head moves or after
+        FAST_HISTORY_TTL_S; in between, the proposals made since are appended to the list as `queued` (what a
+        fast proposer needs: what was tried on head). A fleet fills slots several times a second, and
+        history() reads every experiment tried on head (thousands)."""
+        head, at, history, state = self._history_cache
+        if head != run.head_commit or time.monotonic() - at > FAST_HISTORY_TTL_S:
+            history, state = self.history(run.id), self.research_state(run)
+            self._history_cache = (run.head_commit, time.monotonic(), history, state)
+        return history, state
 
     def research_state(self, run: Run) -> ResearchState:
         """The run as a proposer sees it: head, noise floor, threshold, hints, program.md, seen hashes."""
@@ -462,7 +535,7 @@ class Engine:
                 head_source = self.workspace.read_file(run.head_commit)
                 fill = self._fill if self._fill is not None else {}
                 if "history" not in fill:  # once per round; this round's own proposals are appended below
-                    fill["history"], fill["state"] = self.history(run.id), self.research_state(run)
+                    fill["history"], fill["state"] = self._fast_history(run)
                 try:
                     proposal = self.proposer.propose(head_source, run.head_commit, fill["history"], fill["state"])
                     fill["history"].append(TriedEdit(run.head_commit, proposal.edit_key, "queued", None,
@@ -543,29 +616,17 @@ class Engine:
                 self.on_change()
             return None
         self._propose_failures = 0
+        if getattr(self.proposer, "fast", False) and self._fill is not None:
+            return self._prepare(run, head_source, proposal)
 
         def store():  # a paid proposal is stored even if the database blinks
             with session_scope(self.db) as db:
                 verdict = validate_proposal(head_source, {"train.py": proposal.source},
                                             seen_hashes=SeenHashes(self.db, run.id))
-                exp = Experiment(run_id=run.id, kind="experiment", parent_commit=run.head_commit,
-                                 proposer=proposal.proposer, description=proposal.description,
-                                 hypothesis=proposal.hypothesis, diff=verdict.diff, edit_key=proposal.edit_key,
-                                 ast_hash=verdict.ast_hash, usage=proposal.usage, cost_usd=proposal.cost_usd,
-                                 status="proposed")
+                exp = Experiment(**self._proposal_fields(run, proposal, verdict))
                 db.add(exp)
                 db.flush()
-                if proposal.cost_usd:
-                    db.add(BudgetLedger(day=self._today(), run_id=run.id, experiment_id=exp.id,
-                                        kind="claude_usd", amount=proposal.cost_usd))
-                if not verdict.ok:
-                    exp.status, exp.reason, exp.finished_at = "invalid", verdict.reason, utcnow()
-                    db.add(events.experiment_event(exp, run))
-                else:
-                    exp.commit = self.workspace.commit_experiment(
-                        exp.id, run.head_commit, proposal.source, f"exp {exp.id}: {proposal.description}")
-                    exp.status = "queued"
-                db.add(exp)
+                self._book_proposal(db, run, exp, proposal.source if verdict.ok else None)
             return exp, verdict
 
         exp, verdict = retry_transient(store, what="storing a proposal")
@@ -574,6 +635,46 @@ class Engine:
             self.on_change()
             return None
         return exp
+
+    def _prepare(self, run: Run, head_source: str, proposal) -> Optional["NewProposal"]:
+        """A fast proposer's proposal, validated now and stored with the round's picks (see _start_many).
+        An invalid one is counted at once and stored with them as `invalid`; returns None then."""
+        fill = self._fill
+        seen = RoundSeen(SeenHashes(self.db, run.id), fill["hashes"])
+        verdict = validate_proposal(head_source, {"train.py": proposal.source}, seen_hashes=seen)
+        fields = self._proposal_fields(run, proposal, verdict)
+        if not verdict.ok:
+            fill["invalid"].append(NewProposal(fields, ""))
+            self.finished_here += 1
+            return None
+        if verdict.ast_hash:
+            fill["hashes"].add(verdict.ast_hash)
+        return NewProposal(fields, proposal.source)
+
+    @staticmethod
+    def _proposal_fields(run: Run, proposal, verdict) -> dict:
+        """The Experiment row of a validated proposal on head: `queued`, or `invalid` with the reason."""
+        fields = dict(run_id=run.id, kind="experiment", parent_commit=run.head_commit, proposer=proposal.proposer,
+                      description=proposal.description, hypothesis=proposal.hypothesis, diff=verdict.diff,
+                      edit_key=proposal.edit_key, ast_hash=verdict.ast_hash, usage=proposal.usage,
+                      cost_usd=proposal.cost_usd, status="queued")
+        if not verdict.ok:
+            fields.update(status="invalid", reason=verdict.reason, finished_at=utcnow())
+        return fields
+
+    def _book_proposal(self, db: Session, run: Run, exp, source: Optional[str]) -> None:
+        """What storing a new proposal's row (flushed: it has its id) brings with it in its transaction: its
+        Claude cost in the ledger; then its commit on a side ref (source given: it is valid; sets exp.commit)
+        or, invalid, its event. `exp`: an Experiment, or for a valid one a row inserted by _insert_running (its
+        values as attributes). Raises WorkspaceError when git fails."""
+        if exp.cost_usd:
+            db.add(BudgetLedger(day=self._today(), run_id=run.id, experiment_id=exp.id,
+                                kind="claude_usd", amount=exp.cost_usd))
+        if source is not None:
+            exp.commit = self.workspace.commit_experiment(exp.id, exp.parent_commit, source,
+                                                          f"exp {exp.id}: {exp.description}")
+        else:
+            db.add(events.experiment_event(exp, run))
 
     def _has_queued(self, run: Run) -> bool:
         with Session(self.db) as db:
@@ -603,41 +704,104 @@ class Engine:
                                     kind="claude_usd", amount=e.cost_usd))
             db.add(events.experiment_event(exp, run))
 
-    def _start(self, exp: Experiment, slot: Slot) -> bool:
-        """Mark the experiment running and hand it to the runner. False when it could not start (recorded:
-        re-queued as an infrastructure failure, or the run paused when the disk is full)."""
-        run = (self._fill or {}).get("run") or self.get_run()
-        s = self.settings
-        workdir = s.home / "runs" / run.name / f"exp-{exp.id:06d}"
-        seed = exp.seed if exp.kind in ("baseline", "promotion") else s.seed + exp.id
-        job = Job(exp_id=exp.id, source=self.workspace.read_file(exp.commit), workdir=workdir,
-                  data_dir=self.data_dir, budget_s=exp.budget_s or run.budget_s, seed=seed,
-                  scale=dict(exp.scale_overrides or {}), eval_tokens=s.eval_tokens, seq_len=s.seq_len,
-                  grace_s=s.grace_s, device=s.device)
-        with session_scope(self.db) as db:
-            row = db.get(Experiment, exp.id)
-            row.status, row.started_at, row.attempts = "running", utcnow(), row.attempts + 1
-            row.slot, row.host, row.workdir, row.seed = slot.name, slot.host, str(workdir), seed
-            db.add(row)
+    def _start_many(self, fill: dict) -> None:
+        """Start a round's picks: one transaction stores its new proposals (valid ones committed to the
+        workspace, invalid ones recorded) and marks every pick running; then each goes to the runner. A
+        pick that cannot start is recorded (re-queued as an infrastructure failure, or the run paused when
+        the disk is full) and the others still start. Raises what the database raises after its retries
+        (nothing has started then; the round's new proposals are dropped, their invalid count undone)."""
+        picks, invalid = fill["picks"], fill["invalid"]
+        if not picks and not invalid:
+            return
         try:
-            handle = self.runner.start(job, slot, self.wake)
-        except OSError as e:
-            full = f"disk full: {workdir}: {e.strerror}" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
-            self._finish(exp.id, None, infra_error=f"could not start on {slot.name}: {e}", disk_full=full)
-            return False
-        handle.kind, handle.description, handle.promotion_id = exp.kind, exp.description, exp.promotion_id
-        handle.confirms_id = exp.confirms_id
-        self.handles[exp.id] = handle
+            started = retry_transient(lambda: self._mark_running(fill), what=f"starting {len(picks)} experiment(s)")
+        except Exception:
+            self.finished_here -= len(invalid)
+            raise
+        if invalid:
+            self.on_change()
+        pids = []
+        for exp, slot, job in started:
+            try:
+                handle = self.runner.start(job, slot, self.wake)
+            except OSError as e:
+                full = f"disk full: {job.workdir}: {e.strerror}" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+                self._finish(exp.id, None, infra_error=f"could not start on {slot.name}: {e}", disk_full=full)
+                continue
+            handle.kind, handle.description, handle.promotion_id = exp.kind, exp.description, exp.promotion_id
+            handle.confirms_id = exp.confirms_id
+            self.handles[exp.id] = handle
+            if handle.pid is not None:  # remote runners have none: their runs are reaped by experiment id
+                pids.append((exp.id, handle.pid))
 
-        def note_pid():  # what a restart uses to kill the orphaned process
+        def note_pids():  # what a restart uses to kill the orphaned processes
             with session_scope(self.db) as db:
-                row = db.get(Experiment, exp.id)
-                row.pid = handle.pid
-                db.add(row)
+                _update_experiments(db, [{"id": i, "pid": pid} for i, pid in pids])
 
-        if handle.pid is not None:  # remote runners have none: their runs are reaped by experiment id
-            retry_transient(note_pid, what=f"recording #{exp.id}'s pid")
-        return True
+        if pids:
+            retry_transient(note_pids, what=f"recording {len(pids)} pid(s)")
+
+    def _mark_running(self, fill: dict) -> list[tuple]:
+        """_start_many's transaction: returns (experiment, slot, job) per pick. The experiment is the stored
+        row, or for a new proposal its values as attributes (id, kind, description, …): new proposals are
+        inserted with Core statements, as building an ORM object per row cost more than the rest of storing
+        it at fleet scale."""
+        run = fill.get("run") or self.get_run()
+        s = self.settings
+        out = []
+        with session_scope(self.db) as db:
+            invalid = [Experiment(**p.fields) for p in fill["invalid"]]  # rare: they get an event each
+            for exp in invalid:
+                db.add(exp)
+            if invalid:
+                db.flush()  # ids, for the events
+            for exp in invalid:
+                self._book_proposal(db, run, exp, None)
+            fresh = self._insert_running([(p, slot) for p, slot in fill["picks"] if isinstance(p, NewProposal)],
+                                         db, run)
+            ids = [p.id for p, _ in fill["picks"] if not isinstance(p, NewProposal)]
+            stored = {e.id: e for e in db.exec(select(Experiment).where(Experiment.id.in_(ids))).all()} if ids else {}
+            for pick, slot in fill["picks"]:
+                if isinstance(pick, NewProposal):
+                    row, source = fresh[id(pick)], pick.source
+                else:
+                    row = stored[pick.id]
+                    workdir = self._workdir(run, row.id)
+                    seed = row.seed if row.kind in ("baseline", "promotion") else s.seed + row.id
+                    row.status, row.started_at, row.attempts = "running", utcnow(), row.attempts + 1
+                    row.slot, row.host, row.workdir, row.seed = slot.name, slot.host, str(workdir), seed
+                    db.add(row)
+                    source = self.workspace.read_file(row.commit)
+                out.append((row, slot, Job(exp_id=row.id, source=source, workdir=Path(row.workdir),
+                                           data_dir=self.data_dir, budget_s=row.budget_s or run.budget_s,
+                                           seed=row.seed, scale=dict(row.scale_overrides or {}),
+                                           eval_tokens=s.eval_tokens, seq_len=s.seq_len, grace_s=s.grace_s,
+                                           device=s.device)))
+        return out
+
+    def _insert_running(self, picks: list[tuple["NewProposal", Slot]], db: Session, run: Run) -> dict:
+        """Store new proposals as `running` on their slots in the open transaction: one INSERT for all, their
+        commits on side refs (they need the ids), one UPDATE for all. Returns id(proposal) → the row's values
+        as attributes. Raises WorkspaceError when git fails (the transaction is then rolled back)."""
+        if not picks:
+            return {}
+        s, now, table = self.settings, utcnow(), Experiment.__table__
+        values = [column_values(Experiment, **{**p.fields, "status": "running", "started_at": now, "attempts": 1,
+                                               "slot": slot.name, "host": slot.host}) for p, slot in picks]
+        ids = db.execute(insert(table).returning(table.c.id, sort_by_parameter_order=True), values).scalars().all()
+        rows, params = {}, []
+        for (pick, _), exp_id, v in zip(picks, ids, values):
+            row = SimpleNamespace(**v, id=exp_id)
+            row.workdir, row.seed = str(self._workdir(run, exp_id)), s.seed + exp_id  # as for a stored row
+            self._book_proposal(db, run, row, pick.source)
+            params.append({"id": exp_id, "commit": row.commit, "workdir": row.workdir, "seed": row.seed})
+            rows[id(pick)] = row
+        _update_experiments(db, params)
+        return rows
+
+    def _workdir(self, run: Run, exp_id: int) -> Path:
+        """The experiment's own directory: <home>/runs/<run>/exp-NNNNNN."""
+        return self.settings.home / "runs" / run.name / f"exp-{exp_id:06d}"
 
     def _finish(self, exp_id: int, outcome: Optional[Outcome], infra_error: str = "", disk_full: str = "") -> None:
         """Record a result and apply the ratchet rule: decision, ledger and event in one transaction (tried
@@ -646,6 +810,59 @@ class Engine:
         paused with the reason (`disk full: …`) instead of counting against the idea."""
         done = retry_transient(lambda: self._record(exp_id, outcome, infra_error, disk_full),
                                what=f"recording #{exp_id}")
+        self._after_record(exp_id, done)
+        self.on_change()
+
+    def _finish_many(self, items: list[tuple[int, Optional[Outcome]]]) -> None:
+        """_finish for several results, in one transaction (a large fleet finishes many per tick), in the
+        order given: a keep early in the batch is head for the results after it, as if recorded one by one.
+        When the batch fails for a reason other than a lost connection (a bug, bad data), the results are
+        recorded one by one, so one bad result does not hold up the rest; its error is raised after them."""
+        if len(items) == 1:
+            self._finish(*items[0])
+            return
+        try:
+            done = retry_transient(lambda: self._record_many(items), what=f"recording {len(items)} results")
+        except Exception as e:  # noqa: BLE001 - re-raised below when it concerns the database's reach
+            if is_transient(e):
+                raise
+            log.exception("recording %d results together failed; recording them one by one", len(items))
+            first: Optional[Exception] = None
+            for exp_id, outcome in items:
+                try:
+                    self._finish(exp_id, outcome)
+                except Exception as one:  # noqa: BLE001 - the first is raised once every result had its try
+                    first = first or one
+            if first is not None:
+                raise first
+            return
+        for (exp_id, _), d in zip(items, done):
+            self._after_record(exp_id, d)
+        self.on_change()
+
+    def _record_many(self, items: list[tuple[int, Optional[Outcome]]]) -> list:
+        """_finish_many's transaction: _record_in for each item; one query loads their experiments."""
+        with session_scope(self.db) as db:
+            # Held, so they stay in the session's (weak) identity map: each db.get below is then no query, and
+            # no query means no autoflush, so the batch's changes go out together at the commit.
+            rows = db.exec(select(Experiment).where(Experiment.id.in_([i for i, _ in items]))).all()
+            rows += [db.get(Run, self.run_id)]
+            done = [self._record_in(db, exp_id, outcome, "", "") for exp_id, outcome in items]
+            del rows
+            self._written(db, done)
+            return done
+
+    @staticmethod
+    def _written(db: Session, done: list) -> None:
+        """Send a transaction's recorded results to the database (one flush for a batch); the commit follows.
+        The fault point lets the reliability tests kill the process between the two."""
+        db.flush()
+        for d in done:
+            if d is not None:
+                faults.point("decision.before_commit", d[1])
+
+    def _after_record(self, exp_id: int, done) -> None:
+        """What follows a recorded result's commit: counters, then the branch follows the database."""
         if done is None:
             return
         counted, status, keep_move, promoted = done
@@ -662,92 +879,101 @@ class Engine:
                 self.workspace.set_branch(name, new)
         if promoted:
             self.workspace.set_ref(promoted_ref(promoted[0]), promoted[1])
-        self.on_change()
 
     def _record(self, exp_id: int, outcome: Optional[Outcome], infra_error: str, disk_full: str):
-        """_finish's transaction. Returns (counted, status, keep_move, promoted), or None when the experiment
-        is no longer running (its result was recorded by an earlier try). counted: an experiment reached its
-        final status (this one, or the candidate whose last confirmation run this was)."""
+        """_finish's transaction (see _record_in)."""
+        with session_scope(self.db) as db:
+            done = self._record_in(db, exp_id, outcome, infra_error, disk_full)
+            self._written(db, [done])
+            return done
+
+    def _record_in(self, db: Session, exp_id: int, outcome: Optional[Outcome], infra_error: str, disk_full: str):
+        """Record one result in the open transaction `db`. Returns (counted, status, keep_move, promoted), or
+        None when the experiment is no longer running (its result was recorded by an earlier try). counted:
+        an experiment reached its final status (this one, or the candidate whose last confirmation run this
+        was)."""
         keep_move: Optional[tuple[str, str, str]] = None
         promoted: Optional[tuple[str, str]] = None
-        with session_scope(self.db) as db:
-            exp = db.get(Experiment, exp_id)
-            if exp.status != "running":
-                return None
-            run = db.get(Run, exp.run_id)
-            head_before = run.head_val_bpb
-            disk_full = disk_full or disk_full_reason(exp.workdir, outcome, local=(exp.host or "local") == "local")
-            exp.finished_at, exp.pid = utcnow(), None
-            if outcome is not None:
-                r = outcome.result
-                exp.val_bpb, exp.training_seconds, exp.total_seconds = r.val_bpb, r.training_seconds, r.total_seconds
-                exp.peak_memory_mb, exp.mfu_percent, exp.tokens = r.peak_memory_mb, r.mfu_percent, r.tokens
-                exp.steps, exp.params, exp.wall_seconds = r.steps, r.params, outcome.wall_seconds
-                exp.curve = outcome.curve or []
-                exp.log_tail = "\n".join((r.log_tail or [])[-15:] + ["--- log ---"] + outcome.log_tail[-15:]) \
-                    if r.status != "ok" else ""
-                db.add(BudgetLedger(day=self._today(), run_id=run.id, experiment_id=exp.id,
-                                    kind="gpu_seconds", amount=outcome.wall_seconds))
-                infra_error = infra_error or (f"infrastructure failure on {outcome.slot}: {r.error}"
-                                              if outcome.infra_failed else "")
-            if disk_full:
-                exp.status, exp.reason = "queued", f"re-queued: {disk_full}"  # the idea is not at fault
-                self._pause(db, run.id, disk_full)
-            elif infra_error:
-                if exp.attempts < MAX_ATTEMPTS:
-                    exp.status, exp.reason = "queued", infra_error  # never counts against the idea
-                    db.add(events.run_event(run, "infra_failed", f"#{exp.id} re-queued: {infra_error}",
-                                            experiment_id=exp.id))
-                else:
-                    exp.status, exp.reason = "crash", f"{infra_error} (after {exp.attempts} attempts)"
-                    db.add(events.experiment_event(exp, run, head_before))
-            elif outcome.aborted and exp.id in self._pruned:
-                info = self._pruned[exp.id]
-                exp.status, exp.reason, exp.val_bpb = "pruned", info["reason"], None
-                exp.decision = {"pruned": info}
-                db.add(events.experiment_event(exp, run, head_before))
-            elif outcome.aborted and exp.kind == "confirm":
-                exp.status, exp.reason, exp.val_bpb = "queued", f"re-queued: {outcome.aborted}", None  # still owed
-            elif outcome.aborted:
-                exp.status, exp.reason, exp.val_bpb = "aborted", outcome.aborted, None
-                db.add(events.experiment_event(exp, run, head_before))
-            elif outcome.result.status != "ok":
-                exp.status, exp.reason, exp.val_bpb = outcome.result.status, outcome.result.error, None
-                if exp.kind != "confirm":  # a failed confirmation is told in its candidate's discard
-                    db.add(events.experiment_event(exp, run, head_before))
-            elif exp.kind == "baseline":
-                exp.status = "keep"
-                db.add(events.experiment_event(exp, run))
-                self._maybe_measure_noise(db, run)
-            elif exp.kind in ("promotion", "confirm"):
-                exp.status = "keep"  # measured (a confirm run's verdict is its candidate's, set below)
-            elif exp.parent_commit != run.head_commit:
-                self._rebase_or_discard(db, run, exp)
+        exp = db.get(Experiment, exp_id)
+        if exp is None:  # its row was deleted while it trained (by hand): nothing left to record it in
+            log.warning("experiment #%s finished but is no longer in the database; its result is dropped", exp_id)
+            return None
+        if exp.status != "running":
+            return None
+        run = db.get(Run, exp.run_id)
+        head_before = run.head_val_bpb
+        disk_full = disk_full or disk_full_reason(exp.workdir, outcome, local=(exp.host or "local") == "local")
+        exp.finished_at, exp.pid = utcnow(), None
+        if outcome is not None:
+            r = outcome.result
+            exp.val_bpb, exp.training_seconds, exp.total_seconds = r.val_bpb, r.training_seconds, r.total_seconds
+            exp.peak_memory_mb, exp.mfu_percent, exp.tokens = r.peak_memory_mb, r.mfu_percent, r.tokens
+            exp.steps, exp.params, exp.wall_seconds = r.steps, r.params, outcome.wall_seconds
+            exp.curve = outcome.curve or []
+            exp.log_tail = "\n".join((r.log_tail or [])[-15:] + ["--- log ---"] + outcome.log_tail[-15:]) \
+                if r.status != "ok" else ""
+            db.add(BudgetLedger(day=self._today(), run_id=run.id, experiment_id=exp.id,
+                                kind="gpu_seconds", amount=outcome.wall_seconds))
+            infra_error = infra_error or (f"infrastructure failure on {outcome.slot}: {r.error}"
+                                          if outcome.infra_failed else "")
+        if disk_full:
+            exp.status, exp.reason = "queued", f"re-queued: {disk_full}"  # the idea is not at fault
+            self._pause(db, run.id, disk_full)
+        elif infra_error:
+            if exp.attempts < MAX_ATTEMPTS:
+                exp.status, exp.reason = "queued", infra_error  # never counts against the idea
+                db.add(events.run_event(run, "infra_failed", f"#{exp.id} re-queued: {infra_error}",
+                                        experiment_id=exp.id))
             else:
-                d = decide(exp.val_bpb, run.head_val_bpb, run.noise_sigma, min_delta=self.settings.min_delta,
-                           z=self.settings.noise_z)
-                exp.decision, exp.status = d.as_dict(), d.verdict
-                if d.verdict == "keep" and self.settings.confirm_runs:
-                    self._queue_confirmation(db, run, exp)
-                else:
-                    if d.verdict == "keep":
-                        keep_move = self._advance_head(db, run, exp, [exp.val_bpb])
-                    db.add(events.experiment_event(exp, run, head_before))
-            db.add(exp)
-            counted = exp.kind == "experiment" and exp.status in FINAL_STATUSES
-            if exp.kind == "confirm" and exp.status in FINAL_STATUSES:
-                db.flush()
-                resolved = self._resolve_confirmation(db, run, exp)
-                if resolved is not None:
-                    counted, keep_move = True, resolved
-            if exp.kind == "promotion" and exp.status != "queued":
-                db.flush()
-                promoted = self._judge_promotion(db, run, exp.promotion_id)
-            if keep_move and self.settings.auto_promote_every:
-                self._maybe_auto_promote(db, run)
+                exp.status, exp.reason = "crash", f"{infra_error} (after {exp.attempts} attempts)"
+                db.add(events.experiment_event(exp, run, head_before))
+        elif outcome.aborted and exp.id in self._pruned:
+            info = self._pruned[exp.id]
+            exp.status, exp.reason, exp.val_bpb = "pruned", info["reason"], None
+            exp.decision = {"pruned": info}
+            db.add(events.experiment_event(exp, run, head_before))
+        elif outcome.aborted and exp.kind == "confirm":
+            exp.status, exp.reason, exp.val_bpb = "queued", f"re-queued: {outcome.aborted}", None  # still owed
+        elif outcome.aborted:
+            exp.status, exp.reason, exp.val_bpb = "aborted", outcome.aborted, None
+            db.add(events.experiment_event(exp, run, head_before))
+        elif outcome.result.status != "ok":
+            exp.status, exp.reason, exp.val_bpb = outcome.result.status, outcome.result.error, None
+            if exp.kind != "confirm":  # a failed confirmation is told in its candidate's discard
+                db.add(events.experiment_event(exp, run, head_before))
+        elif exp.kind == "baseline":
+            exp.status = "keep"
+            db.add(events.experiment_event(exp, run))
+            self._maybe_measure_noise(db, run)
+        elif exp.kind in ("promotion", "confirm"):
+            exp.status = "keep"  # measured (a confirm run's verdict is its candidate's, set below)
+        elif exp.parent_commit != run.head_commit:
+            self._rebase_or_discard(db, run, exp)
+        else:
+            d = decide(exp.val_bpb, run.head_val_bpb, run.noise_sigma, min_delta=self.settings.min_delta,
+                       z=self.settings.noise_z)
+            exp.decision, exp.status = d.as_dict(), d.verdict
+            if d.verdict == "keep" and self.settings.confirm_runs:
+                self._queue_confirmation(db, run, exp)
+            else:
+                if d.verdict == "keep":
+                    keep_move = self._advance_head(db, run, exp, [exp.val_bpb])
+                db.add(events.experiment_event(exp, run, head_before))
+        db.add(exp)
+        if exp.status == "keep":
+            db.info.pop("commit_bpb", None)  # an accepted run changes its commit's mean
+        counted = exp.kind == "experiment" and exp.status in FINAL_STATUSES
+        if exp.kind == "confirm" and exp.status in FINAL_STATUSES:
             db.flush()
-            faults.point("decision.before_commit", exp.status)
-            return counted, exp.status, keep_move, promoted
+            resolved = self._resolve_confirmation(db, run, exp)
+            if resolved is not None:
+                counted, keep_move = True, resolved
+        if exp.kind == "promotion" and exp.status != "queued":
+            db.flush()
+            promoted = self._judge_promotion(db, run, exp.promotion_id)
+        if keep_move and self.settings.auto_promote_every:
+            self._maybe_auto_promote(db, run)
+        return counted, exp.status, keep_move, promoted
 
     def _advance_head(self, db: Session, run: Run, exp: Experiment, runs: list[float]) -> tuple[str, str, str]:
         """Make `exp` head in the database (val_bpb = the mean of its runs); returns the branch move
@@ -847,11 +1073,17 @@ class Engine:
         return pooled_sigma([base] + [[firsts[c], *vs] for c, vs in groups.items() if c in firsts])
 
     def _commit_bpb(self, db: Session, run: Run, commit: str) -> Optional[float]:
-        """Mean val_bpb of the accepted runs of `commit` (its keep or its baseline repeats)."""
+        """Mean val_bpb of the accepted runs of `commit` (its keep or its baseline repeats). Remembered for the
+        transaction: when head moves on, every result in flight asks about the same parent; a parent's runs
+        are complete before any child of it exists, and the memo is dropped whenever a run is accepted."""
+        memo = db.info.setdefault("commit_bpb", {})
+        if commit in memo:
+            return memo[commit]
         vals = db.exec(select(Experiment.val_bpb).where(Experiment.run_id == run.id, Experiment.commit == commit,
                                                         Experiment.status == "keep")).all()
         vals = [v for v in vals if v is not None]
-        return statistics.fmean(vals) if vals else None
+        memo[commit] = statistics.fmean(vals) if vals else None
+        return memo[commit]
 
     def _rebase_or_discard(self, db: Session, run: Run, exp: Experiment, val_bpb: Optional[float] = None,
                            **extra) -> None:
@@ -897,7 +1129,14 @@ class Engine:
 
     def _expand_promotions(self, run: Run) -> None:
         """Queued promotions get their runs (reference and candidate at the scale, paired seeds); the runs of
-        a cancelled promotion are aborted (killed when training)."""
+        a cancelled promotion are aborted (killed when training). Asked every tick, so one indexed query
+        answers when there is nothing new (a cancelled promotion stays `cancelled`; it is handled once)."""
+        table = Promotion.__table__
+        with self.db.connect() as conn:
+            pending = conn.execute(select(table.c.id).where(
+                table.c.run_id == run.id, table.c.status.in_(("queued", "cancelled")))).scalars().all()
+        if not set(pending) - self._cancels_done:
+            return
         with session_scope(self.db) as db:
             for p in db.exec(select(Promotion).where(Promotion.run_id == run.id, Promotion.status == "queued")).all():
                 for exp in promotion.runs_for(p, seed_base=self.settings.seed):
@@ -917,6 +1156,7 @@ class Engine:
         for exp_id, h in list(self.handles.items()):
             if getattr(h, "kind", "") == "promotion" and getattr(h, "promotion_id", None) in cancelled:
                 h.kill("promotion cancelled")
+        self._cancels_done |= cancelled
 
     def _judge_promotion(self, db: Session, run: Run, promotion_id: int) -> Optional[tuple[str, str]]:
         """When every run of the promotion has ended: the verdict, stored and posted. A transfer advances the

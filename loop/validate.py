@@ -330,12 +330,60 @@ def apply_edits(source: str, edits: Sequence[tuple[str, str]]) -> str:
     return source
 
 
+DIFF_CONTEXT = 3  # lines of context around a change, as git diff and difflib default to
+
+
+class _TrimmedMatcher(difflib.SequenceMatcher):
+    """A SequenceMatcher over whole files that matches only the lines between their common head and tail
+    (difflib's matching is slow on long files, and a one-constant edit leaves all but a line or two in
+    common); get_grouped_opcodes then adds context as difflib.unified_diff does."""
+
+    def __init__(self, a: list[str], b: list[str]):  # noqa: the base __init__ would index all of b
+        self.a, self.b = a, b
+        shorter = min(len(a), len(b))
+        self.head = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), shorter)
+        self.tail = next((i for i, (x, y) in enumerate(zip(reversed(a), reversed(b)))
+                          if x != y or i >= shorter - self.head), shorter - self.head)
+
+    def get_opcodes(self):
+        h, la, lb = self.head, len(self.a) - self.tail, len(self.b) - self.tail
+        middle = difflib.SequenceMatcher(None, self.a[h:la], self.b[h:lb]).get_opcodes() if h < max(la, lb) else []
+        ops = [("equal", 0, h, 0, h)] if h else []
+        ops += [(tag, i1 + h, i2 + h, j1 + h, j2 + h) for tag, i1, i2, j1, j2 in middle if i2 > i1 or j2 > j1]
+        if self.tail:
+            ops.append(("equal", la, len(self.a), lb, len(self.b)))
+        merged = []  # neighbouring equal blocks as one, as difflib gives them
+        for op in ops:
+            if merged and op[0] == "equal" == merged[-1][0]:
+                merged[-1] = ("equal", merged[-1][1], op[2], merged[-1][3], op[4])
+            else:
+                merged.append(op)
+        return merged or [("equal", 0, 0, 0, 0)]
+
+
+def _unified_lines(a: list[str], b: list[str], n: int = DIFF_CONTEXT) -> list[str]:
+    """difflib.unified_diff(a, b, "a/train.py", "b/train.py", n=n) as a list, with _TrimmedMatcher's matching."""
+    out: list[str] = []
+    for group in _TrimmedMatcher(a, b).get_grouped_opcodes(n):
+        if not out:
+            out += ["--- a/train.py\n", "+++ b/train.py\n"]
+        first, last = group[0], group[-1]
+        out.append(f"@@ -{difflib._format_range_unified(first[1], last[2])} "
+                   f"+{difflib._format_range_unified(first[3], last[4])} @@\n")
+        for tag, i1, i2, j1, j2 in group:
+            if tag == "equal":
+                out += [" " + line for line in a[i1:i2]]
+                continue
+            if tag in ("replace", "delete"):
+                out += ["-" + line for line in a[i1:i2]]
+            if tag in ("replace", "insert"):
+                out += ["+" + line for line in b[j1:j2]]
+    return out
+
+
 def unified_diff(old_source: str, new_source: str) -> tuple[str, int]:
     """Unified diff old → new as (text, number of added + removed lines), git-style paths."""
-    lines = list(difflib.unified_diff(
-        old_source.splitlines(keepends=True), new_source.splitlines(keepends=True),
-        "a/train.py", "b/train.py",
-    ))
+    lines = _unified_lines(old_source.splitlines(keepends=True), new_source.splitlines(keepends=True))
     body = lines[2:]  # the two header lines are not changes, even if a body line starts "---"
     changed = sum(1 for line in body if line[:1] in "+-")
     # A last line without "\n" would run into the next diff line.

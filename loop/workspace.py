@@ -32,6 +32,15 @@ _RUN_NAME = re.compile(r"[A-Za-z0-9._-]+")
 _SHA = re.compile(r"[0-9a-f]{40}")
 
 
+def _config_has(cfg, section: bytes, key: bytes) -> bool:
+    """Whether a dulwich config sets `section.key`."""
+    try:
+        cfg.get((section,), key)
+    except KeyError:
+        return False
+    return True
+
+
 def _close_repo(ref) -> None:
     ws = ref()
     if ws is not None:
@@ -79,6 +88,7 @@ class Workspace:
     def __init__(self, path: Path):
         self.path = Path(path)
         self._read_cache: dict[tuple[str, str], str] = {}
+        self._tree_cache: dict[str, list] = {}  # full commit sha → its tree's entries (commit_experiment)
         self._repo = None  # dulwich.repo.Repo, opened on first use
         self._repo_lock = threading.Lock()
 
@@ -88,6 +98,11 @@ class Workspace:
             from dulwich.repo import Repo
 
             self._repo = Repo(str(self.path))
+            if not any(_config_has(self._repo.get_config(), b"core", key) for key in (b"compression",
+                                                                                         b"looseCompression")):
+                # git writes loose objects at zlib level 1 (core.looseCompression's default); dulwich at 6,
+                # which costs a fleet's engine a fifth of each experiment's commit.
+                self._repo.object_store.loose_compression_level = 1
             atexit.register(_close_repo, weakref.ref(self))
         return self._repo
 
@@ -250,14 +265,19 @@ class Workspace:
         who = f"{IDENTITY['GIT_COMMITTER_NAME']} <{IDENTITY['GIT_COMMITTER_EMAIL']}>".encode()
         with self._repo_lock:
             repo = self._dulwich()
-            try:
-                parent_tree = repo[repo[parent.encode()].tree]
-            except (KeyError, AttributeError, ValueError) as e:
-                raise WorkspaceError(f"commit {parent[:12]} not found") from e
+            entries = self._tree_cache.get(parent)
+            if entries is None:  # a commit's tree never changes; a fleet commits thousands of children of head
+                try:
+                    entries = list(repo[repo[parent.encode()].tree].items())
+                except (KeyError, AttributeError, ValueError) as e:
+                    raise WorkspaceError(f"commit {parent[:12]} not found") from e
+                if len(self._tree_cache) >= 64:
+                    self._tree_cache.pop(next(iter(self._tree_cache)))
+                self._tree_cache[parent] = entries
             blob = Blob.from_string(source.encode("utf-8"))
             tree = Tree()
             mode = 0o100644
-            for entry in parent_tree.items():
+            for entry in entries:
                 if entry.path == path.encode():
                     mode = entry.mode if entry.mode in (0o100644, 0o100755) else 0o100644
                 else:

@@ -59,3 +59,34 @@ def test_sqlite_uses_wal(tmp_path):
     eng = make_engine(f"sqlite:///{tmp_path / 'r.db'}")
     with eng.connect() as conn:
         assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+
+
+def test_rows_inserted_with_core_statements_get_the_models_defaults(db_url):
+    # The engine stores a fleet's new proposals with one INSERT (column_values) instead of ORM objects: the rows
+    # must read back as the ORM would have stored them, ids in the order given, on SQLite and PostgreSQL.
+    from sqlalchemy import insert
+
+    from db.models import column_values
+
+    eng = make_engine(db_url)
+    create_tables(eng)
+    table = Experiment.__table__
+    with session_scope(eng) as db:
+        run = _run()
+        db.add(run)
+        db.flush()
+        orm = Experiment(run_id=run.id, description="by the ORM")
+        db.add(orm)
+        values = [column_values(Experiment, run_id=run.id, description=f"core {i}") for i in range(3)]
+        assert values[0]["usage"] is not values[1]["usage"]  # a fresh default per row, never a shared one
+        ids = db.execute(insert(table).returning(table.c.id, sort_by_parameter_order=True), values).scalars().all()
+    with Session(eng) as db:
+        rows = {e.id: e for e in db.exec(select(Experiment)).all()}
+    assert [rows[i].description for i in ids] == ["core 0", "core 1", "core 2"]
+    skip = {"id", "description", "created_at"}
+    as_orm = {c.name: getattr(rows[orm.id], c.name) for c in table.c if c.name not in skip}
+    for i in ids:
+        assert {c.name: getattr(rows[i], c.name) for c in table.c if c.name not in skip} == as_orm
+        assert rows[i].created_at is not None
+    with pytest.raises(KeyError, match="no column 'nonsense'"):
+        column_values(Experiment, nonsense=1)

@@ -40,6 +40,14 @@ def tick_until(eng, cond, timeout=180):
     raise AssertionError("timed out waiting for the engine")
 
 
+def wait_until(cond, timeout=120):
+    t0 = time.time()
+    while not cond():
+        if time.time() - t0 > timeout:
+            raise AssertionError("timed out waiting")
+        time.sleep(0.1)
+
+
 def rows(db, model=Experiment):
     with Session(db) as s:
         return s.exec(select(model).order_by(model.id)).all()
@@ -63,7 +71,7 @@ class FixedProposer:
 
 def test_baseline_then_experiments_with_the_ratchet_rule(tmp_path, data_dir, tiny_workspace):
     eng, db = make_engine_for(tmp_path, data_dir, tiny_workspace, max_experiments=3)
-    tick_until(eng, lambda: eng.reached_max() and not eng.handles)
+    tick_until(eng, lambda: eng.finished())
     exps = rows(db)
     base = [e for e in exps if e.kind == "baseline"]
     search = [e for e in exps if e.kind == "experiment"]
@@ -94,7 +102,7 @@ def test_invalid_and_crashing_proposals(tmp_path, data_dir, tiny_workspace):
         lambda src: src.replace("LR = 0.02", "LR = 0.03"),
     ])
     eng, db = make_engine_for(tmp_path, data_dir, tiny_workspace, proposer=proposer, max_experiments=3)
-    tick_until(eng, lambda: eng.reached_max() and not eng.handles)
+    tick_until(eng, lambda: eng.finished())
     search = [e for e in rows(db) if e.kind == "experiment"]
     assert [e.status for e in search[:2]] == ["invalid", "crash"]
     assert "`os` import" in search[0].reason and search[0].commit == "" and search[0].started_at is None
@@ -165,7 +173,7 @@ def test_next_proposal_is_prepared_while_the_slot_trains(tmp_path, data_dir, tin
 
     proposer = Recording(f"sqlite:///{tmp_path / 'r.db'}")
     eng, db = make_engine_for(tmp_path, data_dir, tiny_workspace, proposer=proposer, max_experiments=3)
-    tick_until(eng, lambda: eng.reached_max() and not eng.handles)
+    tick_until(eng, lambda: eng.finished())
     assert len(proposer.busy) >= 3 and sum(proposer.busy) >= 2  # all but the first were made during training
 
 
@@ -183,7 +191,7 @@ def test_merge_text_moves_a_change_onto_a_new_head(tiny_workspace):
 def test_pruning_stops_a_deliberately_bad_run_early(tmp_path, data_dir, tiny_workspace):
     proposer = FixedProposer([lambda src: src.replace("LR = 0.02", "LR = 0.0")])  # never learns
     eng, db = make_engine_for(tmp_path, data_dir, tiny_workspace, proposer=proposer, budget_s=6.0, max_experiments=1)
-    tick_until(eng, lambda: eng.reached_max() and not eng.handles)
+    tick_until(eng, lambda: eng.finished())
     exp = [e for e in rows(db) if e.kind == "experiment"][0]
     assert exp.status == "pruned" and exp.reason.startswith("pruned at")
     info = exp.decision["pruned"]
@@ -218,7 +226,14 @@ def test_two_slots_finishing_on_the_same_parent_one_kept_one_rebased(tmp_path, d
     create_tables(db)
     eng = Engine(settings, db, ws, LocalRunner("cpu", cpu_slots=2), proposer, data_dir, max_experiments=3)
     eng.setup()
-    tick_until(eng, lambda: eng.reached_max() and not eng.handles, timeout=300)
+    # Both changes train together; both results are in before the next tick, so that tick records them as
+    # one batch (one transaction), in which the first keep makes the second's parent stale.
+    tick_until(eng, lambda: [getattr(h, "kind", "") for h in eng.handles.values()].count("experiment") == 2,
+               timeout=300)
+    wait_until(lambda: all(h.done() for h in eng.handles.values()))
+    eng.tick()
+    assert sorted(e.status for e in rows(db) if e.kind == "experiment")[:2] == ["discard", "keep"]
+    tick_until(eng, lambda: eng.finished(), timeout=300)
     search = [e for e in rows(db) if e.kind == "experiment"]
     first, second, confirm = search
     assert first.parent_commit == second.parent_commit  # both trained against the same head
@@ -255,7 +270,7 @@ def test_a_run_with_too_few_steps_is_never_pruned(tmp_path, data_dir, tiny_works
         "import torch\n", "import time\nimport torch\n", 1)
     eng, db = make_engine_for(tmp_path, data_dir, tiny_workspace, proposer=FixedProposer([slow_bad]), budget_s=5.0,
                               max_experiments=1)
-    tick_until(eng, lambda: eng.reached_max() and not eng.handles)
+    tick_until(eng, lambda: eng.finished())
     exp = [e for e in rows(db) if e.kind == "experiment"][0]
     assert exp.steps < PRUNE_MIN_STEPS and exp.status in ("discard", "keep")  # judged on its result, not pruned
 
@@ -329,3 +344,55 @@ def test_a_passing_change_is_confirmed_before_it_becomes_head(tmp_path, data_dir
 
     shown = format_experiment(kept)
     assert f"runs: {runs[0]:.4f}, {runs[1]:.4f} (the rule judged their mean); first run alone: keep" in shown
+
+
+def test_a_result_whose_row_was_deleted_does_not_hold_up_the_others(tmp_path, data_dir, tiny_workspace):
+    """Two baseline repeats finish in the same tick (one batch); one's row was deleted by hand while it
+    trained. The other is recorded, both slots are freed, and the engine goes on (it queues a new repeat)."""
+    eng, db = make_engine_for(tmp_path, data_dir, tiny_workspace)
+    eng.runner = LocalRunner("cpu", cpu_slots=2)
+    tick_until(eng, lambda: len(eng.handles) == 2)
+    wait_until(lambda: all(h.done() for h in eng.handles.values()))
+    gone, kept = sorted(eng.handles)
+    with Session(db) as s:
+        s.delete(s.get(Experiment, gone))
+        s.commit()
+    eng.tick()
+    assert gone not in eng.handles and kept not in eng.handles
+    by_id = {e.id: e for e in rows(db)}
+    assert gone not in by_id and by_id[kept].status == "keep" and by_id[kept].val_bpb is not None
+    tick_until(eng, lambda: rows(db, Run)[0].noise_sigma is not None)  # a third repeat replaced the lost one
+    assert len([e for e in rows(db) if e.kind == "baseline" and e.status == "keep"]) == 2
+
+
+def test_a_bounded_run_is_not_finished_while_its_last_experiment_starts(tmp_path, data_dir, tiny_workspace):
+    """`ratchet serve --max-experiments N` stops when finished() says so, asked from another thread. A round
+    counts its picks towards the limit before they are in `handles`; a look between the two (the runner
+    still starting the last experiment) must wait for the round, or the run ends with it left `running`."""
+    import threading
+
+    eng, db = make_engine_for(tmp_path, data_dir, tiny_workspace, max_experiments=1)
+    gate, entered, answer = threading.Event(), threading.Event(), []
+    start = eng.runner.start
+
+    def slow_start(job, slot, on_done):  # the real runner; for the experiment, once the test lets it
+        if next(e.kind for e in rows(db) if e.id == job.exp_id) == "experiment":
+            entered.set()
+            gate.wait(60)
+        return start(job, slot, on_done)
+
+    eng.runner.start = slow_start
+    ticking = threading.Thread(target=lambda: tick_until(eng, entered.is_set))  # baseline repeats, then the round
+    ticking.start()
+    assert entered.wait(180)
+    assert [e.status for e in rows(db) if e.kind == "experiment"] == ["running"]  # marked, not yet handed over
+    asking = threading.Thread(target=lambda: answer.append(eng.finished()))
+    asking.start()
+    asking.join(0.5)
+    assert not answer  # it waits for the round instead of answering True
+    gate.set()
+    ticking.join(60)
+    asking.join(60)
+    assert answer == [False] and len(eng.handles) == 1
+    tick_until(eng, lambda: eng.finished())
+    assert [e.status for e in rows(db) if e.kind == "experiment"][0] in ("keep", "discard", "crash")

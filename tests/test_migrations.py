@@ -166,6 +166,11 @@ def test_downgrade_upgrade_round_trip_with_data(db_url):
         s.get(Run, 1).promoted_commit = "b" * 40
     with session_scope(eng) as s:  # a confirm run and its candidate: the column 0003 adds
         s.add(Experiment(run_id=1, kind="confirm", confirms_id=1, status="keep", val_bpb=2.1))
+    indexes = {i["name"] for i in inspect(eng).get_indexes("experiments")}
+    assert {"ix_experiments_run_id_ast_hash", "ix_experiments_run_id_status"} <= indexes  # 0004's
+    assert migrate.downgrade(eng, "-1") == "0003"
+    assert not {"ix_experiments_run_id_ast_hash", "ix_experiments_run_id_status"} & {
+        i["name"] for i in inspect(eng).get_indexes("experiments")}
     assert migrate.downgrade(eng, "-1") == "0002"
     assert "confirms_id" not in {c["name"] for c in inspect(eng).get_columns("experiments")}
     assert migrate.downgrade(eng, FIRST) == FIRST

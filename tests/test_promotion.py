@@ -51,7 +51,7 @@ def promotion_engine(tmp_path, data_dir, baseline_src):
     proposer = FixedProposer([lambda src: src.replace("LR = 0.001", "LR = 0.02")])
     eng = Engine(settings, db, ws, LocalRunner("cpu"), proposer, data_dir, max_experiments=1)
     eng.setup()
-    tick_until(eng, lambda: eng.reached_max() and not eng.handles)
+    tick_until(eng, lambda: eng.finished())
     return eng, db, ws
 
 

@@ -531,3 +531,46 @@ def test_a_wrong_piece_would_be_caught(monkeypatch):
                         {line: k + 1 for line, k in real.slots.items()})
     monkeypatch.setattr(v, "_pieces", lambda _source: shifted)
     assert v._spliced_hash(TRAIN_PY, new) != _slow_hash(new)
+
+
+def _git_apply(tmp_path, old: str, new: str, diff: str) -> str:
+    """Apply `diff` to a file holding `old` with git apply (strict about context) and return the result."""
+    import subprocess
+
+    (tmp_path / "train.py").write_text(old)
+    (tmp_path / "p.diff").write_text(diff)
+    r = subprocess.run(["git", "apply", "p.diff"], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return (tmp_path / "train.py").read_text()
+
+
+def test_the_diff_of_a_long_file_keeps_its_context_and_line_numbers(tmp_path):
+    """unified_diff matches only the lines between the common head and tail (speed): the hunk still has
+    three lines of context each side, git's line numbers, and applies with git apply."""
+    from loop.validate import unified_diff
+
+    old = TRAIN_PY + "".join(f"KNOB_{i:03d} = 1.0\n" for i in range(300))
+    new = old.replace("KNOB_150 = 1.0", "KNOB_150 = 2.0")
+    diff, changed = unified_diff(old, new)
+    line = old.splitlines().index("KNOB_150 = 1.0") + 1
+    assert changed == 2
+    assert f"@@ -{line - 3},7 +{line - 3},7 @@" in diff
+    assert " KNOB_147 = 1.0\n" in diff and " KNOB_153 = 1.0\n" in diff and "KNOB_146" not in diff
+    assert _git_apply(tmp_path, old, new, diff) == new
+
+
+@pytest.mark.parametrize("old, new", [
+    # a deletion inside a run of equal lines, and one at each end of the file
+    ("a\nb\nx\nx\nx\nx\nc\nd\n", "a\nb\nx\nx\nx\nc\nd\n"),
+    ("x\nx\nx\na\n", "x\nx\na\n"),
+    ("a\nx\nx\nx\n", "a\nx\nx\n"),
+    # several hunks, an insertion at the start, no newline at the end
+    ("".join(f"l{i}\n" for i in range(40)), "new\n" + "".join(f"l{i}\n" for i in range(40) if i != 20) + "end"),
+    ("", "a\n"),
+    ("a\n", ""),
+])
+def test_the_diff_applies_where_lines_repeat_or_changes_touch_the_ends(tmp_path, old, new):
+    from loop.validate import unified_diff
+
+    diff, _ = unified_diff(old, new)
+    assert _git_apply(tmp_path, old, new, diff) == new

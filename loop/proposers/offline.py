@@ -26,6 +26,7 @@ UNIT_TOKENS = frozenset({"FRAC", "FRACTION", "RATIO", "DROPOUT", "PROB"})
 
 # Chance of following up a direction that was kept before (see OfflineProposer.propose).
 FOLLOW_UP_PROB = 0.5
+REJECTION_TRIES = 32  # uniform draws before the untried candidates are listed (see OfflineProposer._choose)
 
 _NAME_RE = re.compile(r"^[A-Z][A-Z0-9_]*$")
 _OPTIONS_RE = re.compile(r"one of:(.*)", re.IGNORECASE)
@@ -62,8 +63,8 @@ class Mutation:
     new_text: str
     direction: int
 
-    @property
-    def edit_key(self) -> str:
+    @functools.cached_property
+    def edit_key(self) -> str:  # cached: a large fleet filters thousands of candidates per proposal
         return f"{self.constant.name}={self.new_text}"
 
     @property
@@ -92,6 +93,22 @@ class OfflineProposer:
         self.device = device
         self.factors = tuple(factors)
         self._rng = random.Random(seed)
+        # (history list, parent, entries read, tried edit keys, net kept directions): see _read
+        self._seen: tuple = (None, "", 0, set(), {})
+        self._follow: tuple = (None, (), [])  # (candidates, kept directions, follow-up candidates): see _choose
+
+    def _read(self, parent: str, history: Sequence[TriedEdit]) -> tuple[set[str], dict[str, int]]:
+        """(edit keys tried from `parent`, kept_directions(history)). The engine appends to one history list
+        while it fills a fleet's slots (thousands of entries), so a list seen before is read only from where
+        it was left."""
+        seen_list, seen_parent, n, tried, net = self._seen
+        if seen_list is not history or seen_parent != parent or len(history) < n:
+            n, tried, net = 0, set(), {}
+        new = history[n:]
+        tried.update(t.edit_key for t in new if t.parent == parent)
+        _add_kept(new, net)
+        self._seen = (history, parent, len(history), tried, net)  # holding the list keeps `is` meaningful
+        return tried, _directions(net)
 
     def propose(self, head_source: str, parent: str, history: Sequence[TriedEdit],
                 state: ResearchState | None = None) -> Proposal:
@@ -106,15 +123,11 @@ class OfflineProposer:
             every = _all_candidates(head_source, self.device, self.factors)
         except SyntaxError as exc:
             raise ProposalError(f"head train.py does not parse: line {exc.lineno}: {exc.msg}") from exc
-        tried = {t.edit_key for t in history if t.parent == parent}
-        candidates = [m for m in every if m.edit_key not in tried]
-        if not candidates:
+        tried, kept = self._read(parent, history)
+        mutation = self._choose(every, _edit_keys(head_source, self.device, self.factors), tried, kept)
+        if mutation is None:
             raise ProposalExhausted(
                 f"no untried offline edit left from {parent[:12]} ({len(tried)} edits tried there)")
-        kept = kept_directions(history)
-        follow_ups = [m for m in candidates if m.direction and kept.get(m.constant.name) == m.direction]
-        pool = follow_ups if follow_ups and self._rng.random() < FOLLOW_UP_PROB else candidates
-        mutation = self._rng.choice(pool)
         return Proposal(
             source=apply_mutation(head_source, mutation),
             description=mutation.description,
@@ -122,6 +135,28 @@ class OfflineProposer:
             proposer=self.name,
             edit_key=mutation.edit_key,
         )
+
+    def _choose(self, every: tuple[Mutation, ...], keys: tuple[str, ...], tried: set[str],
+                kept: dict[str, int]) -> Mutation | None:
+        """The next mutation (see propose), or None when every candidate was tried.
+
+        A large fleet proposes thousands of times on one head from thousands of candidates, so the untried
+        ones are not listed while most are untried: drawing uniformly from all and skipping tried ones (up to
+        REJECTION_TRIES draws) is a uniform draw from the untried ones."""
+        if kept:
+            if self._follow[0] is not every or self._follow[1] != tuple(kept.items()):
+                follow = [m for m in every if m.direction and kept.get(m.constant.name) == m.direction]
+                self._follow = (every, tuple(kept.items()), follow)
+            follow_ups = [m for m in self._follow[2] if m.edit_key not in tried]
+            if follow_ups and self._rng.random() < FOLLOW_UP_PROB:
+                return self._rng.choice(follow_ups)
+        if 2 * len(tried) < len(every):
+            for _ in range(REJECTION_TRIES):
+                i = self._rng.randrange(len(every))
+                if keys[i] not in tried:
+                    return every[i]
+        candidates = [m for m, key in zip(every, keys) if key not in tried]
+        return self._rng.choice(candidates) if candidates else None
 
 
 @functools.lru_cache(maxsize=16)
@@ -134,6 +169,13 @@ def _all_candidates(source: str, device: str, factors: tuple[float, ...]) -> tup
     constants = read_constants(source)
     preset = preset_suffix(constants, device)
     return tuple(m for c in constants if _mutable(c, preset) for m in candidate_mutations(c, factors))
+
+
+@functools.lru_cache(maxsize=16)
+def _edit_keys(source: str, device: str, factors: tuple[float, ...]) -> tuple[str, ...]:
+    """The edit keys of _all_candidates(source, device, factors), in its order (cached with the same key:
+    a tuple of thousands of mutations would be hashed on every call)."""
+    return tuple(m.edit_key for m in _all_candidates(source, device, factors))
 
 
 def preset_suffix(constants: Sequence[Constant], device: str) -> str:
@@ -323,6 +365,12 @@ def kept_directions(history: Sequence[TriedEdit]) -> dict[str, int]:
     Reads descriptions written by this proposer ("NAME old → new"); others are ignored.
     """
     net: dict[str, int] = {}
+    _add_kept(history, net)
+    return _directions(net)
+
+
+def _add_kept(history: Sequence[TriedEdit], net: dict[str, int]) -> None:
+    """Add the kept numeric edits of `history` to `net` (constant name → kept ups minus kept downs)."""
     for tried in history:
         if tried.status != "keep":
             continue
@@ -335,6 +383,9 @@ def kept_directions(history: Sequence[TriedEdit]) -> dict[str, int]:
             continue
         if _is_number(old) and _is_number(new) and old != new:
             net[match["name"]] = net.get(match["name"], 0) + (1 if new > old else -1)
+
+
+def _directions(net: dict[str, int]) -> dict[str, int]:
     return {name: (1 if n > 0 else -1) for name, n in net.items() if n}
 
 
