@@ -21,8 +21,9 @@ from typing import Callable, Optional
 from sqlalchemy import bindparam, insert, or_, update
 from sqlmodel import Session, select
 
-from db.models import FINAL_STATUSES, BudgetLedger, Experiment, Hint, Host, Promotion, Run, column_values, utcnow
-from db.session import is_transient, retry_transient, session_scope
+from db.models import (FINAL_STATUSES, BudgetLedger, Event, Experiment, Hint, Host, Promotion, Run, column_values,
+                       utcnow)
+from db.session import add_row, insert_queued, is_transient, retry_transient, session_scope
 from loop import budget, events, faults, promotion
 from loop.config import Settings
 from loop.proposers.base import (ProposalAuthError, ProposalError, ProposalExhausted, ProposalRejected, Proposer,
@@ -856,6 +857,7 @@ class Engine:
     def _written(db: Session, done: list) -> None:
         """Send a transaction's recorded results to the database (one flush for a batch); the commit follows.
         The fault point lets the reliability tests kill the process between the two."""
+        insert_queued(db)  # the events and ledger rows (add_row), also when no ORM row changed
         db.flush()
         for d in done:
             if d is not None:
@@ -912,8 +914,8 @@ class Engine:
             exp.curve = outcome.curve or []
             exp.log_tail = "\n".join((r.log_tail or [])[-15:] + ["--- log ---"] + outcome.log_tail[-15:]) \
                 if r.status != "ok" else ""
-            db.add(BudgetLedger(day=self._today(), run_id=run.id, experiment_id=exp.id,
-                                kind="gpu_seconds", amount=outcome.wall_seconds))
+            add_row(db, BudgetLedger, day=self._today(), run_id=run.id, experiment_id=exp.id,
+                    kind="gpu_seconds", amount=outcome.wall_seconds)
             infra_error = infra_error or (f"infrastructure failure on {outcome.slot}: {r.error}"
                                           if outcome.infra_failed else "")
         if disk_full:
@@ -922,28 +924,28 @@ class Engine:
         elif infra_error:
             if exp.attempts < MAX_ATTEMPTS:
                 exp.status, exp.reason = "queued", infra_error  # never counts against the idea
-                db.add(events.run_event(run, "infra_failed", f"#{exp.id} re-queued: {infra_error}",
-                                        experiment_id=exp.id))
+                add_row(db, Event, **events.run_event_fields(run, "infra_failed", f"#{exp.id} re-queued: {infra_error}",
+                                                             experiment_id=exp.id))
             else:
                 exp.status, exp.reason = "crash", f"{infra_error} (after {exp.attempts} attempts)"
-                db.add(events.experiment_event(exp, run, head_before))
+                add_row(db, Event, **events.experiment_event_fields(exp, run, head_before))
         elif outcome.aborted and exp.id in self._pruned:
             info = self._pruned[exp.id]
             exp.status, exp.reason, exp.val_bpb = "pruned", info["reason"], None
             exp.decision = {"pruned": info}
-            db.add(events.experiment_event(exp, run, head_before))
+            add_row(db, Event, **events.experiment_event_fields(exp, run, head_before))
         elif outcome.aborted and exp.kind == "confirm":
             exp.status, exp.reason, exp.val_bpb = "queued", f"re-queued: {outcome.aborted}", None  # still owed
         elif outcome.aborted:
             exp.status, exp.reason, exp.val_bpb = "aborted", outcome.aborted, None
-            db.add(events.experiment_event(exp, run, head_before))
+            add_row(db, Event, **events.experiment_event_fields(exp, run, head_before))
         elif outcome.result.status != "ok":
             exp.status, exp.reason, exp.val_bpb = outcome.result.status, outcome.result.error, None
             if exp.kind != "confirm":  # a failed confirmation is told in its candidate's discard
-                db.add(events.experiment_event(exp, run, head_before))
+                add_row(db, Event, **events.experiment_event_fields(exp, run, head_before))
         elif exp.kind == "baseline":
             exp.status = "keep"
-            db.add(events.experiment_event(exp, run))
+            add_row(db, Event, **events.experiment_event_fields(exp, run))
             self._maybe_measure_noise(db, run)
         elif exp.kind in ("promotion", "confirm"):
             exp.status = "keep"  # measured (a confirm run's verdict is its candidate's, set below)
@@ -958,7 +960,7 @@ class Engine:
             else:
                 if d.verdict == "keep":
                     keep_move = self._advance_head(db, run, exp, [exp.val_bpb])
-                db.add(events.experiment_event(exp, run, head_before))
+                add_row(db, Event, **events.experiment_event_fields(exp, run, head_before))
         db.add(exp)
         if exp.status == "keep":
             db.info.pop("commit_bpb", None)  # an accepted run changes its commit's mean
@@ -1002,13 +1004,12 @@ class Engine:
         db.flush()
         d = exp.decision
         ids = ", ".join(f"#{r.id}" for r in rows)
-        ev = events.run_event(run, "confirming", f"#{exp.id} {exp.description or exp.edit_key}: val_bpb "
+        ev = events.run_event_fields(run, "confirming", f"#{exp.id} {exp.description or exp.edit_key}: val_bpb "
                               f"{exp.val_bpb:.4f} vs head {d['head_val_bpb']:.4f} ({d['delta']:+.4f}) passes; "
                               f"re-training it with {len(rows)} new seed{'s' if len(rows) > 1 else ''} ({ids}) "
                               "before it becomes head", val_bpb=exp.val_bpb, head_val_bpb=d["head_val_bpb"],
                               confirm_ids=[r.id for r in rows], description=exp.description)
-        ev.experiment_id = exp.id
-        db.add(ev)
+        add_row(db, Event, **ev, experiment_id=exp.id)
 
     def _resolve_confirmation(self, db: Session, run: Run, confirm: Experiment) -> Optional[tuple]:
         """After a confirm run is recorded: once its candidate's confirmation runs are all in (or one failed),
@@ -1030,7 +1031,7 @@ class Engine:
             cand.status = "discard"
             cand.reason = f"its confirmation run #{failed.id} {failed.status}: {failed.reason}"
             cand.decision = {**first, "verdict": "discard", "first_run": first, "confirm_failed": failed.id}
-            db.add(events.experiment_event(cand, run, head_before))
+            add_row(db, Event, **events.experiment_event_fields(cand, run, head_before))
         else:
             runs = [cand.val_bpb] + [r.val_bpb for r in rows]
             mean = statistics.fmean(runs)
@@ -1048,7 +1049,7 @@ class Engine:
                 else:
                     cand.reason = (f"did not hold up: {len(runs)} runs average {mean:.4f} vs head "
                                    f"{run.head_val_bpb:.4f} (first run {cand.val_bpb:.4f})")
-                db.add(events.experiment_event(cand, run, head_before))
+                add_row(db, Event, **events.experiment_event_fields(cand, run, head_before))
         for r in rows:
             if r.status == "queued":  # a sibling run no longer needed
                 r.status, r.reason = "aborted", f"#{cand.id} was discarded"
@@ -1100,7 +1101,7 @@ class Engine:
         exp.status = "discard"
         if d.verdict != "keep":
             exp.reason = f"head moved on while it trained, and it did not beat its parent ({d.delta:+.4f})"
-            db.add(events.experiment_event(exp, run, parent_bpb))
+            add_row(db, Event, **events.experiment_event_fields(exp, run, parent_bpb))
             return
         head_src = self.workspace.read_file(run.head_commit)
         merged = self.workspace.merge_text(self.workspace.read_file(exp.parent_commit), head_src,
@@ -1110,7 +1111,7 @@ class Engine:
         if verdict is None or not verdict.ok:
             why = "does not apply to the new head" if verdict is None else f"rebased change is invalid: {verdict.reason}"
             exp.reason = f"beat its parent ({d.delta:+.4f}) but {why}"
-            db.add(events.experiment_event(exp, run, parent_bpb))
+            add_row(db, Event, **events.experiment_event_fields(exp, run, parent_bpb))
             return
         confirm = Experiment(run_id=run.id, kind="experiment", parent_commit=run.head_commit, proposer=exp.proposer,
                              description=f"{exp.description} (rebased, confirms #{exp.id})",
@@ -1122,8 +1123,9 @@ class Engine:
                                                           f"exp {confirm.id}: rebase of #{exp.id}")
         db.add(confirm)
         exp.reason = f"beat its parent ({d.delta:+.4f}) while head moved on: rebased as #{confirm.id} to confirm"
-        db.add(events.run_event(run, "rebased", f"#{exp.id} {exp.description}: beat its parent, rebased onto head "
-                                f"as #{confirm.id} to confirm", experiment_id=exp.id, confirm_id=confirm.id))
+        add_row(db, Event, **events.run_event_fields(run, "rebased", f"#{exp.id} {exp.description}: beat its parent, "
+                                                     f"rebased onto head as #{confirm.id} to confirm",
+                                                     experiment_id=exp.id, confirm_id=confirm.id))
 
     # ---- promotion ----
 

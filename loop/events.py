@@ -1,6 +1,8 @@
 """Outbox events: the one-line text and payload for each thing the loop has to say.
 
-Builds rows only; the caller adds them in the same transaction as the change they report.
+Builds rows only; the caller adds them in the same transaction as the change they report: as Event objects
+(experiment_event, run_event) or, on the engine's hot path, as column values for db.session.add_row
+(experiment_event_fields, run_event_fields).
 """
 
 from __future__ import annotations
@@ -17,6 +19,11 @@ def _bpb(v) -> str:
 def experiment_event(exp: Experiment, run: Run, head_before: float | None = None) -> Event:
     """The event for a finished experiment: kept / discarded / crashed / timeout / invalid / aborted / baseline.
     A confirmed change's val_bpb is the mean of its runs (payload and text); `first_run_val_bpb` its first."""
+    return Event(**experiment_event_fields(exp, run, head_before))
+
+
+def experiment_event_fields(exp: Experiment, run: Run, head_before: float | None = None) -> dict:
+    """experiment_event's columns as a dict (run_id, experiment_id, kind, text, payload)."""
     what = exp.description or exp.edit_key or f"experiment {exp.id}"
     # a confirmed change is judged on the mean of its runs (decision["runs"]); its own val_bpb is the first
     runs = (exp.decision or {}).get("runs") or []
@@ -55,9 +62,14 @@ def experiment_event(exp: Experiment, run: Run, head_before: float | None = None
     else:
         kind = exp.status
         text = f"{exp.status} #{exp.id} {what}: {exp.reason}"
-    return Event(run_id=run.id, experiment_id=exp.id, kind=kind, text=text, payload=payload)
+    return {"run_id": run.id, "experiment_id": exp.id, "kind": kind, "text": text, "payload": payload}
 
 
 def run_event(run: Run, kind: str, text: str, **payload) -> Event:
     """A run-level event: baseline measured, paused, resumed, exhausted, …"""
-    return Event(run_id=run.id, kind=kind, text=text, payload=payload)
+    return Event(**run_event_fields(run, kind, text, **payload))
+
+
+def run_event_fields(run: Run, kind: str, text: str, **payload) -> dict:
+    """run_event's columns as a dict (run_id, kind, text, payload); experiment_id is left to the caller."""
+    return {"run_id": run.id, "kind": kind, "text": text, "payload": payload}

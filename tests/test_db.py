@@ -90,3 +90,46 @@ def test_rows_inserted_with_core_statements_get_the_models_defaults(db_url):
         assert rows[i].created_at is not None
     with pytest.raises(KeyError, match="no column 'nonsense'"):
         column_values(Experiment, nonsense=1)
+
+
+def test_queued_rows_are_written_in_order_before_the_flush_and_dropped_by_a_rollback(db_url):
+    # The engine queues a result's outbox event and ledger row (add_row) instead of building ORM objects: they
+    # must land in the transaction, in the order queued, visible to the transaction's own queries (autoflush),
+    # and vanish with a rollback, or a crash could post an event for a result that was never recorded.
+    from db.session import add_row
+
+    eng = make_engine(db_url)
+    create_tables(eng)
+    with session_scope(eng) as db:
+        run = _run()
+        db.add(run)
+        db.flush()
+        run_id = run.id
+        for i in range(3):
+            add_row(db, Event, run_id=run_id, kind="discarded", text=f"discarded #{i}", payload={"i": i})
+            add_row(db, BudgetLedger, day="2026-11-22", run_id=run_id, kind="gpu_seconds", amount=float(i))
+        run.head_val_bpb = 1.0  # an ORM change: the query below autoflushes, queued rows first
+        db.add(run)
+        seen = db.exec(select(Event.text).order_by(Event.id)).all()
+        assert seen == ["discarded #0", "discarded #1", "discarded #2"]
+        add_row(db, Event, run_id=run_id, kind="kept", text="kept #3")  # no ORM change after it: written at commit
+    with Session(eng) as db:
+        evs = db.exec(select(Event).order_by(Event.id)).all()
+        assert [(e.text, e.payload, e.delivered_at) for e in evs] == [
+            ("discarded #0", {"i": 0}, None), ("discarded #1", {"i": 1}, None), ("discarded #2", {"i": 2}, None),
+            ("kept #3", {}, None)]
+        assert all(e.created_at is not None for e in evs)
+        assert sorted(b.amount for b in db.exec(select(BudgetLedger)).all()) == [0.0, 1.0, 2.0]
+    with pytest.raises(RuntimeError):
+        with session_scope(eng) as db:
+            add_row(db, Event, run_id=run_id, kind="kept", text="never recorded")
+            r = db.get(Run, run_id)
+            r.head_val_bpb = 2.0
+            db.add(r)
+            db.flush()  # written inside the transaction...
+            assert "never recorded" in db.exec(select(Event.text)).all()
+            raise RuntimeError("crash before the commit")
+    with Session(eng) as db:
+        assert "never recorded" not in db.exec(select(Event.text)).all()
+    with pytest.raises(KeyError, match="no column 'nonsense'"):
+        add_row(Session(eng), Event, nonsense=1)
