@@ -111,15 +111,16 @@ def validate_proposal(
     if TRAIN_PATH not in files:
         return Verdict(False, "train.py missing from the proposal", "", "")
     new_source = files[TRAIN_PATH]
-    diff, changed = unified_diff(old_source, new_source)
+    lines = _line_changes(old_source, new_source)  # split once: a fleet validates a proposal per experiment
+    diff, changed = _diff_text(_unified_lines(lines.old, lines.new, head_tail=lines.head_tail))
     if new_source == old_source:
         return Verdict(False, "no change", "", diff)
 
     # A parent that passed and an edit that only swaps literal constants: nothing new can be forbidden
     # (a fleet validates one such proposal per experiment; the full scan is most of the cost).
-    literal_edit = _literal_edit_of_clean(old_source, new_source)
+    literal_edit = _literal_edit_of_clean(old_source, new_source, lines)
     # ...and its hash is the parent's, one statement's piece swapped: no parse or dump of the whole file.
-    spliced = _spliced_hash(old_source, new_source) if literal_edit else None
+    spliced = _spliced_hash(old_source, new_source, lines) if literal_edit else None
     if spliced is None:
         try:
             tree = ast.parse(new_source, filename=TRAIN_PATH)
@@ -180,16 +181,57 @@ def _is_clean(source: str) -> bool:
     return ok
 
 
-def _literal_edit_of_clean(old_source: str, new_source: str) -> bool:
+MAX_SPLICED_LINES = 8  # the fast paths take edits of at most this many lines; larger ones are parsed
+# What str.splitlines ends a line at besides "\n". The parser ends lines at "\n", "\r\n" and "\r" only: where
+# none of these occurs, splitlines' line i is the parser's line i + 1.
+_OTHER_BREAKS = re.compile("[\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
+
+
+@functools.lru_cache(maxsize=8)
+def _split(source: str) -> tuple[tuple[str, ...], bool]:
+    """(source.splitlines(keepends=True), no line break but "\n" in it). Cached: a parent (head) is split
+    again for every proposal made on it."""
+    return tuple(source.splitlines(keepends=True)), _OTHER_BREAKS.search(source) is None
+
+
+@dataclass(frozen=True)
+class _Lines:
+    """Two sources' lines (keepends) compared once for all the checks of one proposal. `changed`: indices of
+    the lines that differ when both have as many lines and at most MAX_SPLICED_LINES differ, else None;
+    `plain`: only "\n" ends a line in either (indices are then the parser's line numbers - 1); `head_tail`:
+    (common leading lines, common trailing lines) when `changed` is known, for the diff."""
+
+    old: Sequence[str]
+    new: Sequence[str]
+    changed: list[int] | None
+    plain: bool
+
+    @property
+    def head_tail(self) -> tuple[int, int] | None:
+        if not self.changed:
+            return None
+        return self.changed[0], len(self.old) - 1 - self.changed[-1]
+
+
+def _line_changes(old_source: str, new_source: str) -> _Lines:
+    old, old_plain = _split(old_source)
+    new = new_source.splitlines(keepends=True)
+    changed = None
+    if len(old) == len(new):
+        changed = [i for i, (a, b) in enumerate(zip(old, new)) if a != b]
+        if len(changed) > MAX_SPLICED_LINES:
+            changed = None
+    return _Lines(old, new, changed, old_plain and _OTHER_BREAKS.search(new_source) is None)
+
+
+def _literal_edit_of_clean(old_source: str, new_source: str, lines: _Lines | None = None) -> bool:
     """True when new differs from a structurally clean old only by replaced whole lines that are, on both
-    sides, `NAME = literal` with the same NAME (a number, string, bool or None, as ast.literal_eval reads it)."""
-    old_lines, new_lines = old_source.splitlines(keepends=True), new_source.splitlines(keepends=True)
-    if len(old_lines) != len(new_lines):
+    sides, `NAME = literal` with the same NAME (a number, string, bool or None, as ast.literal_eval reads it).
+    `lines`: _line_changes(old_source, new_source), when the caller has it."""
+    lines = lines or _line_changes(old_source, new_source)
+    if not lines.changed:
         return False
-    changed = [(a, b) for a, b in zip(old_lines, new_lines) if a != b]
-    if not changed or len(changed) > 8:
-        return False
-    for a, b in changed:
+    for a, b in ((lines.old[i], lines.new[i]) for i in lines.changed):
         ma, mb = _CONSTANT_LINE.fullmatch(a), _CONSTANT_LINE.fullmatch(b)
         if not (ma and mb and ma.group(1) == mb.group(1)):
             return False
@@ -267,21 +309,17 @@ def _is_literal(node: ast.expr) -> bool:
     return isinstance(node, ast.Constant) and (node.value is None or type(node.value) in (int, float, bool, str))
 
 
-def _spliced_hash(old_source: str, new_source: str) -> str | None:
+def _spliced_hash(old_source: str, new_source: str, lines: _Lines | None = None) -> str | None:
     """normalised_ast_hash(new_source) without parsing new_source, when new differs from old only in whole
     lines that are, in old, a module-level `NAME = literal` statement alone on its line, and are, in new,
     such a statement too (parsed alone). Each such line is a complete logical line at the top level of
     both files, so new's tree is old's with those statements swapped. None when that cannot be shown
-    (then the caller parses); never raises.
+    (then the caller parses); never raises. `lines`: _line_changes(old_source, new_source), if known.
     """
-    if "\r" in old_source or "\r" in new_source:  # \r ends a line for the parser but not for split("\n")
+    lines = lines or _line_changes(old_source, new_source)
+    if not lines.plain or not lines.changed:  # other line breaks would shift the parser's line numbers
         return None
-    old_lines, new_lines = old_source.split("\n"), new_source.split("\n")
-    if len(old_lines) != len(new_lines):
-        return None
-    changed = [i for i, (a, b) in enumerate(zip(old_lines, new_lines)) if a != b]
-    if not changed or len(changed) > 8:
-        return None
+    old_lines, new_lines, changed = lines.old, lines.new, lines.changed
     try:
         parent = _pieces(old_source)
     except (SyntaxError, ValueError, RecursionError, MemoryError):
@@ -338,8 +376,13 @@ class _TrimmedMatcher(difflib.SequenceMatcher):
     (difflib's matching is slow on long files, and a one-constant edit leaves all but a line or two in
     common); get_grouped_opcodes then adds context as difflib.unified_diff does."""
 
-    def __init__(self, a: list[str], b: list[str]):  # noqa: the base __init__ would index all of b
+    def __init__(self, a: Sequence[str], b: Sequence[str], head_tail: tuple[int, int] | None = None):
+        # noqa: the base __init__ would index all of b. head_tail: the common leading and trailing line
+        # counts, when the caller has compared the lines already.
         self.a, self.b = a, b
+        if head_tail is not None:
+            self.head, self.tail = head_tail
+            return
         shorter = min(len(a), len(b))
         self.head = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), shorter)
         self.tail = next((i for i, (x, y) in enumerate(zip(reversed(a), reversed(b)))
@@ -361,10 +404,12 @@ class _TrimmedMatcher(difflib.SequenceMatcher):
         return merged or [("equal", 0, 0, 0, 0)]
 
 
-def _unified_lines(a: list[str], b: list[str], n: int = DIFF_CONTEXT) -> list[str]:
-    """difflib.unified_diff(a, b, "a/train.py", "b/train.py", n=n) as a list, with _TrimmedMatcher's matching."""
+def _unified_lines(a: Sequence[str], b: Sequence[str], n: int = DIFF_CONTEXT,
+                   head_tail: tuple[int, int] | None = None) -> list[str]:
+    """difflib.unified_diff(a, b, "a/train.py", "b/train.py", n=n) as a list, with _TrimmedMatcher's matching
+    (head_tail: passed on to it)."""
     out: list[str] = []
-    for group in _TrimmedMatcher(a, b).get_grouped_opcodes(n):
+    for group in _TrimmedMatcher(a, b, head_tail).get_grouped_opcodes(n):
         if not out:
             out += ["--- a/train.py\n", "+++ b/train.py\n"]
         first, last = group[0], group[-1]
@@ -383,7 +428,11 @@ def _unified_lines(a: list[str], b: list[str], n: int = DIFF_CONTEXT) -> list[st
 
 def unified_diff(old_source: str, new_source: str) -> tuple[str, int]:
     """Unified diff old → new as (text, number of added + removed lines), git-style paths."""
-    lines = _unified_lines(old_source.splitlines(keepends=True), new_source.splitlines(keepends=True))
+    return _diff_text(_unified_lines(old_source.splitlines(keepends=True), new_source.splitlines(keepends=True)))
+
+
+def _diff_text(lines: list[str]) -> tuple[str, int]:
+    """_unified_lines' output as unified_diff returns it: (text, number of added + removed lines)."""
     body = lines[2:]  # the two header lines are not changes, even if a body line starts "---"
     changed = sum(1 for line in body if line[:1] in "+-")
     # A last line without "\n" would run into the next diff line.

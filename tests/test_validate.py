@@ -500,6 +500,9 @@ def test_several_literal_lines_changed_at_once_splice_to_the_full_hash():
     ("Y = 2; \\\nX = 1\n", "Y = 2; \\\nX = 3\n"),
     # a carriage return ends a line for the parser
     ("X = 1\r\nY = 2\r\n", "X = 3\r\nY = 2\r\n"),
+    # str.splitlines ends lines where the parser does not (form feed, U+2028 in a string): numbers would shift
+    ("# a\x0cb\nX = 1\nY = 2\n", "# a\x0cb\nX = 1\nY = 3\n"),
+    ('S = "a\u2028b"\nX = 1\n', 'S = "a\u2028b"\nX = 2\n'),
     # not a literal any more, or not an assignment
     ("X = 1\n", "X = y\n"), ("X = 1\n", "X += 1\n"), ("X = 1\n", "X = 1 +\n"),
     # lines added or removed
