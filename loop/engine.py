@@ -924,8 +924,8 @@ class Engine:
         elif infra_error:
             if exp.attempts < MAX_ATTEMPTS:
                 exp.status, exp.reason = "queued", infra_error  # never counts against the idea
-                add_row(db, Event, **events.run_event_fields(run, "infra_failed", f"#{exp.id} re-queued: {infra_error}",
-                                                             experiment_id=exp.id))
+                add_row(db, Event, **events.run_event_fields(
+                    run, "infra_failed", f"#{exp.id} re-queued: {infra_error}", experiment_id=exp.id))
             else:
                 exp.status, exp.reason = "crash", f"{infra_error} (after {exp.attempts} attempts)"
                 add_row(db, Event, **events.experiment_event_fields(exp, run, head_before))
@@ -1004,11 +1004,11 @@ class Engine:
         db.flush()
         d = exp.decision
         ids = ", ".join(f"#{r.id}" for r in rows)
-        ev = events.run_event_fields(run, "confirming", f"#{exp.id} {exp.description or exp.edit_key}: val_bpb "
-                              f"{exp.val_bpb:.4f} vs head {d['head_val_bpb']:.4f} ({d['delta']:+.4f}) passes; "
-                              f"re-training it with {len(rows)} new seed{'s' if len(rows) > 1 else ''} ({ids}) "
-                              "before it becomes head", val_bpb=exp.val_bpb, head_val_bpb=d["head_val_bpb"],
-                              confirm_ids=[r.id for r in rows], description=exp.description)
+        text = (f"#{exp.id} {exp.description or exp.edit_key}: val_bpb {exp.val_bpb:.4f} vs head "
+                f"{d['head_val_bpb']:.4f} ({d['delta']:+.4f}) passes; re-training it with {len(rows)} new "
+                f"seed{'s' if len(rows) > 1 else ''} ({ids}) before it becomes head")
+        ev = events.run_event_fields(run, "confirming", text, val_bpb=exp.val_bpb, head_val_bpb=d["head_val_bpb"],
+                                     confirm_ids=[r.id for r in rows], description=exp.description)
         add_row(db, Event, **ev, experiment_id=exp.id)
 
     def _resolve_confirmation(self, db: Session, run: Run, confirm: Experiment) -> Optional[tuple]:
