@@ -213,6 +213,7 @@ class Engine:
         self._behind: dict[int, int] = {}  # exp id → consecutive checks behind head by the margin
         self._head_curve_cache: tuple[str, list] = ("", [])
         self._history_cache: tuple = ("", 0.0, [], None)  # (head, monotonic time read, history, state): _fast_history
+        self._sigma_groups: Optional[dict[int, dict[int, float]]] = None  # see _pooled_sigma
         self.hosts_down: set[str] = set()  # hosts whose slots take no new experiment
         self.run_id: Optional[int] = None
         # the device type experiments train on (what `auto` resolves to), for the proposer
@@ -1018,6 +1019,8 @@ class Engine:
         treatment with that mean). Confirm runs take their candidate's verdict. Returns the branch move of a
         keep, () for a verdict that moves nothing, or None while the candidate still waits."""
         cand = db.get(Experiment, confirm.confirms_id) if confirm.confirms_id else None
+        if cand is not None:
+            self._note_confirm_run(cand, confirm)
         if cand is None or cand.status != "confirming":
             if cand is not None and confirm.status == "keep" and cand.status != "keep":
                 confirm.status = "discard"  # a late sibling of a candidate already discarded
@@ -1062,16 +1065,28 @@ class Engine:
     def _pooled_sigma(self, db: Session, run: Run) -> float:
         """σ pooled over the baseline repeats and every change with confirmation runs (each a group of runs
         of one commit): the three baseline runs alone give a rough σ (two degrees of freedom), and every
-        confirmation adds one more."""
-        base = self._baseline_runs(db, run)
-        pairs = db.exec(select(Experiment.confirms_id, Experiment.val_bpb).where(
-            Experiment.run_id == run.id, Experiment.kind == "confirm", Experiment.val_bpb.is_not(None))).all()
-        groups: dict[int, list[float]] = {}
-        for cid, v in pairs:
-            groups.setdefault(cid, []).append(v)
-        firsts = dict(db.exec(select(Experiment.id, Experiment.val_bpb).where(
-            Experiment.id.in_(list(groups)), Experiment.val_bpb.is_not(None))).all()) if groups else {}
-        return pooled_sigma([base] + [[firsts[c], *vs] for c, vs in groups.items() if c in firsts])
+        confirmation adds one more. The groups are read from the database once per process and then kept
+        up to date by _note_confirm_run: read every time, they cost a scan of the run's confirmation runs
+        per confirmation (a week-long fleet run has tens of thousands)."""
+        if self._sigma_groups is None:
+            confirms = select(Experiment.id, Experiment.confirms_id, Experiment.val_bpb).where(
+                Experiment.run_id == run.id, Experiment.kind == "confirm", Experiment.val_bpb.is_not(None))
+            groups: dict[int, dict[int, float]] = {
+                cid: {cid: v} for cid, v in db.exec(select(Experiment.id, Experiment.val_bpb).where(
+                    Experiment.id.in_(confirms.with_only_columns(Experiment.confirms_id).scalar_subquery()),
+                    Experiment.val_bpb.is_not(None)).order_by(Experiment.id)).all()}
+            for i, cid, v in db.exec(confirms.order_by(Experiment.id)).all():
+                if cid in groups:
+                    groups[cid][i] = v
+            self._sigma_groups = groups
+        return pooled_sigma([self._baseline_runs(db, run)] + [list(g.values()) for g in self._sigma_groups.values()])
+
+    def _note_confirm_run(self, cand: Experiment, confirm: Experiment) -> None:
+        """Add a measured confirmation run to its candidate's group for _pooled_sigma (keyed by experiment id,
+        so recording it again after a rolled-back transaction changes nothing)."""
+        if self._sigma_groups is None or confirm.val_bpb is None or cand.val_bpb is None:
+            return  # not read yet (the first _pooled_sigma reads it), or nothing measured
+        self._sigma_groups.setdefault(cand.id, {cand.id: cand.val_bpb})[confirm.id] = confirm.val_bpb
 
     def _commit_bpb(self, db: Session, run: Run, commit: str) -> Optional[float]:
         """Mean val_bpb of the accepted runs of `commit` (its keep or its baseline repeats). Remembered for the

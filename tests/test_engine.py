@@ -396,3 +396,42 @@ def test_a_bounded_run_is_not_finished_while_its_last_experiment_starts(tmp_path
     assert answer == [False] and len(eng.handles) == 1
     tick_until(eng, lambda: eng.finished())
     assert [e.status for e in rows(db) if e.kind == "experiment"][0] in ("keep", "discard", "crash")
+
+
+def test_pooled_sigma_kept_up_to_date_matches_a_fresh_read(tmp_path, data_dir, tiny_workspace):
+    """σ's groups of runs are read from the database once, then kept up to date as confirmation runs are
+    recorded (a late sibling, a second candidate, a run recorded twice by a retried transaction): the
+    engine's σ is then what a fresh process, reading every run from the database, computes."""
+    from db.session import session_scope
+    from loop.rule import pooled_sigma
+
+    eng, db = make_engine_for(tmp_path, data_dir, tiny_workspace)
+
+    def add(s, **kw):
+        e = Experiment(run_id=eng.run_id, status="keep", **kw)
+        s.add(e)
+        s.flush()
+        return e
+
+    with session_scope(db) as s:
+        run = s.get(Run, eng.run_id)
+        for v in (1.00, 1.02):
+            add(s, kind="baseline", val_bpb=v)
+        cand1 = add(s, kind="experiment", val_bpb=0.95)
+        add(s, kind="confirm", confirms_id=cand1.id, val_bpb=0.97)
+        add(s, kind="confirm", confirms_id=cand1.id, val_bpb=None, reason="crashed")  # measured nothing
+        first = eng._pooled_sigma(s, run)  # reads the groups
+        assert first == pytest.approx(pooled_sigma([[1.00, 1.02], [0.95, 0.97]]))
+        late = add(s, kind="confirm", confirms_id=cand1.id, val_bpb=0.99)
+        cand2 = add(s, kind="experiment", val_bpb=0.93)
+        confirm2 = add(s, kind="confirm", confirms_id=cand2.id, val_bpb=0.90)
+        for cand, confirm in ((cand1, late), (cand2, confirm2), (cand2, confirm2)):
+            eng._note_confirm_run(cand, confirm)
+        kept_up = eng._pooled_sigma(s, run)
+    fresh = Engine(eng.settings, db, eng.workspace, eng.runner, eng.proposer, data_dir)
+    fresh.run_id = eng.run_id
+    with session_scope(db) as s:
+        from_db = fresh._pooled_sigma(s, s.get(Run, eng.run_id))
+    assert kept_up == pytest.approx(from_db) == pytest.approx(pooled_sigma([[1.00, 1.02], [0.95, 0.97, 0.99],
+                                                                             [0.93, 0.90]]))
+    assert kept_up != pytest.approx(first)
