@@ -221,7 +221,11 @@ def _line_changes(old_source: str, new_source: str) -> _Lines:
         changed = [i for i, (a, b) in enumerate(zip(old, new)) if a != b]
         if len(changed) > MAX_SPLICED_LINES:
             changed = None
-    return _Lines(old, new, changed, old_plain and _OTHER_BREAKS.search(new_source) is None)
+    if changed is not None:  # the other lines are old's: only the changed ones can hold another break
+        plain = old_plain and not any(_OTHER_BREAKS.search(new[i]) for i in changed)
+    else:
+        plain = old_plain and _OTHER_BREAKS.search(new_source) is None
+    return _Lines(old, new, changed, plain)
 
 
 def _literal_edit_of_clean(old_source: str, new_source: str, lines: _Lines | None = None) -> bool:
