@@ -54,7 +54,7 @@ def profile(n_slots: int, trainer_s: float, seconds: float, top: int, dump: str 
     def loop():  # Engine._loop, instrumented: time inside tick() vs time waiting for a wake
         prof.enable()
         while not stop.is_set():
-            t = time.perf_counter()
+            t = started = time.perf_counter()
             engine.tick()
             dt = time.perf_counter() - t
             stats["ticks"] += 1
@@ -62,6 +62,9 @@ def profile(n_slots: int, trainer_s: float, seconds: float, top: int, dump: str 
             stats["max_tick_s"] = max(stats["max_tick_s"], dt)
             t = time.perf_counter()
             engine._wake.wait(engine_mod.TICK_S)
+            gap = engine_mod.TICK_GAP_S - (time.perf_counter() - started)
+            if gap > 0:
+                stop.wait(gap)
             engine._wake.clear()
             stats["wait_s"] += time.perf_counter() - t
         prof.disable()

@@ -1,6 +1,6 @@
 """Scheduler scale: a simulated fleet through the real engine, database, git workspace and offline proposer.
 
-    python bench/scheduler_scale.py [--slots 8 64 512] [--trainer-s 5] [--seconds 60] [--knobs 200]
+    python bench/scheduler_scale.py [--slots 8 64 512] [--trainer-s 5] [--seconds 60] [--knobs 200] [--prefill N]
 
 The trainer is simulated (each "experiment" returns after --trainer-s seconds with a plausible
 val_bpb: head's value plus noise, sometimes better), so what is measured is the loop itself. The
@@ -115,10 +115,48 @@ class SimRunner:
                 on_done()
 
 
-def build(n_slots: int, trainer_s: float, knobs: int = 0, prefix: str = "bench-scale-"):
+def prefill(db, run, n: int, rng: random.Random) -> None:
+    """Store what a run that has gone on for `n` experiments holds (a week at 512 GPUs and 5-minute runs is about
+    a million): finished experiments on 500 earlier heads (1% kept and confirmed once), a GPU-seconds ledger
+    row and a delivered event each, and a GPU cap (never reached), so costs that grow with a run's length show.
+    Core executemany in chunks: minutes of ORM objects otherwise."""
+    from sqlalchemy import insert
+
+    from db.models import BudgetLedger, BudgetLimit, Event, Experiment, column_values, utcnow
+
+    now, chunk = utcnow(), 20_000
+    with db.begin() as conn:
+        conn.execute(insert(BudgetLimit.__table__), [column_values(BudgetLimit, run_id=run.id, resource="gpu",
+                                                                   period="day", limit=1e12, set_by="bench")])
+        for start in range(0, n, chunk):
+            exps = []
+            for i in range(start, min(n, start + chunk)):
+                parent = f"{i // max(1, n // 500):040x}"[-40:]
+                kept = i % 100 == 0
+                exps.append(column_values(
+                    Experiment, run_id=run.id, kind="experiment", status="keep" if kept else "discard",
+                    parent_commit=parent, commit=f"{rng.getrandbits(160):040x}", proposer="offline",
+                    description=f"prefilled #{i}", edit_key=f"prefill:{i}", ast_hash=f"{rng.getrandbits(256):064x}",
+                    val_bpb=1.0 + rng.gauss(0, 0.002), seed=i, started_at=now, finished_at=now, wall_seconds=5.0,
+                    decision={"verdict": "keep" if kept else "discard"}))
+            ids = conn.execute(insert(Experiment.__table__).returning(Experiment.__table__.c.id,
+                                                                      sort_by_parameter_order=True), exps).scalars().all()
+            conn.execute(insert(Experiment.__table__), [column_values(
+                Experiment, run_id=run.id, kind="confirm", status="keep", confirms_id=i, parent_commit=e["parent_commit"],
+                commit=e["commit"], val_bpb=e["val_bpb"] + rng.gauss(0, 0.002), finished_at=now)
+                for i, e in zip(ids, exps) if e["status"] == "keep"])
+            conn.execute(insert(BudgetLedger.__table__), [column_values(
+                BudgetLedger, day="2026-01-01", run_id=run.id, experiment_id=i, kind="gpu_seconds", amount=5.0)
+                for i in ids])
+            conn.execute(insert(Event.__table__), [column_values(
+                Event, run_id=run.id, experiment_id=i, kind="discarded", text=f"#{i} prefilled", delivered_at=now,
+                delivery_ref="bench") for i in ids])
+
+
+def build(n_slots: int, trainer_s: float, knobs: int = 0, prefix: str = "bench-scale-", prefilled: int = 0):
     """The simulated fleet set up in a new temporary home: (engine, db engine), with the noise floor already
     measured (the simulation is about the steady state, not the baseline) and nothing started. knobs: extra
-    constants appended to the template's train.py."""
+    constants appended to the template's train.py; prefilled: experiments the run already holds (see prefill)."""
     from sqlmodel import select
 
     from db.models import Experiment, Run
@@ -150,16 +188,18 @@ def build(n_slots: int, trainer_s: float, knobs: int = 0, prefix: str = "bench-s
         for seed in range(2):
             s.add(Experiment(run_id=run.id, kind="baseline", status="keep", commit=run.baseline_commit,
                              parent_commit=run.baseline_commit, val_bpb=1.0, seed=seed))
+    if prefilled:
+        prefill(db, run, prefilled, random.Random(1))
     return engine, db
 
 
-def measure(n_slots: int, trainer_s: float, seconds: float, knobs: int = 0) -> dict:
-    from sqlalchemy import event
+def measure(n_slots: int, trainer_s: float, seconds: float, knobs: int = 0, prefilled: int = 0) -> dict:
+    from sqlalchemy import event, func
     from sqlmodel import Session, select
 
-    from db.models import Experiment
+    from db.models import Experiment, utcnow
 
-    engine, db = build(n_slots, trainer_s, knobs)
+    engine, db = build(n_slots, trainer_s, knobs, prefilled=prefilled)
     db_time = [0.0]
 
     @event.listens_for(db, "before_cursor_execute")
@@ -178,9 +218,11 @@ def measure(n_slots: int, trainer_s: float, seconds: float, knobs: int = 0) -> d
         time.sleep(0.01)
     warmup = time.time() - t_start
     db_time[0] = 0.0
+    finished = (select(func.count()).select_from(Experiment)
+                .where(Experiment.kind == "experiment", Experiment.finished_at.is_not(None)))
     with Session(db) as s:
-        done_before = len(s.exec(select(Experiment.id).where(Experiment.kind == "experiment",
-                                                             Experiment.finished_at.is_not(None))).all())
+        done_before = s.exec(finished).one()
+    window_start = utcnow()
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.time()
     busy_area = 0.0
@@ -194,16 +236,16 @@ def measure(n_slots: int, trainer_s: float, seconds: float, knobs: int = 0) -> d
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     engine.stop(kill=True)
     with Session(db) as s:
-        done = s.exec(select(Experiment).where(Experiment.kind == "experiment",
-                                               Experiment.finished_at.is_not(None))).all()
-    n_done = len(done) - done_before
+        n_done = s.exec(finished).one() - done_before
+        by_status = dict(s.exec(select(Experiment.status, func.count()).where(
+            Experiment.kind == "experiment", Experiment.finished_at >= window_start).group_by(Experiment.status)).all())
     cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
     return {
         "slots": n_slots, "trainer_s": trainer_s, "wall_seconds": wall, "decisions": n_done,
         "decisions_per_s": n_done / wall, "db_seconds_per_experiment": db_time[0] / max(1, n_done),
         "slot_idle_fraction": 1 - busy_area / (n_slots * wall), "engine_cpu_percent_of_one_core": 100 * cpu / wall,
-        "kept": sum(1 for e in done if e.status == "keep"), "invalid": sum(1 for e in done if e.status == "invalid"),
-        "knobs": knobs, "warmup_seconds": warmup, "jitter": JITTER,
+        "kept": by_status.get("keep", 0), "invalid": by_status.get("invalid", 0),
+        "knobs": knobs, "warmup_seconds": warmup, "jitter": JITTER, "prefilled": prefilled,
     }
 
 
@@ -215,15 +257,19 @@ def main() -> None:
     ap.add_argument("--knobs", type=int, default=200,
                     help="extra constants in the simulated train.py (the template alone gives the offline "
                          "proposer ~111 edits per head: fewer than a 512-slot fleet takes in one round)")
+    ap.add_argument("--prefill", type=int, default=0,
+                    help="experiments the run already holds, with their ledger rows and events, and a GPU cap "
+                         "(a week at 512 GPUs and 5-minute runs is about a million)")
     a = ap.parse_args()
     rows = []
     for n in a.slots:
-        r = measure(n, a.trainer_s, a.seconds, a.knobs)
+        r = measure(n, a.trainer_s, a.seconds, a.knobs, a.prefill)
         rows.append(r)
         print(f"{n:4d} slots × {a.trainer_s:g} s trainer: {r['decisions_per_s']:6.1f} decisions/s, "
               f"DB {1000 * r['db_seconds_per_experiment']:.1f} ms/experiment, slot idle {100 * r['slot_idle_fraction']:.1f}%, "
               f"engine CPU {r['engine_cpu_percent_of_one_core']:.0f}% of a core ({r['decisions']} decisions, "
-              f"{r['kept']} kept, {r['invalid']} invalid; first fill of all slots {r['warmup_seconds']:.1f} s)")
+              f"{r['kept']} kept, {r['invalid']} invalid; first fill of all slots {r['warmup_seconds']:.1f} s"
+              + (f"; {r['prefilled']} experiments before" if r["prefilled"] else "") + ")")
     big = [r for r in rows if r["slots"] == 512]
     if big:
         ok = big[0]["slot_idle_fraction"] < 0.02 and big[0]["engine_cpu_percent_of_one_core"] < 25

@@ -7,6 +7,7 @@ The database is the source of truth (a restart resumes from it); the branch foll
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import os
 import statistics
@@ -28,7 +29,7 @@ from loop import budget, events, faults, promotion
 from loop.config import Settings
 from loop.proposers.base import (ProposalAuthError, ProposalError, ProposalExhausted, ProposalRejected, Proposer,
                                  ResearchState, TriedEdit)
-from loop.rule import decide, noise_floor, pooled_sigma
+from loop.rule import SpreadPool, decide, noise_floor
 from loop.runners.base import Handle, Job, Outcome, Runner, Slot
 from loop.runners.local import is_harness_process, kill_group
 from loop.validate import normalised_ast_hash, validate_proposal
@@ -43,6 +44,10 @@ HISTORY_RECENT = 200  # most recent experiments always shown to the proposer (be
 MAX_ATTEMPTS = 3  # starts of one experiment before an infrastructure fault counts as a crash
 FAST_RETRIES = 8  # invalid proposals in a row a fast proposer may make before a slot waits for the next tick
 TICK_S = 1.0  # the engine also wakes at once on a result or a command
+# Least time from one tick's start to the next's. A fleet's results arrive one at a time (100 a second at 512
+# slots of 5 s); a tick each would record and start them one by one. Waiting this long batches a few per tick
+# (one transaction, one round): 0.1 s is 2% of even a 5 s simulated run, and nothing next to a real one.
+TICK_GAP_S = 0.1
 FAST_HISTORY_TTL_S = 10.0  # a fast proposer's history is read again at least this often (new hints, results)
 FILL_CHUNK = 32  # free slots started per transaction while a round fills many (a fleet after a wave of results)
 PROPOSAL_BACKOFF_S = (5, 15, 60, 300)  # growing delay after proposer failures
@@ -103,19 +108,70 @@ def promoted_ref(run: str) -> str:
 
 
 class SeenHashes:
-    """`h in seen`: is there an experiment of the run with this normalised-AST hash? Asked of the database
-    (an indexed column) so a long run never loads every hash into memory."""
+    """`h in seen`: is there an experiment of the run with this normalised-AST hash?
+
+    The database (an indexed column) answers, so a long run never holds every hash in memory. A fleet asks
+    once per proposal (about 100 times a second at 512 slots) and nearly every answer is no, so after the
+    first BLOOM_AFTER questions a Bloom filter of the run's hashes answers those without a query. A hash the
+    filter may hold is still asked of the database: the filter never makes an answer wrong, only fewer
+    queries. It is read from the database once, takes every hash the engine is about to store (`add`, before
+    the transaction commits: a hash rolled back only costs a query later), and reads the rows stored since
+    (by another process) at most every REFRESH_S seconds. Thread-safe: a proposer's thread asks too.
+
+    Bloom filter (B. H. Bloom, "Space/time trade-offs in hash coding with allowable errors", CACM 1970):
+    BLOOM_BITS bits (2 MiB) and BLOOM_K positions per hash; with n hashes stored, a new hash is a false
+    positive (one needless query) with probability (1 − e^(−kn/m))^k: about 0.05% at a million hashes.
+    """
 
     _QUERY = select(Experiment.__table__.c.id).where(Experiment.__table__.c.run_id == bindparam("run_id"),
                                                      Experiment.__table__.c.ast_hash == bindparam("ast_hash")).limit(1)
+    _SINCE = select(Experiment.__table__.c.id, Experiment.__table__.c.ast_hash).where(
+        Experiment.__table__.c.run_id == bindparam("run_id"), Experiment.__table__.c.id > bindparam("after"),
+        Experiment.__table__.c.ast_hash != "").order_by(Experiment.__table__.c.id)
+    BLOOM_BITS, BLOOM_K = 1 << 24, 7
+    BLOOM_AFTER = 32  # a one-off question (`ratchet propose --dry-run`) is not worth reading every hash for
+    REFRESH_S = 1.0
 
     def __init__(self, db, run_id: int):
         self.db, self.run_id = db, run_id
+        self._bits = bytearray(self.BLOOM_BITS // 8)
+        self._lock = threading.Lock()
+        self._asked = 0
+        self._read_upto: Optional[int] = None  # the last experiment id read into the filter (None: not read)
+        self._read_at = 0.0
+
+    def _positions(self, ast_hash: str) -> list[int]:
+        d = int.from_bytes(hashlib.blake2b(ast_hash.encode(), digest_size=3 * self.BLOOM_K).digest(), "big")
+        return [(d >> (24 * i)) & (self.BLOOM_BITS - 1) for i in range(self.BLOOM_K)]
+
+    def add(self, ast_hash: str) -> None:
+        """Note a hash the engine stores (or is about to)."""
+        if ast_hash:
+            with self._lock:
+                for p in self._positions(ast_hash):
+                    self._bits[p >> 3] |= 1 << (p & 7)
+
+    def _may_hold(self, ast_hash: str) -> bool:
+        """False when the hash is certainly not stored (as of the last read); reads the rows stored since
+        when due. Called under the lock."""
+        now = time.monotonic()
+        if self._read_upto is None or now - self._read_at > self.REFRESH_S:
+            with self.db.connect() as conn:
+                for i, h in conn.execute(self._SINCE, {"run_id": self.run_id, "after": self._read_upto or 0}):
+                    for p in self._positions(h):
+                        self._bits[p >> 3] |= 1 << (p & 7)
+                    self._read_upto = i
+            self._read_upto, self._read_at = self._read_upto or 0, now
+        return all(self._bits[p >> 3] & (1 << (p & 7)) for p in self._positions(ast_hash))
 
     def __contains__(self, ast_hash: object) -> bool:
-        if not ast_hash:
+        if not ast_hash or not isinstance(ast_hash, str):
             return False
-        with self.db.connect() as conn:  # Core, not a Session: asked once per proposal (a fleet: 100/s)
+        with self._lock:
+            self._asked += 1
+            if self._asked > self.BLOOM_AFTER and not self._may_hold(ast_hash):
+                return False
+        with self.db.connect() as conn:  # Core, not a Session
             return conn.execute(self._QUERY, {"run_id": self.run_id, "ast_hash": ast_hash}).first() is not None
 
 
@@ -214,6 +270,10 @@ class Engine:
         self._head_curve_cache: tuple[str, list] = ("", [])
         self._history_cache: tuple = ("", 0.0, [], None)  # (head, monotonic time read, history, state): _fast_history
         self._sigma_groups: Optional[dict[int, dict[int, float]]] = None  # see _pooled_sigma
+        self._sigma_pool = SpreadPool()  # the groups above as spreads
+        self._sigma_base: list[float] = []  # the baseline repeats' val_bpb, read with the groups
+        self._seen: Optional[SeenHashes] = None  # see seen_hashes
+        self._ledger: Optional[budget.LedgerTotals] = None  # the run's spend, read incrementally per tick
         self.hosts_down: set[str] = set()  # hosts whose slots take no new experiment
         self.run_id: Optional[int] = None
         # the device type experiments train on (what `auto` resolves to), for the proposer
@@ -298,15 +358,25 @@ class Engine:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
+            started = time.monotonic()
             try:
                 self.tick()
             except Exception:  # noqa: BLE001 - the loop must survive a bad tick; the error is logged
                 log.exception("engine tick failed")
                 self._stop.wait(5)
             self._wake.wait(TICK_S)
+            gap = TICK_GAP_S - (time.monotonic() - started)
+            if gap > 0:
+                self._stop.wait(gap)
             self._wake.clear()
 
     # ---- state ----
+
+    def seen_hashes(self, run_id: int) -> SeenHashes:
+        """The run's SeenHashes: one per engine, so its filter is read from the database once."""
+        if self._seen is None or self._seen.run_id != run_id:
+            self._seen = SeenHashes(self.db, run_id)
+        return self._seen
 
     def get_run(self) -> Run:
         with Session(self.db, expire_on_commit=False) as db:
@@ -447,6 +517,7 @@ class Engine:
                              commit=run.baseline_commit, proposer="baseline", seed=self.settings.seed + len(base),
                              description=f"baseline repeat {len(base) + 1}/{self.settings.noise_repeats}",
                              ast_hash=normalised_ast_hash(self.workspace.read_file(run.baseline_commit)))
+            self.seen_hashes(run.id).add(exp.ast_hash)
             db.add(exp)
             db.flush()
             return exp
@@ -509,7 +580,7 @@ class Engine:
             baseline_val_bpb=statistics.fmean(base) if base else None,
             keep_threshold=None if sigma is None else max(self.settings.min_delta, self.settings.noise_z * sigma),
             budget_s=run.budget_s, device=self.device, program=program,
-            hints=tuple((h.author, h.text) for h in hints), seen_hashes=SeenHashes(self.db, run.id),
+            hints=tuple((h.author, h.text) for h in hints), seen_hashes=self.seen_hashes(run.id),
             not_transferred=not_transferred)
 
     def prefetch(self, run: Run) -> None:
@@ -624,7 +695,8 @@ class Engine:
         def store():  # a paid proposal is stored even if the database blinks
             with session_scope(self.db) as db:
                 verdict = validate_proposal(head_source, {"train.py": proposal.source},
-                                            seen_hashes=SeenHashes(self.db, run.id))
+                                            seen_hashes=self.seen_hashes(run.id))
+                self.seen_hashes(run.id).add(verdict.ast_hash)  # stored with it, valid or not
                 exp = Experiment(**self._proposal_fields(run, proposal, verdict))
                 db.add(exp)
                 db.flush()
@@ -642,8 +714,9 @@ class Engine:
         """A fast proposer's proposal, validated now and stored with the round's picks (see _start_many).
         An invalid one is counted at once and stored with them as `invalid`; returns None then."""
         fill = self._fill
-        seen = RoundSeen(SeenHashes(self.db, run.id), fill["hashes"])
+        seen = RoundSeen(self.seen_hashes(run.id), fill["hashes"])
         verdict = validate_proposal(head_source, {"train.py": proposal.source}, seen_hashes=seen)
+        seen.stored.add(verdict.ast_hash)  # stored with it, valid or not
         fields = self._proposal_fields(run, proposal, verdict)
         if not verdict.ok:
             fill["invalid"].append(NewProposal(fields, ""))
@@ -1067,7 +1140,7 @@ class Engine:
         of one commit): the three baseline runs alone give a rough σ (two degrees of freedom), and every
         confirmation adds one more. The groups are read from the database once per process and then kept
         up to date by _note_confirm_run: read every time, they cost a scan of the run's confirmation runs
-        per confirmation (a week-long fleet run has tens of thousands)."""
+        per confirmation (a week-long fleet run has tens of thousands), and pooled in numpy (SpreadPool)."""
         if self._sigma_groups is None:
             confirms = select(Experiment.id, Experiment.confirms_id, Experiment.val_bpb).where(
                 Experiment.run_id == run.id, Experiment.kind == "confirm", Experiment.val_bpb.is_not(None))
@@ -1078,15 +1151,21 @@ class Engine:
             for i, cid, v in db.exec(confirms.order_by(Experiment.id)).all():
                 if cid in groups:
                     groups[cid][i] = v
-            self._sigma_groups = groups
-        return pooled_sigma([self._baseline_runs(db, run)] + [list(g.values()) for g in self._sigma_groups.values()])
+            self._sigma_groups, self._sigma_pool = groups, SpreadPool()
+            for cid, g in groups.items():
+                self._sigma_pool.set(cid, list(g.values()))
+            # Read with them: the baseline repeats are all in before any change is confirmed (they set σ first).
+            self._sigma_base = self._baseline_runs(db, run)
+        return self._sigma_pool.sigma([self._sigma_base])
 
     def _note_confirm_run(self, cand: Experiment, confirm: Experiment) -> None:
         """Add a measured confirmation run to its candidate's group for _pooled_sigma (keyed by experiment id,
         so recording it again after a rolled-back transaction changes nothing)."""
         if self._sigma_groups is None or confirm.val_bpb is None or cand.val_bpb is None:
             return  # not read yet (the first _pooled_sigma reads it), or nothing measured
-        self._sigma_groups.setdefault(cand.id, {cand.id: cand.val_bpb})[confirm.id] = confirm.val_bpb
+        group = self._sigma_groups.setdefault(cand.id, {cand.id: cand.val_bpb})
+        group[confirm.id] = confirm.val_bpb
+        self._sigma_pool.set(cand.id, list(group.values()))
 
     def _commit_bpb(self, db: Session, run: Run, commit: str) -> Optional[float]:
         """Mean val_bpb of the accepted runs of `commit` (its keep or its baseline repeats). Remembered for the
@@ -1121,7 +1200,7 @@ class Engine:
         head_src = self.workspace.read_file(run.head_commit)
         merged = self.workspace.merge_text(self.workspace.read_file(exp.parent_commit), head_src,
                                            self.workspace.read_file(exp.commit))
-        verdict = validate_proposal(head_src, {"train.py": merged}, seen_hashes=SeenHashes(self.db, run.id)) \
+        verdict = validate_proposal(head_src, {"train.py": merged}, seen_hashes=self.seen_hashes(run.id)) \
             if merged is not None else None
         if verdict is None or not verdict.ok:
             why = "does not apply to the new head" if verdict is None else f"rebased change is invalid: {verdict.reason}"
@@ -1132,6 +1211,7 @@ class Engine:
                              description=f"{exp.description} (rebased, confirms #{exp.id})",
                              hypothesis=exp.hypothesis, diff=verdict.diff, edit_key=f"{exp.edit_key}@{exp.id}",
                              ast_hash=verdict.ast_hash, status="queued")
+        self.seen_hashes(run.id).add(verdict.ast_hash)
         db.add(confirm)
         db.flush()
         confirm.commit = self.workspace.commit_experiment(confirm.id, run.head_commit, merged,
@@ -1354,8 +1434,10 @@ class Engine:
 
     def _budget_reached(self, run: Run) -> bool:
         """Pause the run when a GPU or Claude cap is reached (reason `budget: <which> …`); True if so."""
+        if self._ledger is None or self._ledger.run_id != run.id:
+            self._ledger = budget.LedgerTotals(run.id)
         with session_scope(self.db) as db:
-            cap = budget.reached(db, run.id, self.settings)
+            cap = budget.reached(db, run.id, self.settings, totals=self._ledger)
             if cap is None:
                 return False
             self._pause(db, run.id, budget.pause_reason(cap), budget=cap.name)

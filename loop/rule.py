@@ -9,6 +9,8 @@ import statistics
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class Decision:
@@ -37,6 +39,52 @@ def noise_floor(values: Sequence[float]) -> float:
     return statistics.stdev(values)
 
 
+class SpreadPool:
+    """Groups of runs of the same code, each kept as its (Σ (x − x̄)², n − 1), for a pooled σ re-pooled often:
+    `set` replaces one group's runs (by key), `sigma` pools every group by the rule of pooled_sigma. In numpy
+    over the groups' spreads, not in Python over their values: a long run confirms thousands of changes and
+    σ is re-pooled at every confirmation."""
+
+    def __init__(self):
+        self._index: dict[object, int] = {}
+        self._ss = np.zeros(64)
+        self._dof = np.zeros(64)
+
+    def set(self, key: object, values: Sequence[float]) -> None:
+        """The runs (val_bpb) of group `key` are now `values`; fewer than two add nothing."""
+        i = self._index.get(key)
+        if i is None:
+            i = self._index[key] = len(self._index)
+            if i == len(self._ss):
+                self._ss, self._dof = np.resize(self._ss, 2 * i), np.resize(self._dof, 2 * i)
+        if len(values) >= 2:
+            m = statistics.fmean(values)
+            self._ss[i], self._dof[i] = sum((x - m) ** 2 for x in values), len(values) - 1
+        else:
+            self._ss[i] = self._dof[i] = 0.0
+
+    def sigma(self, extra: Sequence[Sequence[float]] = (), outlier_ratio: float = 5.0) -> float:
+        """pooled_sigma over the groups set and the `extra` groups (not kept). Raises ValueError when no group
+        has two values."""
+        n = len(self._index)
+        ss, dof = self._ss[:n], self._dof[:n]
+        if extra:
+            more = SpreadPool()
+            for i, g in enumerate(extra):
+                more.set(i, g)
+            ss, dof = np.concatenate([ss, more._ss[:len(extra)]]), np.concatenate([dof, more._dof[:len(extra)]])
+        has = dof > 0
+        ss, dof = ss[has], dof[has]
+        if not len(ss):
+            raise ValueError("the noise floor needs at least one group of two runs")
+        if len(ss) >= 3:
+            spread = np.sqrt(ss / dof)
+            within = spread <= outlier_ratio * np.median(spread)
+            if within.any():
+                ss, dof = ss[within], dof[within]
+        return float(np.sqrt(ss.sum() / dof.sum()))
+
+
 def pooled_sigma(groups: Sequence[Sequence[float]], outlier_ratio: float = 5.0) -> float:
     """σ pooled over groups of runs of the same code: sqrt(Σ_g Σ_i (x_gi − x̄_g)² / Σ_g (n_g − 1)).
 
@@ -49,18 +97,7 @@ def pooled_sigma(groups: Sequence[Sequence[float]], outlier_ratio: float = 5.0) 
     5 × the median spread in under 0.1% of pairs (|Z| > 3.4).
     Raises ValueError when no group has two values.
     """
-    spreads = []
-    for g in groups:
-        if len(g) >= 2:
-            m = statistics.fmean(g)
-            ss = sum((x - m) ** 2 for x in g)
-            spreads.append((ss, len(g) - 1))
-    if not spreads:
-        raise ValueError("the noise floor needs at least one group of two runs")
-    if len(spreads) >= 3:
-        cap = outlier_ratio * statistics.median((ss / dof) ** 0.5 for ss, dof in spreads)
-        spreads = [(ss, dof) for ss, dof in spreads if (ss / dof) ** 0.5 <= cap] or spreads
-    return (sum(ss for ss, _ in spreads) / sum(dof for _, dof in spreads)) ** 0.5
+    return SpreadPool().sigma(groups, outlier_ratio)
 
 
 def decide(val_bpb: float, head_val_bpb: float, sigma: float, *, min_delta: float = 0.0003,

@@ -435,3 +435,59 @@ def test_pooled_sigma_kept_up_to_date_matches_a_fresh_read(tmp_path, data_dir, t
     assert kept_up == pytest.approx(from_db) == pytest.approx(pooled_sigma([[1.00, 1.02], [0.95, 0.97, 0.99],
                                                                              [0.93, 0.90]]))
     assert kept_up != pytest.approx(first)
+
+
+@pytest.mark.parametrize("db_url", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True)
+def test_seen_hashes_answers_like_the_database_with_fewer_queries(db_url):
+    """The duplicate check behind a Bloom filter: every stored hash is found (stored before the filter was
+    read, noted by the engine before its commit, or stored by another process and read at the refresh), a
+    hash that was noted but rolled back is not, and questions about new hashes mostly cost no query."""
+    import hashlib
+
+    from sqlalchemy import event
+
+    from db.session import session_scope
+    from loop.engine import SeenHashes
+
+    db = make_engine(db_url)
+    create_tables(db)
+    with session_scope(db) as s:
+        run = Run(name="r", branch="ratchet/r", workspace="/ws", baseline_commit="a" * 40, head_commit="a" * 40,
+                  budget_s=1.0)
+        other = Run(name="o", branch="ratchet/o", workspace="/ws", baseline_commit="a" * 40, head_commit="a" * 40,
+                    budget_s=1.0)
+        s.add(run)
+        s.add(other)
+        s.flush()
+        run_id, other_id = run.id, other.id
+
+    def h(i):
+        return hashlib.sha256(str(i).encode()).hexdigest()
+
+    def store(rid, *hashes):
+        with session_scope(db) as s:
+            for x in hashes:
+                s.add(Experiment(run_id=rid, kind="experiment", status="discard", ast_hash=x))
+
+    store(run_id, *(h(i) for i in range(50)))
+    store(other_id, h(1000))
+    queries = []
+    event.listen(db, "before_cursor_execute",
+                 lambda conn, cur, stmt, params, ctx, many: queries.append(stmt) if "LIMIT" in stmt.upper() else None)
+    seen = SeenHashes(db, run_id)
+    seen.REFRESH_S = 3600.0  # refreshes only when the test says
+    assert [h(i) in seen for i in range(SeenHashes.BLOOM_AFTER)] == [True] * SeenHashes.BLOOM_AFTER  # the database
+    assert len(queries) == SeenHashes.BLOOM_AFTER
+    queries.clear()
+    assert all(h(i) in seen for i in range(50))  # the filter holds them, the database confirms them
+    assert h(1000) not in seen and "" not in seen  # another run's hash is not this run's
+    assert not any(h(i) in seen for i in range(2000, 2300))
+    assert len(queries) < 50 + 1 + 10  # the 50 stored, the other run's (maybe), a few false positives at most
+    seen.add(h(3000))  # noted before its transaction, which then rolls back
+    assert h(3000) not in seen
+    seen.add(h(3001))
+    store(run_id, h(3001))
+    assert h(3001) in seen
+    store(run_id, h(4000))  # by another process, unknown to this one until the refresh
+    seen.REFRESH_S = 0.0
+    assert h(4000) in seen
