@@ -101,7 +101,11 @@ class Experiment(SQLModel, table=True):
     # The engine asks "is this hash already in the run?" per proposal and "what is queued in the run?" per
     # round: without these, SQLite answers both by scanning every experiment of the run (its run_id index).
     __table_args__ = (Index("ix_experiments_run_id_ast_hash", "run_id", "ast_hash"),
-                      Index("ix_experiments_run_id_status", "run_id", "status"))
+                      Index("ix_experiments_run_id_status", "run_id", "status"),
+                      # a commit's accepted runs (each stale result asks about its parent), what was tried on
+                      # head (the proposer's history): without them, scans of every keep or every experiment
+                      Index("ix_experiments_run_id_commit", "run_id", "commit"),
+                      Index("ix_experiments_run_id_parent_commit", "run_id", "parent_commit"))
     id: Optional[int] = Field(default=None, primary_key=True)
     run_id: int = Field(foreign_key="runs.id", index=True)
     kind: str = "experiment"  # baseline | experiment | confirm | promotion

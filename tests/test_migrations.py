@@ -168,6 +168,10 @@ def test_downgrade_upgrade_round_trip_with_data(db_url):
         s.add(Experiment(run_id=1, kind="confirm", confirms_id=1, status="keep", val_bpb=2.1))
     indexes = {i["name"] for i in inspect(eng).get_indexes("experiments")}
     assert {"ix_experiments_run_id_ast_hash", "ix_experiments_run_id_status"} <= indexes  # 0004's
+    assert {"ix_experiments_run_id_commit", "ix_experiments_run_id_parent_commit"} <= indexes  # 0005's
+    assert migrate.downgrade(eng, "-1") == "0004"
+    assert not {"ix_experiments_run_id_commit", "ix_experiments_run_id_parent_commit"} & {
+        i["name"] for i in inspect(eng).get_indexes("experiments")}
     assert migrate.downgrade(eng, "-1") == "0003"
     assert not {"ix_experiments_run_id_ast_hash", "ix_experiments_run_id_status"} & {
         i["name"] for i in inspect(eng).get_indexes("experiments")}
