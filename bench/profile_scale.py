@@ -15,6 +15,7 @@ import argparse
 import cProfile
 import io
 import pstats
+import shutil
 import sys
 import threading
 import time
@@ -88,6 +89,8 @@ def profile(n_slots: int, trainer_s: float, seconds: float, top: int, dump: str 
                                                           Experiment.finished_at.is_not(None))).all()
     n_done = len(statuses)
     by_status = {k: statuses.count(k) for k in sorted(set(statuses))}
+    db.dispose()
+    shutil.rmtree(engine.settings.home, ignore_errors=True)
     total = stats["tick_s"] + stats["wait_s"]
     print(f"\n=== {n_slots} slots × {trainer_s:g} s trainer, {wall:.1f} s wall ===")
     print(f"decisions {n_done} ({n_done / wall:.1f}/s), slot idle {100 * (1 - busy_area / (n_slots * wall)):.1f}%, "

@@ -19,6 +19,7 @@ import hashlib
 import heapq
 import random
 import resource
+import shutil
 import sys
 import tempfile
 import threading
@@ -239,6 +240,8 @@ def measure(n_slots: int, trainer_s: float, seconds: float, knobs: int = 0, pref
         n_done = s.exec(finished).one() - done_before
         by_status = dict(s.exec(select(Experiment.status, func.count()).where(
             Experiment.kind == "experiment", Experiment.finished_at >= window_start).group_by(Experiment.status)).all())
+    db.dispose()
+    shutil.rmtree(engine.settings.home, ignore_errors=True)  # a prefilled run's home is hundreds of MB
     cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
     return {
         "slots": n_slots, "trainer_s": trainer_s, "wall_seconds": wall, "decisions": n_done,
