@@ -144,12 +144,16 @@ class SeenHashes:
         d = int.from_bytes(hashlib.blake2b(ast_hash.encode(), digest_size=3 * self.BLOOM_K).digest(), "big")
         return [(d >> (24 * i)) & (self.BLOOM_BITS - 1) for i in range(self.BLOOM_K)]
 
+    def _set(self, ast_hash: str) -> None:
+        """Put a hash in the filter. Called under the lock."""
+        for p in self._positions(ast_hash):
+            self._bits[p >> 3] |= 1 << (p & 7)
+
     def add(self, ast_hash: str) -> None:
         """Note a hash the engine stores (or is about to)."""
         if ast_hash:
             with self._lock:
-                for p in self._positions(ast_hash):
-                    self._bits[p >> 3] |= 1 << (p & 7)
+                self._set(ast_hash)
 
     def _may_hold(self, ast_hash: str) -> bool:
         """False when the hash is certainly not stored (as of the last read); reads the rows stored since
@@ -158,8 +162,7 @@ class SeenHashes:
         if self._read_upto is None or now - self._read_at > self.REFRESH_S:
             with self.db.connect() as conn:
                 for i, h in conn.execute(self._SINCE, {"run_id": self.run_id, "after": self._read_upto or 0}):
-                    for p in self._positions(h):
-                        self._bits[p >> 3] |= 1 << (p & 7)
+                    self._set(h)
                     self._read_upto = i
             self._read_upto, self._read_at = self._read_upto or 0, now
         return all(self._bits[p >> 3] & (1 << (p & 7)) for p in self._positions(ast_hash))
@@ -720,7 +723,7 @@ class Engine:
         fill = self._fill
         seen = RoundSeen(self.seen_hashes(run.id), fill["hashes"])
         verdict = validate_proposal(head_source, {"train.py": proposal.source}, seen_hashes=seen)
-        seen.stored.add(verdict.ast_hash)  # stored with it, valid or not
+        self.seen_hashes(run.id).add(verdict.ast_hash)  # stored with it, valid or not
         fields = self._proposal_fields(run, proposal, verdict)
         if not verdict.ok:
             fill["invalid"].append(NewProposal(fields, ""))

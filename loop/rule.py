@@ -39,6 +39,14 @@ def noise_floor(values: Sequence[float]) -> float:
     return statistics.stdev(values)
 
 
+def _spread(values: Sequence[float]) -> tuple[float, int]:
+    """(Σ (x − x̄)², n − 1) of one group of runs; (0, 0) for fewer than two (they add nothing)."""
+    if len(values) < 2:
+        return 0.0, 0
+    m = statistics.fmean(values)
+    return sum((x - m) ** 2 for x in values), len(values) - 1
+
+
 class SpreadPool:
     """Groups of runs of the same code, each kept as its (Σ (x − x̄)², n − 1), for a pooled σ re-pooled often:
     `set` replaces one group's runs (by key), `sigma` pools every group by the rule of pooled_sigma. In numpy
@@ -57,22 +65,14 @@ class SpreadPool:
             i = self._index[key] = len(self._index)
             if i == len(self._ss):
                 self._ss, self._dof = np.resize(self._ss, 2 * i), np.resize(self._dof, 2 * i)
-        if len(values) >= 2:
-            m = statistics.fmean(values)
-            self._ss[i], self._dof[i] = sum((x - m) ** 2 for x in values), len(values) - 1
-        else:
-            self._ss[i] = self._dof[i] = 0.0
+        self._ss[i], self._dof[i] = _spread(values)
 
     def sigma(self, extra: Sequence[Sequence[float]] = (), outlier_ratio: float = 5.0) -> float:
         """pooled_sigma over the groups set and the `extra` groups (not kept). Raises ValueError when no group
         has two values."""
         n = len(self._index)
-        ss, dof = self._ss[:n], self._dof[:n]
-        if extra:
-            more = SpreadPool()
-            for i, g in enumerate(extra):
-                more.set(i, g)
-            ss, dof = np.concatenate([ss, more._ss[:len(extra)]]), np.concatenate([dof, more._dof[:len(extra)]])
+        more = np.array([_spread(g) for g in extra], dtype=float).reshape(-1, 2)
+        ss, dof = np.concatenate([self._ss[:n], more[:, 0]]), np.concatenate([self._dof[:n], more[:, 1]])
         has = dof > 0
         ss, dof = ss[has], dof[has]
         if not len(ss):

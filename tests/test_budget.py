@@ -47,19 +47,30 @@ def test_budget_day_follows_the_configured_timezone():
     assert budget.budget_day(late, "America/Los_Angeles") == "2026-11-21"
 
 
-def test_caps_from_config_and_commands(db_url):
+CAPS = Settings(budget_gpu_hours_per_day=1.0, budget_claude_usd_total=10.0)
+NOW = datetime(2026, 11, 21, 12, tzinfo=timezone.utc)
+
+
+def runs_db(db_url, *names):
+    """A new database holding runs of these names: (engine, their ids)."""
     eng = make_engine(db_url)
     create_tables(eng)
-    settings = Settings(budget_gpu_hours_per_day=1.0, budget_claude_usd_total=10.0)
-    now = datetime(2026, 11, 21, 12, tzinfo=timezone.utc)
     with session_scope(eng) as db:
-        run = Run(name="main", branch="ratchet/main", workspace="/w", baseline_commit="a", head_commit="a", budget_s=60)
-        db.add(run)
+        runs = [Run(name=n, branch=f"ratchet/{n}", workspace="/w", baseline_commit="a", head_commit="a", budget_s=60)
+                for n in names]
+        for run in runs:
+            db.add(run)
         db.flush()
-        db.add(BudgetLedger(day="2026-11-21", run_id=run.id, kind="gpu_seconds", amount=3000))
-        db.add(BudgetLedger(day="2026-11-20", run_id=run.id, kind="gpu_seconds", amount=5000))
-        db.add(BudgetLedger(day="2026-11-21", run_id=run.id, kind="claude_usd", amount=4.5))
-        run_id = run.id
+        return eng, [run.id for run in runs]
+
+
+def test_caps_from_config_and_commands(db_url):
+    eng, (run_id,) = runs_db(db_url, "main")
+    settings, now = CAPS, NOW
+    with session_scope(eng) as db:
+        db.add(BudgetLedger(day="2026-11-21", run_id=run_id, kind="gpu_seconds", amount=3000))
+        db.add(BudgetLedger(day="2026-11-20", run_id=run_id, kind="gpu_seconds", amount=5000))
+        db.add(BudgetLedger(day="2026-11-21", run_id=run_id, kind="claude_usd", amount=4.5))
     with Session(eng) as db:
         c = {cap.name: cap for cap in budget.caps(db, run_id, settings, now)}
         assert c["gpu/day"].used == 3000 and c["gpu/day"].limit == 3600 and not c["gpu/day"].reached
@@ -77,18 +88,8 @@ def test_ledger_totals_read_only_new_rows_and_match_the_whole_sum(db_url):
     """The engine's per-tick check reads the ledger rows added since its last read: after rows of several
     kinds and days arrive between reads, its caps equal those summed from the whole ledger, and a second
     read with nothing new asks for no rows."""
-    eng = make_engine(db_url)
-    create_tables(eng)
-    settings = Settings(budget_gpu_hours_per_day=1.0, budget_claude_usd_total=10.0)
-    now = datetime(2026, 11, 21, 12, tzinfo=timezone.utc)
-    with session_scope(eng) as db:
-        run = Run(name="main", branch="ratchet/main", workspace="/w", baseline_commit="a", head_commit="a", budget_s=60)
-        other = Run(name="other", branch="ratchet/other", workspace="/w", baseline_commit="a", head_commit="a",
-                    budget_s=60)
-        db.add(run)
-        db.add(other)
-        db.flush()
-        run_id, other_id = run.id, other.id
+    eng, (run_id, other_id) = runs_db(db_url, "main", "other")
+    settings, now = CAPS, NOW
     totals = budget.LedgerTotals(run_id)
     batches = [[("2026-11-20", "gpu_seconds", 5000.0), ("2026-11-21", "gpu_seconds", 1000.0)],
                [("2026-11-21", "claude_usd", 4.5), ("2026-11-21", "gpu_seconds", 2000.0)],
