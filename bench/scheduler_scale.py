@@ -242,11 +242,13 @@ def measure(n_slots: int, trainer_s: float, seconds: float, knobs: int = 0, pref
             Experiment.kind == "experiment", Experiment.finished_at >= window_start).group_by(Experiment.status)).all())
     db.dispose()
     shutil.rmtree(engine.settings.home, ignore_errors=True)  # a prefilled run's home is hundreds of MB
-    cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+    user, system = cpu1.ru_utime - cpu0.ru_utime, cpu1.ru_stime - cpu0.ru_stime
+    cpu = user + system
     return {
         "slots": n_slots, "trainer_s": trainer_s, "wall_seconds": wall, "decisions": n_done,
         "decisions_per_s": n_done / wall, "db_seconds_per_experiment": db_time[0] / max(1, n_done),
         "slot_idle_fraction": 1 - busy_area / (n_slots * wall), "engine_cpu_percent_of_one_core": 100 * cpu / wall,
+        "engine_cpu_user_percent": 100 * user / wall, "engine_cpu_system_percent": 100 * system / wall,
         "kept": by_status.get("keep", 0), "invalid": by_status.get("invalid", 0),
         "knobs": knobs, "warmup_seconds": warmup, "jitter": JITTER, "prefilled": prefilled,
     }
@@ -270,7 +272,8 @@ def main() -> None:
         rows.append(r)
         print(f"{n:4d} slots × {a.trainer_s:g} s trainer: {r['decisions_per_s']:6.1f} decisions/s, "
               f"DB {1000 * r['db_seconds_per_experiment']:.1f} ms/experiment, slot idle {100 * r['slot_idle_fraction']:.1f}%, "
-              f"engine CPU {r['engine_cpu_percent_of_one_core']:.0f}% of a core ({r['decisions']} decisions, "
+              f"engine CPU {r['engine_cpu_percent_of_one_core']:.0f}% of a core (user {r['engine_cpu_user_percent']:.0f}%, "
+              f"system {r['engine_cpu_system_percent']:.0f}%; {r['decisions']} decisions, "
               f"{r['kept']} kept, {r['invalid']} invalid; first fill of all slots {r['warmup_seconds']:.1f} s"
               + (f"; {r['prefilled']} experiments before" if r["prefilled"] else "") + ")")
     big = [r for r in rows if r["slots"] == 512]

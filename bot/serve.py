@@ -10,7 +10,6 @@ import logging.handlers
 import os
 import signal
 import threading
-import time
 from pathlib import Path
 from typing import Optional
 

@@ -118,7 +118,7 @@ class Experiment(SQLModel, table=True):
     status: str = Field(default="proposed", index=True)
     reason: str = Field(default="", sa_column=Column(Text))  # why invalid / crashed / aborted
     parent_commit: str = ""
-    commit: str = ""  # under refs/ratchet/exp/<id>
+    commit: str = ""  # the experiment commit (reachable from refs/ratchet/experiments)
     proposer: str = ""
     description: str = Field(default="", sa_column=Column(Text))
     hypothesis: str = Field(default="", sa_column=Column(Text))

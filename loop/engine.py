@@ -863,8 +863,9 @@ class Engine:
 
     def _insert_running(self, picks: list[tuple["NewProposal", Slot]], db: Session, run: Run) -> dict:
         """Store new proposals as `running` on their slots in the open transaction: one INSERT for all, their
-        commits on side refs (they need the ids), one UPDATE for all. Returns id(proposal) → the row's values
-        as attributes. Raises WorkspaceError when git fails (the transaction is then rolled back)."""
+        commits on side refs (they need the ids; one pack for the round), one UPDATE for all. Returns
+        id(proposal) → the row's values as attributes. Raises WorkspaceError when git fails (the transaction
+        is then rolled back)."""
         if not picks:
             return {}
         s, now, table = self.settings, utcnow(), Experiment.__table__
@@ -872,12 +873,13 @@ class Engine:
                                                "slot": slot.name, "host": slot.host}) for p, slot in picks]
         ids = db.execute(insert(table).returning(table.c.id, sort_by_parameter_order=True), values).scalars().all()
         rows, params = {}, []
-        for (pick, _), exp_id, v in zip(picks, ids, values):
-            row = SimpleNamespace(**v, id=exp_id)
-            row.workdir, row.seed = str(self._workdir(run, exp_id)), s.seed + exp_id  # as for a stored row
-            self._book_proposal(db, run, row, pick.source)
-            params.append({"id": exp_id, "commit": row.commit, "workdir": row.workdir, "seed": row.seed})
-            rows[id(pick)] = row
+        with self.workspace.batch():  # the round's commits in one pack, written before the transaction commits
+            for (pick, _), exp_id, v in zip(picks, ids, values):
+                row = SimpleNamespace(**v, id=exp_id)
+                row.workdir, row.seed = str(self._workdir(run, exp_id)), s.seed + exp_id  # as for a stored row
+                self._book_proposal(db, run, row, pick.source)
+                params.append({"id": exp_id, "commit": row.commit, "workdir": row.workdir, "seed": row.seed})
+                rows[id(pick)] = row
         _update_experiments(db, params)
         return rows
 
@@ -929,7 +931,8 @@ class Engine:
             # no query means no autoflush, so the batch's changes go out together at the commit.
             rows = db.exec(select(Experiment).where(Experiment.id.in_([i for i, _ in items]))).all()
             rows += [db.get(Run, self.run_id)]
-            done = [self._record_in(db, exp_id, outcome, "", "") for exp_id, outcome in items]
+            with self.workspace.batch():  # the batch's rebased changes in one pack, before the commit
+                done = [self._record_in(db, exp_id, outcome, "", "") for exp_id, outcome in items]
             del rows
             self._written(db, done)
             return done
@@ -966,7 +969,8 @@ class Engine:
     def _record(self, exp_id: int, outcome: Optional[Outcome], infra_error: str, disk_full: str):
         """_finish's transaction (see _record_in)."""
         with session_scope(self.db) as db:
-            done = self._record_in(db, exp_id, outcome, infra_error, disk_full)
+            with self.workspace.batch():
+                done = self._record_in(db, exp_id, outcome, infra_error, disk_full)
             self._written(db, [done])
             return done
 

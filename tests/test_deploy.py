@@ -3,7 +3,6 @@ env template say what they must; the built package carries the migrations. No Do
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess

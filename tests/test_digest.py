@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 
 from pathlib import Path
 
@@ -15,7 +15,7 @@ from sqlmodel import Session, select
 
 from bench.digest import fill
 from bot.digest import digest_text, plot_series, render_plot
-from db.models import Experiment, Run, utcnow
+from db.models import Experiment, Run
 from db.session import create_tables, make_engine
 from loop.config import Settings
 from loop.digest import build_digest

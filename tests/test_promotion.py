@@ -4,10 +4,9 @@
 from __future__ import annotations
 
 import pytest
-from sqlmodel import select
 
 from bot.commands import format_status
-from db.models import Event, Experiment, Promotion, Run
+from db.models import Event, Promotion, Run
 from db.session import create_tables, make_engine
 from loop.config import ScaleConfig, Settings
 from loop.control import Control, ControlError

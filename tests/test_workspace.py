@@ -1,14 +1,16 @@
-"""The research repo (loop.workspace) against real git: init, run branches, experiment refs,
+"""The research repo (loop.workspace) against real git: init, run branches, experiment commits (packs),
 compare-and-swap fast-forwards, diffs, 3-way rebase, and never disturbing the working tree."""
 
 from __future__ import annotations
 
+import os
 import subprocess
-from pathlib import Path
+import time
 
 import pytest
 
-from loop.workspace import PROGRAM, TEMPLATE, Workspace, WorkspaceError
+from loop import packs
+from loop.workspace import EXPERIMENTS_REF, PROGRAM, TEMPLATE, Workspace, WorkspaceError
 
 SCRIPT = "A = 1\nB = 2\n\n\ndef f():\n    return A + B\n\n\nC = 3\n"
 
@@ -94,7 +96,6 @@ def test_run_branch_names(ws):
     for bad in ("", "a b", "a/b", "..", "x..y", ".hidden", "x.lock", "ü"):
         with pytest.raises(WorkspaceError):
             ws.run_branch(bad)
-    assert ws.exp_ref(7) == "refs/ratchet/exp/7"
 
 
 def test_ensure_run_branch(ws):
@@ -113,7 +114,9 @@ def test_commit_experiment(ws):
     base = ws.ensure_run_branch("r", "main")
     source = edit(ws.read_file(base), "DEPTH_CPU = 4", "DEPTH_CPU = 6")
     sha = ws.commit_experiment(42, base, source, "DEPTH_CPU 4 → 6\n\nhypothesis: more capacity")
-    assert git(ws, "rev-parse", "refs/ratchet/exp/42") == sha
+    tip = git(ws, "rev-parse", EXPERIMENTS_REF)
+    assert git(ws, "rev-list", "--parents", "-n", "1", tip).split()[1:] == [sha]  # the first: no earlier tip
+    assert git(ws, "log", "-1", "--format=%s", tip) == "experiments #42"
     assert git(ws, "rev-parse", f"{sha}^") == base
     assert git(ws, "diff", "--name-only", base, sha) == "train.py"
     assert ws.read_file(sha) == source
@@ -232,18 +235,82 @@ def test_concurrent_keeps_race_safely(ws):
     assert len(winners) == 1 and ws.branch_tip("r") == winners[0]
 
 
-def test_an_experiment_ref_is_replaced_in_place_and_a_held_lock_is_respected(ws):
+def test_every_experiment_commit_stays_reachable_and_a_held_lock_is_respected(ws):
     base = ws.head_commit()
     first = ws.commit_experiment(5, base, edit(SCRIPT, "A = 1", "A = 2"), "first")
-    second = ws.commit_experiment(5, base, edit(SCRIPT, "A = 1", "A = 3"), "second")
-    assert first != second and git(ws, "rev-parse", "refs/ratchet/exp/5") == second
-    ref_file = ws.path / ".git" / "refs" / "ratchet" / "exp" / "5"
-    assert ref_file.read_text() == second + "\n" and not ref_file.with_name("5.lock").exists()
-    ref_file.with_name("6.lock").write_text("")  # another writer (git update-ref) holds exp 6's ref
-    with pytest.raises(WorkspaceError, match="experiment 6"):
+    second = ws.commit_experiment(5, base, edit(SCRIPT, "A = 1", "A = 3"), "second")  # a re-commit of #5
+    assert first != second
+    for sha in (first, second):  # both ancestors of the ref: `git gc` keeps them
+        assert subprocess.run(["git", "-C", str(ws.path), "merge-base", "--is-ancestor", sha, EXPERIMENTS_REF]
+                              ).returncode == 0
+    ref_file = ws.path / ".git" / EXPERIMENTS_REF
+    assert ref_file.read_text() == git(ws, "rev-parse", EXPERIMENTS_REF) + "\n"
+    lock = ref_file.with_name("experiments.lock")
+    lock.write_text("")  # another writer (git update-ref) holds the ref
+    tip = ref_file.read_text()
+    with pytest.raises(WorkspaceError, match="#6"):
         ws.commit_experiment(6, base, edit(SCRIPT, "A = 1", "A = 4"), "locked")
-    assert ref_file.with_name("6.lock").exists() and not ref_file.with_name("6").exists()  # theirs stays
+    assert lock.exists() and ref_file.read_text() == tip  # theirs stays; the ref did not move
+    old = time.time() - 60  # a lock this old was left by a crash: removed, and the commit goes through
+    os.utime(lock, (old, old))
+    third = ws.commit_experiment(6, base, edit(SCRIPT, "A = 1", "A = 4"), "after a crash")
+    assert not lock.exists() and git(ws, "rev-parse", f"{EXPERIMENTS_REF}^2") == third
+    gc = subprocess.run(["git", "-C", str(ws.path), "gc", "-q", "--prune=now"], capture_output=True, text=True)
+    assert gc.returncode == 0, gc.stderr
+    assert [ws.read_file(c) for c in (first, second, third)] == [Workspace(ws.path).read_file(c)
+                                                                 for c in (first, second, third)]
+    assert git(ws, "cat-file", "-t", first) == "commit" and git(ws, "fsck", "--no-dangling") == ""
+    assert not ref_file.exists()  # gc moved the ref into packed-refs: the next store continues from there
+    packed_tip = git(ws, "rev-parse", EXPERIMENTS_REF)
+    fourth = ws.commit_experiment(7, base, edit(SCRIPT, "A = 1", "A = 7"), "after gc")
+    assert git(ws, "rev-list", "--parents", "-n", "1", EXPERIMENTS_REF).split()[1:] == [packed_tip, fourth]
+
+
+def test_a_batch_stores_its_commits_in_one_pack_at_exit_and_nothing_when_it_fails(ws):
+    base = ws.head_commit()
+    pack_dir = ws.path / ".git" / "objects" / "pack"
+    before = set(pack_dir.glob("*.pack"))
+    with ws.batch():
+        shas = [ws.commit_experiment(i, base, edit(SCRIPT, "A = 1", f"A = {i + 10}"), f"exp {i}") for i in range(5)]
+        missing = subprocess.run(["git", "-C", str(ws.path), "cat-file", "-e", shas[0]], capture_output=True)
+        assert missing.returncode != 0  # nothing is written before the exit
+    assert len(set(pack_dir.glob("*.pack")) - before) == 1
+    tip = git(ws, "rev-parse", EXPERIMENTS_REF)
+    assert git(ws, "rev-list", "--parents", "-n", "1", tip).split()[1:] == shas  # one log commit for the batch
+    fresh = Workspace(ws.path)  # another process's reads: from the pack, not this one's cache
+    assert [fresh.read_file(s) for s in shas] == [edit(SCRIPT, "A = 1", f"A = {i + 10}") for i in range(5)]
     assert git(ws, "fsck", "--no-dangling") == ""
+
+    with pytest.raises(RuntimeError, match="bad round"):
+        with ws.batch():
+            lost = ws.commit_experiment(9, base, edit(SCRIPT, "A = 1", "A = 99"), "exp 9")
+            raise RuntimeError("bad round")
+    assert git(ws, "rev-parse", EXPERIMENTS_REF) == tip
+    assert subprocess.run(["git", "-C", str(ws.path), "cat-file", "-e", lost], capture_output=True).returncode != 0
+    with ws.batch():
+        with pytest.raises(WorkspaceError, match="already open"):
+            with ws.batch():
+                pass
+
+
+def test_rounds_of_packs_are_merged_and_every_commit_stays_readable(ws, monkeypatch):
+    monkeypatch.setattr(packs, "FANOUT", 3)
+    base = ws.head_commit()
+    pack_dir = ws.path / ".git" / "objects" / "pack"
+    shas = []
+    for r in range(10):  # 10 rounds of 2 (9 objects a pack: tier 0); every 3 of a tier merge into the next
+        with ws.batch():
+            shas += [ws.commit_experiment(2 * r + i, base, edit(SCRIPT, "A = 1", f"A = {100 + 2 * r + i}"), "x")
+                     for i in range(2)]
+    ws.close()  # waits for the merge under way
+    assert ws._tiers.merges >= 3 and not ws._tiers.errors
+    assert len(list(pack_dir.glob("*.pack"))) == len(ws._tiers.packs()) < 10
+    assert not list(pack_dir.glob("tmp_*"))
+    fresh = Workspace(ws.path)
+    assert [fresh.read_file(s) for s in shas] == [edit(SCRIPT, "A = 1", f"A = {100 + k}") for k in range(20)]
+    assert git(ws, "fsck", "--no-dangling") == ""
+    for idx in pack_dir.glob("*.idx"):
+        assert subprocess.run(["git", "-C", str(ws.path), "verify-pack", str(idx)], capture_output=True).returncode == 0
 
 
 def test_a_committed_source_read_back_from_the_cache_is_what_git_stored(ws):
