@@ -746,7 +746,7 @@ class Engine:
 
     def _book_proposal(self, db: Session, run: Run, exp, source: Optional[str]) -> None:
         """What storing a new proposal's row (flushed: it has its id) brings with it in its transaction: its
-        Claude cost in the ledger; then its commit on a side ref (source given: it is valid; sets exp.commit)
+        Claude cost in the ledger; then its commit, off the branch (source given: it is valid; sets exp.commit)
         or, invalid, its event. `exp`: an Experiment, or for a valid one a row inserted by _insert_running (its
         values as attributes). Raises WorkspaceError when git fails."""
         if exp.cost_usd:
@@ -863,7 +863,7 @@ class Engine:
 
     def _insert_running(self, picks: list[tuple["NewProposal", Slot]], db: Session, run: Run) -> dict:
         """Store new proposals as `running` on their slots in the open transaction: one INSERT for all, their
-        commits on side refs (they need the ids; one pack for the round), one UPDATE for all. Returns
+        commits off the branch (they need the ids; one pack for the round), one UPDATE for all. Returns
         id(proposal) → the row's values as attributes. Raises WorkspaceError when git fails (the transaction
         is then rolled back)."""
         if not picks:
