@@ -48,7 +48,7 @@ def promotion_engine(tmp_path, data_dir, baseline_src):
     db = make_engine(f"sqlite:///{tmp_path / 'r.db'}")
     create_tables(db)
     proposer = FixedProposer([lambda src: src.replace("LR = 0.001", "LR = 0.02")])
-    eng = Engine(settings, db, ws, LocalRunner("cpu"), proposer, data_dir, max_experiments=1)
+    eng = Engine(settings, db, ws, LocalRunner("cpu", standby=True), proposer, data_dir, max_experiments=1)
     eng.setup()
     tick_until(eng, lambda: eng.finished())
     return eng, db, ws
