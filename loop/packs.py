@@ -133,36 +133,34 @@ def merge_packs(pack_dir: str, basenames: list[str]) -> tuple[str, int]:
     as they are (no decompression: each holds a whole object, so it can move to any offset). The sources are
     left in place (the caller removes them once the merged pack is in place). Returns (basename, objects).
     Raises ValueError when a source holds a delta or the result would pass 2 GiB, OSError when unreadable."""
-    seen: set[bytes] = set()
-    entries, offset = [], 12
+    plan, seen, size = [], set(), 12  # the indexes first: the header's count and the size are known up front
+    for base in basenames:
+        index = sorted(read_index(base + ".idx"), key=lambda e: e[2])
+        ends = [e[2] for e in index[1:]] + [os.path.getsize(base + ".pack") - 20]
+        copies = [(sha, crc, start, end) for (sha, crc, start), end in zip(index, ends) if sha not in seen]
+        seen.update(sha for sha, _, _, _ in copies)
+        size += sum(end - start for _, _, start, end in copies)
+        plan.append((base, copies))
+    if size > MAX_PACK_BYTES:
+        raise ValueError("a merged pack over 2 GiB needs 64-bit index offsets")
+    header = b"PACK" + struct.pack(">II", 2, len(seen))
+    h, entries, offset = hashlib.sha1(header), [], len(header)
     fd, tmp = tempfile.mkstemp(dir=pack_dir, prefix="tmp_pack_")
     try:
         with os.fdopen(fd, "wb") as out:
-            out.write(b"PACK" + struct.pack(">II", 2, 0))  # the count is patched once known
-            for base in basenames:
-                index = sorted(read_index(base + ".idx"), key=lambda e: e[2])
+            out.write(header)
+            for base, copies in plan:
                 data = Path(base + ".pack").read_bytes()
-                ends = [e[2] for e in index[1:]] + [len(data) - 20]
-                for (sha, crc, start), end in zip(index, ends):
+                for sha, crc, start, end in copies:
                     if (data[start] >> 4) & 7 not in WHOLE_TYPES:
                         raise ValueError(f"{base}.pack holds a delta; only whole objects are copied")
-                    if sha in seen:
-                        continue
-                    seen.add(sha)
-                    out.write(data[start:end])
+                    entry = data[start:end]
+                    out.write(entry)
+                    h.update(entry)
                     entries.append((sha, crc, offset))
                     offset += end - start
-                    if offset > MAX_PACK_BYTES:
-                        raise ValueError("a merged pack over 2 GiB needs 64-bit index offsets")
-            out.seek(8)
-            out.write(struct.pack(">I", len(entries)))
-        h = hashlib.sha1()
-        with open(tmp, "rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-        pack_sha = h.digest()
-        with open(tmp, "ab") as f:
-            f.write(pack_sha)
+            pack_sha = h.digest()
+            out.write(pack_sha)
         return _install(pack_dir, tmp, _index_bytes(entries, pack_sha), pack_sha), len(entries)
     except BaseException:
         _unlink(tmp)

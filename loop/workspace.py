@@ -351,8 +351,6 @@ class Workspace:
                 self._batch.append(item)
             else:
                 self._store([item])
-        if self._batch_owner != threading.get_ident():
-            self._remember(commit.id.decode(), path, source)  # the engine reads it back to start the experiment
         return commit.id.decode()
 
     @contextlib.contextmanager
@@ -376,11 +374,10 @@ class Workspace:
         if items:
             with self._repo_lock:
                 self._store(items)
-            for _, (_, _, commit), path, source in items:
-                self._remember(commit.id.decode(), path, source)
 
     def _store(self, items: list) -> None:
-        """Store experiment commits, (exp id, (blob, tree, commit), path, source) each; call with _repo_lock held.
+        """Store experiment commits, (exp id, (blob, tree, commit), path, source) each, and cache their sources;
+        call with _repo_lock held.
 
         Their objects go into one pack (loop/packs.py) with a commit that has the previous tip of
         refs/ratchet/experiments and each of theirs as parents, and the ref moves to it. So every experiment
@@ -395,15 +392,14 @@ class Workspace:
             self._tiers = packs.PackTiers(repo.object_store.pack_dir)
         empty = Tree()
         ids = ", ".join(f"#{exp_id}" for exp_id, _, _, _ in items)
-        objects = [(obj.type_num, obj.as_raw_string(), binascii.unhexlify(obj.id))
-                   for obj in [o for _, objs, _, _ in items for o in objs] + [empty]]
+        objects = [o for _, objs, _, _ in items for o in objs] + [empty]
         written = []
 
         def new_tip(old: bytes | None) -> bytes:  # with the ref locked: its old tip is the first parent
             log_commit = _commit(empty.id, ([old] if old else []) + [objs[2].id for _, objs, _, _ in items],
                                  f"experiments {ids}")
-            written.extend(packs.write_pack(self._tiers.pack_dir, objects + [
-                (log_commit.type_num, log_commit.as_raw_string(), binascii.unhexlify(log_commit.id))],
+            written.extend(packs.write_pack(self._tiers.pack_dir, [
+                (obj.type_num, obj.as_raw_string(), binascii.unhexlify(obj.id)) for obj in objects + [log_commit]],
                 self._pack_level))
             return log_commit.id
 
@@ -412,6 +408,8 @@ class Workspace:
         except OSError as e:
             raise WorkspaceError(f"cannot store the commits of experiment(s) {ids}: {e}") from e
         base, count = written
+        for _, (_, _, commit), path, source in items:
+            self._remember(commit.id.decode(), path, source)  # the engine reads it back to start the experiment
         if self._tiers.add(base, count) and not self._merge_pending:
             from concurrent.futures import ThreadPoolExecutor
 
