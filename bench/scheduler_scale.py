@@ -1,15 +1,15 @@
 """Scheduler scale: a simulated fleet through the real engine, database, git workspace and offline proposer.
 
-    python bench/scheduler_scale.py [--slots 8 64 512] [--trainer-s 5] [--seconds 60] [--knobs 200] [--prefill N]
+    python bench/scheduler_scale.py [--slots 64 256 1024] [--trainer-s 60] [--seconds 120] [--knobs 400]
 
 The trainer is simulated (each "experiment" returns after --trainer-s seconds with a plausible
 val_bpb: head's value plus noise, sometimes better), so what is measured is the loop itself. The
-simulated train.py is the template plus --knobs constants: the template alone gives the offline
-proposer about 111 edits per head, which a 512-slot fleet takes in one round, and then slots wait
-for head to move whatever the engine's speed (a fleet that size would run the Claude proposer).
+simulated train.py is the template plus --knobs constants, so that the offline proposer has an
+untried edit for every slot of the largest fleet (the template alone has fewer edits per head than
+such a fleet trains at once; a fleet that size would run the Claude proposer).
 Prints decisions per second, database time per experiment, slot idle fraction and the engine
 process's CPU (% of one core); writes bench/results/scheduler_scale.json.
-Target: at 512 slots with a 5 s trainer, slot idle fraction < 2% and engine CPU < 25% of one core.
+Target: at 1,024 slots with 60 s runs, slot idle fraction < 1% and engine CPU < 25% of one core.
 """
 
 from __future__ import annotations
@@ -29,17 +29,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import write_json  # noqa: E402
+from loop.runners.base import Handle, Outcome, Runner, Slot  # noqa: E402
 
 
 JITTER = 0.1  # a simulated run lasts trainer_s × U(1 - JITTER, 1 + JITTER)
 
 
-class SimHandle:
+class SimHandle(Handle):
     """A simulated experiment: done `seconds` after it started, with a result drawn around the current head;
     about 5% of train.py sources (the same ones on every run of them) are 0.01 better than head."""
 
     def __init__(self, job, slot, seconds: float, rng: random.Random, head_bpb: float):
-        from loop.runners.base import Outcome
         from trainer.result import Result
 
         self.exp_id, self.slot, self.pid, self.kind, self.description = job.exp_id, slot, None, "experiment", ""
@@ -68,7 +68,7 @@ class SimHandle:
         return None
 
 
-class SimRunner:
+class SimRunner(Runner):
     """N simulated slots on N/8 hosts. One clock thread finishes the runs that are due, as the fleet runners
     (SSH, Ray) watch all their runs from one thread: a thread per run would measure thread start-up under
     the GIL (milliseconds each when the engine is busy), not the engine."""
@@ -76,8 +76,6 @@ class SimRunner:
     name = "sim"
 
     def __init__(self, n: int, seconds: float, engine_ref: list):
-        from loop.runners.base import Slot
-
         self._slots = [Slot(f"sim{i // 8}:gpu{i % 8}", f"sim{i // 8}") for i in range(n)]
         self.seconds, self.rng, self.engine_ref = seconds, random.Random(0), engine_ref
         self.busy_s = 0.0
@@ -116,48 +114,10 @@ class SimRunner:
                 on_done()
 
 
-def prefill(db, run, n: int, rng: random.Random) -> None:
-    """Store what a run that has gone on for `n` experiments holds (a week at 512 GPUs and 5-minute runs is about
-    a million): finished experiments on 500 earlier heads (1% kept and confirmed once), a GPU-seconds ledger
-    row and a delivered event each, and a GPU cap (never reached), so costs that grow with a run's length show.
-    Core executemany in chunks: minutes of ORM objects otherwise."""
-    from sqlalchemy import insert
-
-    from db.models import BudgetLedger, BudgetLimit, Event, Experiment, column_values, utcnow
-
-    now, chunk = utcnow(), 20_000
-    with db.begin() as conn:
-        conn.execute(insert(BudgetLimit.__table__), [column_values(BudgetLimit, run_id=run.id, resource="gpu",
-                                                                   period="day", limit=1e12, set_by="bench")])
-        for start in range(0, n, chunk):
-            exps = []
-            for i in range(start, min(n, start + chunk)):
-                parent = f"{i // max(1, n // 500):040x}"[-40:]
-                kept = i % 100 == 0
-                exps.append(column_values(
-                    Experiment, run_id=run.id, kind="experiment", status="keep" if kept else "discard",
-                    parent_commit=parent, commit=f"{rng.getrandbits(160):040x}", proposer="offline",
-                    description=f"prefilled #{i}", edit_key=f"prefill:{i}", ast_hash=f"{rng.getrandbits(256):064x}",
-                    val_bpb=1.0 + rng.gauss(0, 0.002), seed=i, started_at=now, finished_at=now, wall_seconds=5.0,
-                    decision={"verdict": "keep" if kept else "discard"}))
-            ids = conn.execute(insert(Experiment.__table__).returning(Experiment.__table__.c.id,
-                                                                      sort_by_parameter_order=True), exps).scalars().all()
-            conn.execute(insert(Experiment.__table__), [column_values(
-                Experiment, run_id=run.id, kind="confirm", status="keep", confirms_id=i, parent_commit=e["parent_commit"],
-                commit=e["commit"], val_bpb=e["val_bpb"] + rng.gauss(0, 0.002), finished_at=now)
-                for i, e in zip(ids, exps) if e["status"] == "keep"])
-            conn.execute(insert(BudgetLedger.__table__), [column_values(
-                BudgetLedger, day="2026-01-01", run_id=run.id, experiment_id=i, kind="gpu_seconds", amount=5.0)
-                for i in ids])
-            conn.execute(insert(Event.__table__), [column_values(
-                Event, run_id=run.id, experiment_id=i, kind="discarded", text=f"#{i} prefilled", delivered_at=now,
-                delivery_ref="bench") for i in ids])
-
-
-def build(n_slots: int, trainer_s: float, knobs: int = 0, prefix: str = "bench-scale-", prefilled: int = 0):
+def build(n_slots: int, trainer_s: float, knobs: int = 0, prefix: str = "bench-scale-"):
     """The simulated fleet set up in a new temporary home: (engine, db engine), with the noise floor already
     measured (the simulation is about the steady state, not the baseline) and nothing started. knobs: extra
-    constants appended to the template's train.py; prefilled: experiments the run already holds (see prefill)."""
+    constants appended to the template's train.py."""
     from sqlmodel import select
 
     from db.models import Experiment, Run
@@ -189,18 +149,16 @@ def build(n_slots: int, trainer_s: float, knobs: int = 0, prefix: str = "bench-s
         for seed in range(2):
             s.add(Experiment(run_id=run.id, kind="baseline", status="keep", commit=run.baseline_commit,
                              parent_commit=run.baseline_commit, val_bpb=1.0, seed=seed))
-    if prefilled:
-        prefill(db, run, prefilled, random.Random(1))
     return engine, db
 
 
-def measure(n_slots: int, trainer_s: float, seconds: float, knobs: int = 0, prefilled: int = 0) -> dict:
+def measure(n_slots: int, trainer_s: float, seconds: float, knobs: int = 0) -> dict:
     from sqlalchemy import event, func
     from sqlmodel import Session, select
 
     from db.models import Experiment, utcnow
 
-    engine, db = build(n_slots, trainer_s, knobs, prefilled=prefilled)
+    engine, db = build(n_slots, trainer_s, knobs)
     db_time = [0.0]
 
     @event.listens_for(db, "before_cursor_execute")
@@ -215,7 +173,7 @@ def measure(n_slots: int, trainer_s: float, seconds: float, knobs: int = 0, pref
     # the steady state that follows, which is what a fleet running for days sees.
     t_start = time.time()
     engine.start()
-    while len(engine.handles) < n_slots and time.time() - t_start < 120:
+    while len(engine.handles) < n_slots and time.time() - t_start < 300:
         time.sleep(0.01)
     warmup = time.time() - t_start
     db_time[0] = 0.0
@@ -241,7 +199,7 @@ def measure(n_slots: int, trainer_s: float, seconds: float, knobs: int = 0, pref
         by_status = dict(s.exec(select(Experiment.status, func.count()).where(
             Experiment.kind == "experiment", Experiment.finished_at >= window_start).group_by(Experiment.status)).all())
     db.dispose()
-    shutil.rmtree(engine.settings.home, ignore_errors=True)  # a prefilled run's home is hundreds of MB
+    shutil.rmtree(engine.settings.home, ignore_errors=True)
     user, system = cpu1.ru_utime - cpu0.ru_utime, cpu1.ru_stime - cpu0.ru_stime
     cpu = user + system
     return {
@@ -250,36 +208,30 @@ def measure(n_slots: int, trainer_s: float, seconds: float, knobs: int = 0, pref
         "slot_idle_fraction": 1 - busy_area / (n_slots * wall), "engine_cpu_percent_of_one_core": 100 * cpu / wall,
         "engine_cpu_user_percent": 100 * user / wall, "engine_cpu_system_percent": 100 * system / wall,
         "kept": by_status.get("keep", 0), "invalid": by_status.get("invalid", 0),
-        "knobs": knobs, "warmup_seconds": warmup, "jitter": JITTER, "prefilled": prefilled,
+        "knobs": knobs, "warmup_seconds": warmup, "jitter": JITTER,
     }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--slots", type=int, nargs="+", default=[8, 64, 512])
-    ap.add_argument("--trainer-s", type=float, default=5.0)
-    ap.add_argument("--seconds", type=float, default=60.0, help="measured wall time per fleet size")
-    ap.add_argument("--knobs", type=int, default=200,
-                    help="extra constants in the simulated train.py (the template alone gives the offline "
-                         "proposer ~111 edits per head: fewer than a 512-slot fleet takes in one round)")
-    ap.add_argument("--prefill", type=int, default=0,
-                    help="experiments the run already holds, with their ledger rows and events, and a GPU cap "
-                         "(a week at 512 GPUs and 5-minute runs is about a million)")
+    ap.add_argument("--slots", type=int, nargs="+", default=[64, 256, 1024])
+    ap.add_argument("--trainer-s", type=float, default=60.0, help="length of a simulated run, seconds")
+    ap.add_argument("--seconds", type=float, default=120.0, help="measured wall time per fleet size")
+    ap.add_argument("--knobs", type=int, default=400, help="extra constants in the simulated train.py")
     a = ap.parse_args()
     rows = []
     for n in a.slots:
-        r = measure(n, a.trainer_s, a.seconds, a.knobs, a.prefill)
+        r = measure(n, a.trainer_s, a.seconds, a.knobs)
         rows.append(r)
         print(f"{n:4d} slots × {a.trainer_s:g} s trainer: {r['decisions_per_s']:6.1f} decisions/s, "
               f"DB {1000 * r['db_seconds_per_experiment']:.1f} ms/experiment, slot idle {100 * r['slot_idle_fraction']:.1f}%, "
               f"engine CPU {r['engine_cpu_percent_of_one_core']:.0f}% of a core (user {r['engine_cpu_user_percent']:.0f}%, "
               f"system {r['engine_cpu_system_percent']:.0f}%; {r['decisions']} decisions, "
-              f"{r['kept']} kept, {r['invalid']} invalid; first fill of all slots {r['warmup_seconds']:.1f} s"
-              + (f"; {r['prefilled']} experiments before" if r["prefilled"] else "") + ")")
-    big = [r for r in rows if r["slots"] == 512]
+              f"{r['kept']} kept, {r['invalid']} invalid; first fill of all slots {r['warmup_seconds']:.1f} s)")
+    big = [r for r in rows if r["slots"] == 1024]
     if big:
-        ok = big[0]["slot_idle_fraction"] < 0.02 and big[0]["engine_cpu_percent_of_one_core"] < 25
-        print(f"target at 512 slots (idle < 2%, CPU < 25%): {'met' if ok else 'NOT met'}")
+        ok = big[0]["slot_idle_fraction"] < 0.01 and big[0]["engine_cpu_percent_of_one_core"] < 25
+        print(f"target at 1,024 slots (idle < 1%, CPU < 25%): {'met' if ok else 'NOT met'}")
     write_json("scheduler_scale", {"runs": rows})
 
 

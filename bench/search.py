@@ -1,6 +1,7 @@
 """Search quality: the offline proposer for N experiments at budget B on CPU, then a false-keep check.
 
     python bench/search.py [--experiments 30] [--budget-s 60] [--recheck 3]
+    python bench/search.py --simulated [--experiments 200] [--seeds 3] [--fast-gain 0.02] [--drift 0.2]
 
 Prints the baseline and final head val_bpb, the % improvement, the number kept, and whether head
 reproduces: head re-trained with new seeds must land within 2σ of its recorded val_bpb. The baseline
@@ -8,6 +9,17 @@ is re-trained between head's re-runs, which shows how far the machine's speed dr
 (a time budget buys fewer steps on a slower moment): the drift, head's check with the drift taken
 out, and head vs baseline side by side are printed too; the target uses the plain check.
 Writes bench/results/search.json. Target: ≥ 3% lower val_bpb than the baseline, and head reproduces.
+
+--simulated: the keep rule on a simulated fleet (tests/simfleet.py: 8 hosts, the real engine, keep policy, git and
+SQLite; seconds per experiment, no training), σ 0.002 and 10% of changes truly 0.01 better (5σ), under injected
+heterogeneity (half the hosts faster by --fast-gain bpb at the same budget; the baseline repeats land on the slow
+half, then on the fast half) and drift (every host's speed falling by --drift over the run). Prints false keeps
+(a change that does nothing, kept) and missed gains (a real gain tried and never kept) for the old rule (the
+fleet names no hardware, so every result is one class; new-seed confirmation) and the new one (like with like
+per device_name, paired confirmation) side by side, the runs each spends per experiment, and the ideas still
+pending when the bounded search stopped (a rebased change queued: neither kept nor missed).
+Writes bench/results/search_simulated.json. Target: the new rule has 0 false keeps and misses at most a quarter of
+the real gains, with either injection.
 """
 
 from __future__ import annotations
@@ -24,13 +36,77 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import prepared_data, run_loop, write_json  # noqa: E402
 
 
+RULES = {"old": {"report_hardware": False, "confirm": "seeds"}, "new": {"report_hardware": True, "confirm": "paired"}}
+
+
+def simulated_case(scenario: str, rule: str, seed: int, a) -> dict:
+    """One simulated search: the fleet of `scenario` under `rule`, scored against the simulation's truth."""
+    import math
+    import shutil
+
+    from tests.simfleet import SPEED_SLOPE, SimFleet, SimHost, build, run_until_finished, score
+
+    fast = math.exp(a.fast_gain / SPEED_SLOPE)  # speed that lowers val_bpb by fast_gain at the same budget
+    slow_first = [SimHost(f"slow{i}", "NVIDIA A100-SXM4-80GB x1", 1.0) for i in range(4)] + \
+                 [SimHost(f"fast{i}", "NVIDIA H100 80GB HBM3 x1", fast) for i in range(4)]
+    hosts = {"heterogeneity, baseline on slow hosts": slow_first,
+             "heterogeneity, baseline on fast hosts": slow_first[4:] + slow_first[:4],
+             "drift": [SimHost(f"h{i}", "NVIDIA H100 80GB HBM3 x1") for i in range(8)]}[scenario]
+    drift = a.drift if scenario == "drift" else 0.0
+    # the horizon: about as many runs as the search starts (experiments, confirmations, controls, baseline)
+    fleet = SimFleet(hosts, drift=drift, horizon=int(1.3 * a.experiments), seed=seed,
+                     report_hardware=RULES[rule]["report_hardware"])
+    home = Path(tempfile.mkdtemp(prefix="bench-search-sim-"))
+    try:
+        eng, db = build(home, fleet, max_experiments=a.experiments, confirm=RULES[rule]["confirm"])
+        run_until_finished(eng)
+        out = score(db, fleet)
+        db.dispose()
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+    return {"scenario": scenario, "rule": rule, "seed": seed, **out, "runs": len(fleet.log)}
+
+
+def simulated(a) -> None:
+    """--simulated: the old and the new rule side by side under each injection (see the module docstring)."""
+    rows = []
+    for scenario in ("heterogeneity, baseline on slow hosts", "heterogeneity, baseline on fast hosts", "drift"):
+        for rule in ("old", "new"):
+            cases = [simulated_case(scenario, rule, seed, a) for seed in range(a.seed, a.seed + a.seeds)]
+            tot = {k: sum(c[k] for c in cases) for k in ("decided", "pending", "kept", "real_gains", "false_keeps",
+                                                          "missed_gains", "runs")}
+            rows.append({"scenario": scenario, "rule": rule, **tot, "cases": cases})
+    print(f"simulated fleet: 8 hosts, {a.experiments} experiments × {a.seeds} seeds per line; heterogeneity: half "
+          f"the hosts {a.fast_gain} bpb faster; drift: speed falling {100 * a.drift:.0f}% over the run")
+    print(f"{'injection':<40} {'rule':<4} {'false keeps':>11} {'missed gains':>14} {'kept':>5} {'runs/exp':>8} "
+          f"{'pending':>7}")
+    for r in rows:
+        print(f"{r['scenario']:<40} {r['rule']:<4} {r['false_keeps']:>11} "
+              f"{r['missed_gains']:>6} of {r['real_gains']:<4} {r['kept']:>5} "
+              f"{r['runs'] / (r['decided'] + r['pending']):>8.2f} {r['pending']:>7}")
+    new = [r for r in rows if r["rule"] == "new"]
+    ok = all(r["false_keeps"] == 0 and r["missed_gains"] <= r["real_gains"] / 4 for r in new)
+    print(f"target (new rule: 0 false keeps, ≤ 1/4 of real gains missed, every injection): {'met' if ok else 'NOT met'}")
+    write_json("search_simulated", {"experiments": a.experiments, "seeds": a.seeds, "fast_gain": a.fast_gain,
+                                    "drift": a.drift, "rows": rows, "target_met": ok})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--experiments", type=int, default=30)
+    ap.add_argument("--experiments", type=int, default=None, help="default 30, or 200 with --simulated")
     ap.add_argument("--budget-s", type=float, default=60.0)
     ap.add_argument("--recheck", type=int, default=3, help="new-seed re-runs of the final head")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--simulated", action="store_true", help="the keep rule on a simulated fleet (no training)")
+    ap.add_argument("--seeds", type=int, default=3, help="--simulated: searches per line")
+    ap.add_argument("--fast-gain", type=float, default=0.02, help="--simulated: the fast hosts' val_bpb advantage")
+    ap.add_argument("--drift", type=float, default=0.2, help="--simulated: fraction the speed falls over the run")
     a = ap.parse_args()
+    if a.simulated:
+        a.experiments = a.experiments or 200
+        simulated(a)
+        return
+    a.experiments = a.experiments or 30
     from sqlmodel import Session, select
 
     from db.models import Experiment, Run

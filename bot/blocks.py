@@ -185,7 +185,8 @@ def kept_blocks(ev) -> list[dict]:
         floor += f" · keep below −{decision['threshold']:.4f}"
     fields.append(f"*Noise floor*\n{floor}")
     secs = p.get("training_seconds")
-    where = escape(p.get("host") or p.get("slot") or "?")
+    where = escape(p.get("host") or p.get("slot") or "?") + (f" ({escape(p['device_name'])})"
+                                                              if p.get("device_name") else "")
     fields.append(f"*Training*\n{secs:.1f} s on {where}" if secs is not None else f"*Training*\non {where}")
     blocks.append({"type": "section", "fields": [_mrkdwn(f, FIELD_MAX) for f in fields]})
     blocks.append(context(f"experiment #{exp_id}" + (f" · commit `{p['commit'][:10]}`" if p.get("commit") else "")))

@@ -91,9 +91,9 @@ def propose(dry_run: bool = typer.Option(True, "--dry-run/--no-dry-run", help="p
     engine = Engine(settings, db, ws, LocalRunner(settings.device), proposer, data_dir, device=device)
     run_row = engine.setup(reconcile=False)  # read-only next to a live serve: never re-queue its experiments
     head = ws.read_file(run_row.head_commit)
-    state = engine.research_state(run_row)
+    state = engine.proposals.research_state(run_row)
     try:
-        p = proposer.propose(head, run_row.head_commit, engine.history(run_row.id), state)
+        p = proposer.propose(head, run_row.head_commit, engine.proposals.history(run_row), state)
     except ProposalRejected as e:
         console.print(f"no usable proposal: {e.reason} (cost ${e.cost_usd:.4f})")
         raise typer.Exit(1)
@@ -145,23 +145,31 @@ def init(directory: Optional[Path] = typer.Argument(None, help="default: <home>/
 
 
 @data_app.command("prepare")
-def data_prepare(corpus: Optional[str] = typer.Option(None, help="shakespeare | stdlib | parquet:DIR | text:GLOB"),
-                 vocab_size: Optional[int] = typer.Option(None, help="BPE vocabulary size (default 4096)"),
+def data_prepare(corpus: Optional[str] = typer.Option(
+                     None, help="shakespeare | stdlib | climbmix[:N] | fineweb-edu[:N] | "
+                                "parquet:https://…/shard_{:05d}.parquet[:N] | parquet:DIR | text:GLOB"),
+                 vocab_size: Optional[int] = typer.Option(
+                     None, help="BPE vocabulary size (default 4096; 8192 for climbmix, fineweb-edu, parquet URLs)"),
+                 base_url: Optional[str] = typer.Option(
+                     None, help="a mirror of climbmix / fineweb-edu: the URL holding its shard_NNNNN.parquet files "
+                                "(default $RATCHET_CORPUS_BASE_URL, else Hugging Face)"),
                  config: Optional[Path] = ConfigOpt):
     """Fetch or read a corpus, train the tokenizer, write token shards and the manifest (idempotent)."""
     from trainer.data import CorpusError, load_manifest, prepare
 
     settings = _settings(config, corpus=corpus, vocab_size=vocab_size)
     try:
-        out, did = prepare(settings.corpus, settings.vocab_size, home=settings.home, console=err)
+        out, did = prepare(settings.corpus, settings.vocab_size, home=settings.home, console=err,
+                           base_url=base_url or settings.corpus_base_url)
     except (CorpusError, ValueError) as e:
-        err.print(f"[red]{e}[/red]")
+        err.print(str(e), style="red", markup=False, soft_wrap=True)  # messages hold brackets: ratchet[parquet]
         raise typer.Exit(2)
     m = load_manifest(out)
     if not did:
         console.print(f"already prepared, nothing to do: {out}")
     console.print(f"{m['corpus']}: vocab {m['vocab_size']}, {m['tokens']['train']:,} train / "
-                  f"{m['tokens']['val']:,} validation tokens ({m['documents']['val']} held-out documents) in {out}")
+                  f"{m['tokens']['val']:,} validation tokens ({m['documents']['val']} held-out documents) in {out}",
+                  markup=False, soft_wrap=True)
 
 
 @app.command()
@@ -174,7 +182,8 @@ def train(script: Optional[Path] = typer.Option(None, help="a train.py (default:
 
     settings = _settings(config, budget_s=budget_s)
     try:
-        data_dir, _ = prepare(settings.corpus, settings.vocab_size, home=settings.home, console=err)
+        data_dir, _ = prepare(settings.corpus, settings.vocab_size, home=settings.home, console=err,
+                              base_url=settings.corpus_base_url)
     except CorpusError as e:
         err.print(f"[red]{e}[/red]")
         raise typer.Exit(2)

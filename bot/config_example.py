@@ -23,17 +23,22 @@ NOTES: dict[str, tuple[str | None, str | None, Any]] = {
     "database_url": ("SQLAlchemy URL (postgresql://… for PostgreSQL); better set RATCHET_DATABASE_URL, it holds a "
                      "password", "SQLite <home>/ratchet.db", "postgresql://ratchet:CHANGE_ME@localhost:5432/ratchet"),
     "workspace": (None, "<home>/workspace", "/var/lib/ratchet/workspace"),
-    "corpus": ("training corpus: shakespeare | stdlib | parquet:DIR (a text column; last shard is validation) | "
-               "text:GLOB", None, None),
-    "vocab_size": ("BPE vocabulary size, 257..65536 (tokens are uint16)", None, None),
-    "grace_s": (None, "60 + budget_s / 2", 90.0),
-    "eval_tokens": ("validation tokens scored for val_bpb", "2^15 on CPU, 2^22 on CUDA", 4194304),
+    "corpus": ("training corpus: shakespeare | stdlib | climbmix[:N] | fineweb-edu[:N] (web corpora over HTTP, N "
+               "train shards) | parquet:https://…/shard_{:05d}.parquet[:N] | parquet:DIR (a text column; last "
+               "shard is validation) | text:GLOB", None, None),
+    "vocab_size": ("BPE vocabulary size, 257..65536 (tokens are uint16)", "8192 for web corpora, else 4096", 8192),
+    "corpus_base_url": (None, "the corpus's own (Hugging Face)", "https://mirror.example/climbmix"),
+    "grace_s": ("seconds past the budget before a run is a timeout (the last step and the export)",
+                "30 + budget_s / 10", 90.0),
+    "eval_tokens": ("validation tokens scored for val_bpb", "2^14 on CPU, 2^22 on CUDA", 4194304),
     "seq_len": ("sequence length handed to train.py (ctx.seq_len)", "train.py's own (256 on CPU, 2048 on CUDA)",
                 2048),
     "device": ("auto (cuda, then mps, then cpu) | cuda | mps | cpu", None, None),
     "proposer": ("offline (hyperparameter search, no network) | claude (Anthropic API)",
                  "claude when ANTHROPIC_API_KEY is set, else offline", "claude"),
-    "claude_max_tokens": ("output tokens per Claude answer, at most", None, None),
+    "claude_max_tokens": ("output tokens per Claude answer (thinking included), at most", None, None),
+    "proposer_concurrency": ("most Claude requests in flight (the swarm); lowered while the API rate-limits",
+                             "one per slot, at most 64", 16),
     "claude_timeout_s": ("seconds per Anthropic request", None, None),
     "claude_prices": (None, "{} (loop/pricing.py's table)",
                       {"claude-opus-4": {"input": 5.0, "output": 25.0, "cache_write": 6.25, "cache_read": 0.5}}),

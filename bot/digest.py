@@ -10,7 +10,7 @@ from loop import budget
 from loop.digest import Digest, PlotData
 
 STATUS_COLOURS = {"baseline": "#555555", "keep": "#2ca02c", "discard": "#bbbbbb", "crash": "#d62728",
-                  "timeout": "#ff7f0e", "pruned": "#9467bd"}
+                  "timeout": "#ff7f0e", "refused": "#8c564b", "pruned": "#9467bd"}
 
 
 MAX_KEPT_LINES = 15  # a phone screen's worth
@@ -39,7 +39,9 @@ def digest_text(d: Digest) -> str:
     if d.kept:
         lines.append(f"kept ({len(d.kept)}):")
         lines += [f"  #{k.id} {k.description}: {_bpb(k.val_bpb)}" + (f" ({k.delta:+.4f})" if k.delta is not None
-                                                                      else "") for k in d.kept[-MAX_KEPT_LINES:]]
+                                                                      else "") + (f" on {k.hardware}" if k.hardware
+                                                                                  else "")
+                  for k in d.kept[-MAX_KEPT_LINES:]]
         if len(d.kept) > MAX_KEPT_LINES:
             lines.append(f"  … and {len(d.kept) - MAX_KEPT_LINES} earlier")
     else:
@@ -47,6 +49,11 @@ def digest_text(d: Digest) -> str:
     counts = ", ".join(f"{s} {n}" for s, n in sorted(d.counts.items())) or "none"
     rate = f", keep rate {100 * d.keep_rate:.0f}%" if d.keep_rate is not None else ""
     lines.append(f"experiments: {d.finished} finished ({counts}){rate}; {d.total_experiments} in the run")
+    if d.by_direction:
+        lines.append("keeps by direction: " + ", ".join(
+            f"{name} {k}/{n}" for name, (n, k) in sorted(d.by_direction.items(), key=lambda x: (-x[1][1], x[0]))))
+    if d.duplicate_rate is not None:
+        lines.append(f"duplicate ideas: {100 * d.duplicate_rate:.0f}% of Claude's proposals")
     if d.pruned_saved_s:
         lines.append(f"early pruning saved {d.pruned_saved_s / 3600:.2f} GPU-hours ({d.counts.get('pruned', 0)} runs)")
     lines.append("budget:")

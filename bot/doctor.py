@@ -6,6 +6,7 @@ and never prints a secret: every token, key and password is masked in what it pr
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,12 +220,12 @@ def check_anthropic(settings, env: Mapping[str, str]) -> Check:
 
 def check_runner(settings, ssh_health: Optional[Callable] = None) -> list[Check]:
     """The runner: local (torch sees the configured device), ssh (each [[hosts]] entry through
-    loop/runners/ssh.py's health: connect, GPUs, free disk, Python), ray (not checked here)."""
+    loop/runners/ssh.py's health: connect, GPUs, free disk, Python), ray (installed; the cluster is not asked)."""
     if settings.runner == "local":
         try:
             import torch
 
-            from trainer.harness import pick_device
+            from trainer.worker import pick_device
 
             dev = pick_device(settings.device)
             if dev.type == "cuda" and not torch.cuda.is_available():
@@ -236,6 +237,8 @@ def check_runner(settings, ssh_health: Optional[Callable] = None) -> list[Check]
         note = "" if dev.type != "cpu" or settings.device == "cpu" else " (no GPU found: training on CPU)"
         return [Check("runner", "ok", f"local runner on {dev.type}, torch {torch.__version__}{note}")]
     if settings.runner == "ray":
+        if importlib.util.find_spec("ray") is None:
+            return [Check("runner", "fail", "runner = \"ray\" but Ray is not installed", "pip install 'ratchet[ray]'")]
         return [Check("runner", "ok", f"ray runner at {settings.ray_address or 'a local Ray instance'} "
                                       f"(not checked here)")]
     if not settings.hosts:
@@ -271,6 +274,25 @@ def check_runner(settings, ssh_health: Optional[Callable] = None) -> list[Check]
     return out
 
 
+def check_sandbox(settings) -> Check:
+    """What the proposal sandbox enforces on this machine (local runner; SSH and Ray hosts sandbox their own runs):
+    fail when it is on but cannot run (nothing would train), warn for each protection that is missing."""
+    if settings.runner != "local":
+        return Check("sandbox", "ok", f"{settings.runner} runner: each host's harness sandboxes its own runs "
+                                      "(deploy/bootstrap-gpu-host.sh installs bubblewrap)")
+    from loop.runners.local import sandbox_config
+    from trainer.sandbox import describe, features
+
+    f = features(sandbox_config(settings))
+    line = describe(f)
+    if f["mode"] == "unavailable":
+        return Check("sandbox", "fail", line, "install bubblewrap (apt-get install bubblewrap uidmap), or set "
+                                              "sandbox = false to run proposals unconfined (README, Trust model)")
+    if f["missing"]:
+        return Check("sandbox", "warn", line, "README, Trust model: what each missing protection needs")
+    return Check("sandbox", "ok", line)
+
+
 def check_data(settings) -> Check:
     """The configured corpus's preparation in <home>/data: present, and its fingerprints (tokenizer, byte table,
     validation shard) match the manifest (trainer.data.verify_fingerprints)."""
@@ -291,7 +313,7 @@ def check_data(settings) -> Check:
 
 def run_checks(config: Optional[Path] = None, env: Mapping[str, str] = os.environ,
                ssh_health: Optional[Callable] = None) -> tuple[list[Check], object]:
-    """Every check, in order: config, database, slack, anthropic, runner / hosts, data. Returns (checks, the
+    """Every check, in order: config, database, slack, anthropic, runner / hosts, sandbox, data. Returns (checks, the
     Settings or None). A config that does not load stops the rest (they need it)."""
     first, settings = check_config(config)
     if settings is None:
@@ -299,7 +321,7 @@ def run_checks(config: Optional[Path] = None, env: Mapping[str, str] = os.enviro
     checks = [first]
     for fn in (lambda: [check_database(settings)], lambda: check_slack(settings, env),
                lambda: [check_anthropic(settings, env)], lambda: check_runner(settings, ssh_health),
-               lambda: [check_data(settings)]):
+               lambda: [check_sandbox(settings)], lambda: [check_data(settings)]):
         try:
             checks += fn()
         except Exception as e:  # a check that breaks is a failed check, not a crashed doctor

@@ -1,7 +1,7 @@
 """Slack roles: which of viewer / operator / admin a Slack user holds, from the `slack_roles` setting.
 
-Resolves user-group ids with usergroups.users.list (cached); never decides what a role may do (that is
-bot/commands.py's REQUIRED_ROLE).
+Resolves user-group ids with usergroups.users.list (cached); never decides what a role may do (each command
+declares its role in bot/commands.py).
 """
 
 from __future__ import annotations

@@ -14,10 +14,14 @@ from pathlib import Path
 from typing import Optional
 
 from rich.console import Console
+from rich.markup import escape
 
 from bot.commands import format_status
 from bot.shell import ShellBackend
 from db.migrate import SchemaError, open_database
+from db.models import Run
+from db.session import is_transient
+from loop import budget
 from loop.config import Settings
 from loop.control import Control
 from loop.engine import Engine
@@ -73,7 +77,7 @@ class _SecretFilter(logging.Filter):
 
 def resolve_device(name: str) -> str:
     """The device type experiments will use: cuda / mps / cpu (what `auto` picks on this machine)."""
-    from trainer.harness import pick_device
+    from trainer.worker import pick_device
 
     return pick_device(name).type
 
@@ -109,7 +113,10 @@ def make_runner(settings: Settings):
         # host keys learned on first contact live with the service's state; the engine runs the health checks
         return SSHRunner(settings.hosts, known_hosts_file=settings.home / "known_hosts", health_interval_s=None)
     if settings.runner == "ray":
-        from loop.runners.ray_runner import RayRunner
+        try:
+            from loop.runners.ray_runner import RayRunner
+        except ImportError as e:  # its message names the extra to install
+            raise ServeError(f"runner = ray: {e}") from e
 
         return RayRunner.from_settings(settings)
     return LocalRunner(settings.device, standby=settings.standby)
@@ -137,17 +144,24 @@ def prepare_everything(settings: Settings, console: Console):
         db = open_database(settings.db_url)
     except SchemaError as e:
         raise ServeError(str(e)) from None
-    data_dir, did = tdata.prepare(settings.corpus, settings.vocab_size, home=settings.home, console=console)
+    data_dir, did = tdata.prepare(settings.corpus, settings.vocab_size, home=settings.home, console=console,
+                                  base_url=settings.corpus_base_url)
     console.print(f"data: {data_dir} ({'prepared now' if did else 'ready'})")
     ws = Workspace.init(settings.workspace)
     return data_dir, ws, db
+
+
+STRANDED = 3  # exit code of a bounded serve stopped because its paused run cannot be resumed
 
 
 def serve(settings: Settings, *, max_experiments: Optional[int] = None, budget_explicit: bool = False,
           console: Optional[Console] = None, read_commands: Optional[bool] = None) -> int:
     """Run the loop until max_experiments are done (forever when None) or SIGINT/SIGTERM.
 
-    On a signal the running experiments are killed and re-run at the next start. Returns an exit code.
+    On a signal the running experiments are killed and re-run at the next start. A bounded run (max_experiments)
+    that is paused with nothing training and no way to take `resume` (stdin closed, no Slack; a daily budget's
+    pause lifts by itself at the rollover, so it is waited for) stops with exit code STRANDED instead of waiting
+    for ever. Returns an exit code (0: done).
     Raises ServeError when the existing run's budget conflicts with an explicit --budget-s.
     """
     console = console or Console(highlight=False)
@@ -189,11 +203,20 @@ def serve(settings: Settings, *, max_experiments: Optional[int] = None, budget_e
     engine.start()
     shell.start()
     progress = _Progress(console, engine)
+    code = 0
     try:
         while not stop.is_set():
             shell.deliver()
             progress.update()
             if engine.finished():
+                break
+            run = stranded(engine, shell) if max_experiments is not None else None
+            if run is not None:
+                console.print(f"[red]run {run.name!r} is paused ({escape(run.pause_reason)}) and nothing here can "
+                              f"resume it (stdin is closed, no Slack): stopping before {max_experiments} "
+                              f"experiment(s). Run `ratchet serve` in a terminal, or with Slack, and type "
+                              f"`resume`.[/red]")
+                code = STRANDED
                 break
             stop.wait(0.5)
     finally:
@@ -206,7 +229,24 @@ def serve(settings: Settings, *, max_experiments: Optional[int] = None, budget_e
         for s, h in old.items():
             signal.signal(s, h)
     console.print(format_status(control.status()))
-    return 0
+    return code
+
+
+def stranded(engine: Engine, chat) -> Optional[Run]:
+    """The run when it is paused, nothing trains, and no command can resume it: the chat takes none (a shell whose
+    stdin has closed) and the pause does not lift at the budget day's rollover. Else None, also while the
+    database is away."""
+    if chat.takes_commands():
+        return None
+    try:
+        if not engine.idle():
+            return None
+        run = engine.get_run()
+    except Exception as e:
+        if is_transient(e):
+            return None  # the database is away (the engine retries): nothing to decide until it is back
+        raise
+    return run if run.state == "paused" and not budget.lifts_at_rollover(run.pause_reason) else None
 
 
 class _Progress:

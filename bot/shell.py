@@ -65,6 +65,7 @@ class ShellBackend:
         self.user = user or os.environ.get("USER") or getpass.getuser()
         self.stdin = stdin
         self.read_commands = stdin_is_interactive(stdin) if read_commands is None else read_commands
+        self._input_closed = threading.Event()  # stdin reached its end: no command can come any more
         self._lock = threading.Lock()
         self._last_error = ""
 
@@ -142,9 +143,14 @@ class ShellBackend:
         t.start()
         return t
 
+    def takes_commands(self) -> bool:
+        """Whether a command can still come: stdin is a terminal or a pipe and has not reached its end."""
+        return self.read_commands and not self._input_closed.is_set()
+
     def _read_loop(self) -> None:
         for line in self.stdin:
             try:
                 self.answer(line)
             except Exception as e:  # noqa: BLE001 - a bad command must never end the session
                 self.console.print(f"[red]error: {escape(str(e))}[/red]")
+        self._input_closed.set()

@@ -486,6 +486,10 @@ class SlackBackend:
         self.notifier.start()
         self.server.start()
 
+    def takes_commands(self) -> bool:
+        """Always: Slack can send a command at any time."""
+        return True
+
     def deliver(self) -> int:
         """Ask the notifier for a delivery pass now; returns at once (0: nothing was posted by this call)."""
         self.notifier.wake()

@@ -5,12 +5,10 @@ Tables only: no business rules live here (those are in loop/).
 
 from __future__ import annotations
 
-import functools
 from datetime import datetime, timezone
 from typing import Any, Optional
 
 from sqlalchemy import JSON, Column, Index, Text
-from pydantic_core import PydanticUndefined
 from sqlmodel import Field, SQLModel
 
 
@@ -19,54 +17,10 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
-# Default factories as plain functions: pydantic inspects a factory's signature on every construction, and
-# for the builtins `list` and `dict` that costs 20-170 µs (an experiment row is built per proposal).
-def empty_list() -> list:
-    """A new []."""
-    return []
-
-
-def empty_dict() -> dict:
-    """A new {}."""
-    return {}
-
-
-def column_values(model: type[SQLModel], **fields: Any) -> dict:
-    """A row of `model`'s table as a Core INSERT takes it: `fields`, and every other column's default (its
-    default_factory called; an unset primary key left out for the database to assign).
-
-    For hot paths that insert many rows without building ORM objects: constructing an Experiment costs about
-    0.5 ms, as SQLModel sets each of its ~40 fields through SQLAlchemy's instrumentation. Raises KeyError for
-    a field that is not a column."""
-    row = {}
-    for name, default, factory in _column_defaults(model):
-        row[name] = factory() if factory is not None else default
-    for name in fields:
-        if name not in model.__table__.c:
-            raise KeyError(f"{model.__name__} has no column {name!r}")
-    row.update(fields)
-    return row
-
-
-@functools.cache
-def _column_defaults(model: type[SQLModel]) -> tuple[tuple[str, Any, Any], ...]:
-    """(column name, default, default factory or None) of each column of `model` that has a default."""
-    out = []
-    for name, f in model.model_fields.items():
-        column = model.__table__.c.get(name)
-        if column is None or (column.primary_key and f.default is None):
-            continue
-        if f.default_factory is not None:
-            out.append((name, None, f.default_factory))
-        elif f.default is not PydanticUndefined:
-            out.append((name, f.default, None))
-    return tuple(out)
-
-
 RUN_STATES = ("running", "paused")
 EXPERIMENT_STATUSES = ("proposed", "queued", "running", "confirming", "keep", "discard", "crash", "timeout",
-                       "pruned", "invalid", "aborted", "infra_failed")
-FINAL_STATUSES = frozenset({"keep", "discard", "crash", "timeout", "pruned", "invalid", "aborted"})
+                       "refused", "pruned", "invalid", "aborted", "infra_failed")
+FINAL_STATUSES = frozenset({"keep", "discard", "crash", "timeout", "refused", "pruned", "invalid", "aborted"})
 ACTIVE_STATUSES = frozenset({"proposed", "queued", "running", "confirming"})
 
 
@@ -81,8 +35,9 @@ class Run(SQLModel, table=True):
     baseline_commit: str
     head_commit: str
     head_val_bpb: Optional[float] = None  # mean of head's runs
-    head_runs: list = Field(default_factory=empty_list, sa_column=Column(JSON))  # val_bpb of each run of head
-    noise_sigma: Optional[float] = None  # σ of the baseline repeats
+    head_runs: list = Field(default_factory=list, sa_column=Column(JSON))  # val_bpb of each run of head
+    noise_sigma: Optional[float] = None  # σ pooled over every hardware class (shown; the rule uses class_sigma)
+    class_sigma: dict = Field(default_factory=dict, sa_column=Column(JSON))  # hardware class → its σ
     promoted_commit: str = ""  # the last commit whose gain was shown to transfer to a larger scale
     budget_s: float
     device: str = "cpu"
@@ -105,7 +60,9 @@ class Experiment(SQLModel, table=True):
                       # a commit's accepted runs (each stale result asks about its parent), what was tried on
                       # head (the proposer's history): without them, scans of every keep or every experiment
                       Index("ix_experiments_run_id_commit", "run_id", "commit"),
-                      Index("ix_experiments_run_id_parent_commit", "run_id", "parent_commit"))
+                      Index("ix_experiments_run_id_parent_commit", "run_id", "parent_commit"),
+                      # σ of one hardware class pools the runs of that class (loop/hardware.py)
+                      Index("ix_experiments_run_id_device_name", "run_id", "device_name"))
     id: Optional[int] = Field(default=None, primary_key=True)
     run_id: int = Field(foreign_key="runs.id", index=True)
     kind: str = "experiment"  # baseline | experiment | confirm | promotion
@@ -113,13 +70,14 @@ class Experiment(SQLModel, table=True):
     confirms_id: Optional[int] = Field(default=None, foreign_key="experiments.id", index=True)
     promotion_id: Optional[int] = Field(default=None, foreign_key="promotions.id", index=True)
     scale: str = ""  # scale name for promotion runs ("" = the loop's own)
-    scale_overrides: dict = Field(default_factory=empty_dict, sa_column=Column(JSON))  # passed to ctx.scale
+    scale_overrides: dict = Field(default_factory=dict, sa_column=Column(JSON))  # passed to ctx.scale
     budget_s: Optional[float] = None  # this experiment's budget when not the run's (promotions)
     status: str = Field(default="proposed", index=True)
     reason: str = Field(default="", sa_column=Column(Text))  # why invalid / crashed / aborted
     parent_commit: str = ""
     commit: str = ""  # the experiment commit (reachable from refs/ratchet/experiments)
     proposer: str = ""
+    direction: str = ""  # the research direction of program.md the proposal was asked for ("" = none)
     description: str = Field(default="", sa_column=Column(Text))
     hypothesis: str = Field(default="", sa_column=Column(Text))
     diff: str = Field(default="", sa_column=Column(Text))
@@ -137,11 +95,15 @@ class Experiment(SQLModel, table=True):
     params: Optional[int] = None
     host: str = ""
     slot: str = ""
+    # the hardware class it trained on: result.json's device_name as the harness reported it
+    device_name: str = ""
+    # the hardware class it must train on ("" any): a paired control or confirmation, a promotion's second side
+    hardware: str = ""
     cost_usd: float = 0.0  # proposer spend for this proposal
-    usage: dict = Field(default_factory=empty_dict, sa_column=Column(JSON))  # proposer token accounting
-    decision: dict = Field(default_factory=empty_dict, sa_column=Column(JSON))  # ratchet rule inputs and verdict
+    usage: dict = Field(default_factory=dict, sa_column=Column(JSON))  # proposer token accounting
+    decision: dict = Field(default_factory=dict, sa_column=Column(JSON))  # ratchet rule inputs and verdict
     log_tail: str = Field(default="", sa_column=Column(Text))
-    curve: list = Field(default_factory=empty_list, sa_column=Column(JSON))  # [[elapsed_s, loss], …], ≤ 200 points
+    curve: list = Field(default_factory=list, sa_column=Column(JSON))  # [[elapsed_s, loss], …], ≤ 200 points
     attempts: int = 0  # starts, re-runs after a restart or a dead host included
     pid: Optional[int] = None  # local runner: the process group, to clean up after a crash of serve
     workdir: str = ""
@@ -160,12 +122,12 @@ class Promotion(SQLModel, table=True):
     candidate_commit: str
     reference_commit: str  # the run's baseline, or the last promoted commit
     scale: str  # name in the scale ladder
-    scale_overrides: dict = Field(default_factory=empty_dict, sa_column=Column(JSON))
+    scale_overrides: dict = Field(default_factory=dict, sa_column=Column(JSON))
     budget_s: float
     seeds: int = 2
     status: str = "queued"  # queued | running | done | cancelled | failed
     verdict: str = ""  # transfers | does_not_transfer | inconclusive | scale_ignored
-    result: dict = Field(default_factory=empty_dict, sa_column=Column(JSON))  # deltas, σ, runs, params per side
+    result: dict = Field(default_factory=dict, sa_column=Column(JSON))  # deltas, σ, runs, params per side
     requested_by: str = ""
     created_at: datetime = Field(default_factory=utcnow)
     finished_at: Optional[datetime] = None
@@ -180,7 +142,7 @@ class Event(SQLModel, table=True):
     experiment_id: Optional[int] = Field(default=None, foreign_key="experiments.id")
     kind: str  # kept | discarded | crashed | invalid | aborted | baseline | paused | resumed | ...
     text: str = Field(sa_column=Column(Text))  # one readable line
-    payload: dict = Field(default_factory=empty_dict, sa_column=Column(JSON))
+    payload: dict = Field(default_factory=dict, sa_column=Column(JSON))
     created_at: datetime = Field(default_factory=utcnow)
     delivered_at: Optional[datetime] = Field(default=None, index=True)
     delivery_ref: str = ""  # e.g. the Slack message ts, so a restart never posts twice

@@ -11,12 +11,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Sequence, TypeVar
 
-from sqlalchemy import event, insert
+from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, SQLModel, create_engine
 
 from db import models  # noqa: F401 - registers the tables on SQLModel.metadata
-from db.models import column_values
 
 log = logging.getLogger("ratchet.db")
 T = TypeVar("T")
@@ -86,46 +85,14 @@ def schema_is_empty(engine: Engine) -> bool:
 
 @contextmanager
 def session_scope(engine: Engine) -> Iterator[Session]:
-    """One transaction: commits on success (rows queued with add_row included), rolls back on any exception
-    and re-raises it."""
+    """One transaction: commits on success, rolls back on any exception and re-raises it."""
     with Session(engine, expire_on_commit=False) as s:
         try:
             yield s
-            insert_queued(s)
             s.commit()
         except BaseException:
             s.rollback()
             raise
-
-
-_QUEUED = "ratchet_queued_rows"
-
-
-def add_row(db: Session, model: type[SQLModel], **fields) -> None:
-    """Queue one row of `model`'s table for a Core INSERT in `db`'s transaction: `fields` plus the model's
-    defaults (db.models.column_values). Rows are written, each table's in the order queued, with one
-    executemany per table at the session's next flush of ORM changes, at insert_queued, or at session_scope's
-    commit, whichever comes first; a rollback drops them with the rest of the transaction.
-
-    For the hot path that writes rows nobody reads back as objects (an outbox event and a ledger row per
-    result): building a SQLModel object costs about 0.3 ms, as every field is set through SQLAlchemy's
-    instrumentation. The rows are inserted before the flush's own ORM inserts, so they may only reference
-    rows already in the database. Raises KeyError for a field that is not a column."""
-    db.info.setdefault(_QUEUED, {}).setdefault(model, []).append(column_values(model, **fields))
-
-
-def insert_queued(db: Session) -> None:
-    """Write the rows queued with add_row in `db` now (one executemany per table). Raises what the database
-    raises."""
-    queued = db.info.pop(_QUEUED, None)
-    for model, rows in (queued or {}).items():
-        db.connection().execute(insert(model.__table__), rows)
-
-
-@event.listens_for(Session, "before_flush")
-def _insert_queued_before_flush(session, flush_context, instances) -> None:
-    # An autoflush before a query writes them too, so that query sees them, as it would see ORM rows.
-    insert_queued(session)
 
 
 def is_transient(e: BaseException) -> bool:

@@ -2,7 +2,8 @@
 # Prepare a GPU host for Ratchet's SSH runner; run once per host, as root (or as the ratchet user itself).
 #
 # Creates the user (when root), its workdir, and a venv <workdir>/venv with torch (the CUDA build from
-# PyPI), numpy and tokenizers; installs the service's public key; checks the GPUs; prints the
+# PyPI), numpy and tokenizers; installs the service's public key; installs the proposal sandbox (bubblewrap,
+# uidmap and a subordinate uid range for the user: README, Trust model); checks the GPUs; prints the
 # [[hosts]] entry for ratchet.toml. Idempotent: run it again to upgrade or to check.
 # The runner uploads the trainer package and the data itself at first contact; nothing else is needed.
 set -euo pipefail
@@ -77,6 +78,22 @@ if ! id "$USER_NAME" >/dev/null 2>&1; then
     else useradd --create-home --shell /bin/bash "$USER_NAME"; fi
 fi
 HOME_DIR="$(getent passwd "$USER_NAME" | cut -d: -f6 || true)"
+
+# ---- The proposal sandbox: bubblewrap, and subordinate uids that own nothing for proposals to run as ----
+if [ "$CHECK" = 0 ] && [ "$(id -u)" = 0 ]; then
+    if ! command -v bwrap >/dev/null || ! command -v newuidmap >/dev/null; then
+        say "installing bubblewrap and uidmap"
+        if [ "$DRY" = 1 ]; then echo "    would run: apt-get install -y bubblewrap uidmap"
+        elif command -v apt-get >/dev/null; then apt-get install -y -q bubblewrap uidmap >/dev/null
+        elif command -v dnf >/dev/null; then dnf install -y -q bubblewrap shadow-utils
+        else die "install bubblewrap and newuidmap (uidmap / shadow-utils) with this system's package manager"; fi
+    fi
+    if [ "$USER_NAME" != root ] && ! grep -q "^$USER_NAME:" /etc/subuid 2>/dev/null; then
+        say "giving $USER_NAME subordinate uids 100000-165535 (the uids proposals run as)"
+        if [ "$DRY" = 1 ]; then echo "    would run: usermod --add-subuids 100000-165535 --add-subgids 100000-165535 $USER_NAME"
+        else usermod --add-subuids 100000-165535 --add-subgids 100000-165535 "$USER_NAME"; fi
+    fi
+fi
 HOME_DIR="${HOME_DIR:-/home/$USER_NAME}"
 WORKDIR="${WORKDIR:-$HOME_DIR/ratchet}"
 VENV="$WORKDIR/venv"
@@ -129,6 +146,10 @@ if [ "$CPU_ONLY" = 0 ]; then
     [ "$TORCH_GPUS" = "$GPUS" ] || die "torch sees $TORCH_GPUS GPUs, nvidia-smi $GPUS (driver too old for this torch's CUDA?)"
 fi
 command -v setsid >/dev/null || die "setsid not found (util-linux): the runner starts each experiment in its own session"
+command -v bwrap >/dev/null || die "bwrap not found: install bubblewrap (proposals run only inside it)"
+if [ "$USER_NAME" != root ] && ! grep -q "^$USER_NAME:" /etc/subuid 2>/dev/null; then
+    say "warning: $USER_NAME has no subordinate uids: proposals run as its own uid in a user namespace"
+fi
 FREE="$(df -Pk "$WORKDIR" | tail -n 1 | awk '{print $4}')"
 say "free disk in $WORKDIR: $((FREE / 1024 / 1024)) GiB"
 

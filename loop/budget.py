@@ -108,38 +108,12 @@ def limits(db: Session, run_id: int, settings) -> dict[tuple[str, str], Optional
     return out
 
 
-class LedgerTotals:
-    """A run's spend per (ledger kind, budget day), kept up to date by reading only the ledger rows added since
-    the last read. The engine asks whether a cap is reached on every tick; summing the whole ledger each time
-    costs a row per experiment ever run (a week of a large fleet: millions). Ledger rows are only added,
-    never changed, and only by the engine's thread, so they commit in id order. Read it with a session that
-    holds no uncommitted ledger rows (they might yet roll back)."""
-
-    def __init__(self, run_id: int):
-        self.run_id = run_id
-        self.read_upto = 0  # the last ledger id summed
-        self.sums: dict[tuple[str, str], float] = {}  # (kind, day) → amount (GPU-seconds or USD)
-
-    def read(self, db: Session) -> list[tuple[str, str, float]]:
-        """(kind, day, amount) per kind and day, as caps() sums them from the whole ledger."""
-        for i, kind, day, amount in db.exec(select(BudgetLedger.id, BudgetLedger.kind, BudgetLedger.day,
-                                                   BudgetLedger.amount)
-                                            .where(BudgetLedger.run_id == self.run_id,
-                                                   BudgetLedger.id > self.read_upto).order_by(BudgetLedger.id)):
-            self.sums[(kind, day)] = self.sums.get((kind, day), 0.0) + amount
-            self.read_upto = i
-        return [(kind, day, amount) for (kind, day), amount in self.sums.items()]
-
-
-def caps(db: Session, run_id: int, settings, now: Optional[datetime] = None,
-         totals: Optional[LedgerTotals] = None) -> list[Cap]:
-    """Every budget line with its spend: today's (budget day in settings.timezone) and the run's total.
-    totals: the run's LedgerTotals, read instead of summing the whole ledger (the engine's, per tick)."""
+def caps(db: Session, run_id: int, settings, now: Optional[datetime] = None) -> list[Cap]:
+    """Every budget line with its spend: today's (budget day in settings.timezone) and the run's total."""
     day = budget_day(now, settings.timezone)
     lim = limits(db, run_id, settings)
-    rows = totals.read(db) if totals is not None else db.exec(
-        select(BudgetLedger.kind, BudgetLedger.day, func.sum(BudgetLedger.amount))
-        .where(BudgetLedger.run_id == run_id).group_by(BudgetLedger.kind, BudgetLedger.day)).all()
+    rows = db.exec(select(BudgetLedger.kind, BudgetLedger.day, func.sum(BudgetLedger.amount))
+                   .where(BudgetLedger.run_id == run_id).group_by(BudgetLedger.kind, BudgetLedger.day)).all()
     out = []
     for resource, kind in RESOURCES.items():
         total = sum(a for k, _, a in rows if k == kind)
@@ -150,12 +124,22 @@ def caps(db: Session, run_id: int, settings, now: Optional[datetime] = None,
 
 
 def reached(db: Session, run_id: int, settings, resources=("gpu", "claude"),
-            now: Optional[datetime] = None, totals: Optional[LedgerTotals] = None) -> Optional[Cap]:
-    """The first cap reached among `resources`, or None. totals: as for caps()."""
+            now: Optional[datetime] = None) -> Optional[Cap]:
+    """The first cap reached among `resources`, or None."""
     lim = limits(db, run_id, settings)
     if all(lim[(r, period)] is None for r in resources for period in PERIODS):
         return None  # no cap set: no need to sum the ledger (the engine asks on every tick)
-    return next((c for c in caps(db, run_id, settings, now, totals) if c.resource in resources and c.reached), None)
+    return next((c for c in caps(db, run_id, settings, now) if c.resource in resources and c.reached), None)
+
+
+def headroom(db: Session, run_id: int, settings, resource: str = "claude",
+             now: Optional[datetime] = None) -> Optional[float]:
+    """What is left of `resource` before its tightest cap (USD for claude, GPU-seconds for gpu), today's and the
+    total; None when it has no cap. Never negative."""
+    lim = limits(db, run_id, settings)
+    if all(lim[(resource, period)] is None for period in PERIODS):
+        return None
+    return min(c.left for c in caps(db, run_id, settings, now) if c.resource == resource and c.limit is not None)
 
 
 def set_limit(db: Session, run_id: int, resource: str, period: str, limit: Optional[float], user: str) -> None:
@@ -170,6 +154,13 @@ def set_limit(db: Session, run_id: int, resource: str, period: str, limit: Optio
 def pause_reason(cap: Cap) -> str:
     """The pause reason for a reached cap: `budget: gpu/day (24.0 h used of 24.0 h)`."""
     return f"budget: {cap.name} ({fmt_amount(cap.resource, cap.used)} used of {fmt_amount(cap.resource, cap.limit)})"
+
+
+def lifts_at_rollover(reason: str) -> bool:
+    """Whether a pause with this reason ends by itself at the budget day's rollover: a daily cap's
+    (pause_reason's `budget: gpu/day (…)`); a total cap's, or any other pause, waits for `resume`."""
+    parts = reason.split()
+    return len(parts) > 1 and parts[0] == "budget:" and parts[1].endswith("/day")
 
 
 def fmt_amount(resource: str, v: Optional[float]) -> str:

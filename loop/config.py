@@ -50,7 +50,8 @@ class ScaleConfig(BaseModel):
     budget_s: Optional[float] = Field(default=None, gt=0, description="training seconds; default budget_mult × the run's")
     budget_mult: float = Field(default=1.0, gt=0)
     scale: dict = Field(default_factory=dict, description="ctx.scale overrides, e.g. {depth_mult = 1.5}")
-    gpus: int = Field(default=1, ge=1, description="GPUs per run at this scale (one slot each; see README)")
+    gpus: int = Field(default=1, ge=1, description="GPUs of one host per promotion run at this scale: the run "
+                                                   "holds that many slots (README: Scales on several GPUs)")
 
 
 def default_scales() -> list[ScaleConfig]:
@@ -74,7 +75,10 @@ class Settings(BaseSettings):
     run: str = Field(default="main", pattern=r"^[A-Za-z0-9._-]+$", description="run name; branch ratchet/<run>")
 
     corpus: str = "shakespeare"
-    vocab_size: int = Field(default=4096, gt=256, le=65536)
+    vocab_size: Optional[int] = Field(default=None, gt=256, le=65536,
+                                      description="BPE vocabulary; default 8192 for web corpora, else 4096")
+    corpus_base_url: Optional[str] = Field(default=None, description="a mirror of the web corpus's shards "
+                                                                     "(air-gapped hosts)")
 
     budget_s: float = Field(default=60.0, gt=0, description="training time budget per experiment, seconds")
     grace_s: Optional[float] = Field(default=None, ge=0, description="extra seconds before a run is killed")
@@ -85,16 +89,26 @@ class Settings(BaseSettings):
     noise_repeats: int = Field(default=3, ge=2, description="baseline runs that measure the noise floor")
     min_delta: float = Field(default=0.0003, ge=0, description="smallest val_bpb gain ever kept")
     noise_z: float = Field(default=2.0, ge=0, description="a keep must beat head by z·σ")
-    confirm_runs: int = Field(default=1, ge=0, description="new-seed re-runs a passing change needs before it "
-                                                           "becomes head (its runs' mean must pass); 0: keep at once")
+    confirm: Literal["paired", "seeds", "none"] = Field(
+        default="paired", description="how a passing change is confirmed before it becomes head: paired = a run of "
+        "it and a run of head started together on its hardware class, judged on the difference; seeds = new-seed "
+        "re-runs of it, judged on their mean; none = kept at once")
+    confirm_runs: int = Field(default=1, ge=0, description="confirmation pairs (paired) or new-seed re-runs "
+                                                           "(seeds) a passing change needs; 0: keep at once")
+    hardware: str = Field(default="", description="pin the run to one hardware class: a glob on device_name or "
+                                                  "host name (`NVIDIA H100*`); empty: any")
 
     proposer: Optional[Literal["offline", "claude"]] = None  # None: claude when ANTHROPIC_API_KEY is set
-    claude_model: str = Field(default="claude-opus-4-8", description="Anthropic model id for the Claude proposer")
-    claude_max_tokens: int = Field(default=8192, gt=0)
+    claude_model: str = Field(default="claude-fable-5-2", description="Anthropic model id for the Claude proposer "
+                                                                      "(default: the strongest the SDK lists)")
+    claude_max_tokens: int = Field(default=16_000, gt=0, description="output tokens per answer, thinking included")
     claude_repair_turns: int = Field(default=2, ge=0, description="turns to fix edits that fail to apply/validate")
     claude_history_rows: int = Field(default=40, gt=0, description="experiments shown to Claude")
     claude_max_retries: int = Field(default=4, ge=0, description="SDK retries on 429 / 529 / 5xx / connection errors")
     claude_timeout_s: float = Field(default=120.0, gt=0)
+    proposer_concurrency: Optional[int] = Field(default=None, ge=1, le=64,
+                                                description="most Claude requests in flight; default one per slot "
+                                                            "(at most 64); fewer when the API rate-limits")
     claude_prices: dict[str, dict[str, float]] = Field(
         default_factory=dict, description="USD per million tokens by model prefix, overriding loop/pricing.py")
     timezone: str = Field(default="UTC", description="IANA zone for budget days and the digest's cron")
@@ -119,7 +133,7 @@ class Settings(BaseSettings):
     prune_after: float = Field(default=0.3, ge=0, le=1, description="fraction of the budget before pruning may act")
     prune_margin: float = Field(default=0.05, ge=0, description="relative smoothed-loss margin behind head's curve")
     sandbox: bool = Field(default=True, description="contain train.py (Linux): no network, an unprivileged user, "
-                                                    "read-only outside its directory, resource limits (README: The sandbox)")
+                                                    "read-only outside its directory, resource limits (README: Trust model)")
     sandbox_user: str = Field(default="nobody", description="user name or uid experiments run as when the "
                                                             "service runs as root")
     sandbox_memory_gb: float = Field(default=0.0, ge=0, description="address-space limit per CPU experiment, GiB; "
@@ -174,6 +188,10 @@ class Settings(BaseSettings):
         self.slack_api_url = self.slack_api_url or os.environ.get("SLACK_API_URL", "") or "https://slack.com/api/"
         if not self.slack_api_url.endswith("/"):
             self.slack_api_url += "/"
+        if self.vocab_size is None:
+            from trainer.data import default_vocab_size
+
+            self.vocab_size = default_vocab_size(self.corpus)
         return self
 
     @property

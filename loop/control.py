@@ -14,7 +14,7 @@ from sqlmodel import Session, func, select
 
 from db.models import CommandLog, Event, Experiment, Hint, Run, utcnow
 from db.session import session_scope
-from loop import events, faults
+from loop import decision, events, faults
 
 log = logging.getLogger("ratchet.control")
 
@@ -54,6 +54,7 @@ class Status:
     running: list = field(default_factory=list)  # engine.Running rows when the engine is in this process
     open_hints: int = 0
     promotions: list = field(default_factory=list)  # queued and running promotions
+    proposals_in_flight: Optional[tuple[int, int]] = None  # (Claude requests in flight, limit now); engine only
 
     @property
     def improvement_pct(self) -> Optional[float]:
@@ -73,7 +74,7 @@ class Control:
         self.run_name = run_name
         self.engine = engine
         # the research repo whose branch `revert` moves; default: the engine's, else the run's recorded path
-        self.workspace = workspace if workspace is not None else getattr(engine, "workspace", None)
+        self.workspace = workspace if workspace is not None else engine.workspace if engine is not None else None
 
     # ---- helpers ----
 
@@ -116,6 +117,8 @@ class Control:
                         budget_s=run.budget_s, counts=dict(counts), baseline_runs=baseline_runs, open_hints=hints)
         if self.engine is not None:
             st.running = self.engine.running()
+            if not self.engine.proposer.fast:
+                st.proposals_in_flight = (self.engine.proposals.in_flight(), self.engine.proposals.limit())
         st.promotions = self.promotions(active_only=True)
         return st
 
@@ -215,10 +218,10 @@ class Control:
     def revert(self, user: str, exp_id: int) -> str:
         """Undo the last keep: head moves back to the parent of experiment `exp_id`, which must be head's.
 
-        The database changes first, in one transaction with a "reverted" event: the experiment becomes
-        `discard` (reason and decision["reverted"] say who and when), head's val_bpb becomes the mean of the
-        parent's recorded runs. Then the branch follows (a failure there is repaired at the next start, when
-        the engine moves the branch to the database head). Returns the announcement line.
+        The database changes first (loop.decision.revert: the experiment becomes `discard`, head's val_bpb the
+        mean of the parent's recorded runs, a "reverted" event), then the branch follows (a failure there is
+        repaired at the next start, when the engine moves the branch to the database head). Returns the
+        announcement line.
         Raises ControlError when the experiment is unknown, was not kept, or is no longer head.
         """
         from loop.workspace import Workspace, WorkspaceError
@@ -239,27 +242,11 @@ class Control:
                                                                Experiment.commit == run.head_commit)).first()
                     raise ControlError(f"#{exp_id} is not head" + (f" (head is #{head})" if head else "") +
                                        "; only head's experiment can be reverted")
+                try:
+                    text = decision.revert(db, run, exp, user)
+                except ValueError as e:
+                    raise ControlError(str(e)) from None
                 parent = exp.parent_commit
-                runs = [v for v in db.exec(select(Experiment.val_bpb).where(
-                    Experiment.run_id == run.id, Experiment.commit == parent, Experiment.id != exp.id,
-                    Experiment.val_bpb.is_not(None))).all()]
-                if not runs:
-                    raise ControlError(f"#{exp_id}'s parent {parent[:10]} has no recorded val_bpb; cannot revert")
-                before = run.head_val_bpb
-                run.head_commit, run.head_runs = parent, runs
-                run.head_val_bpb, run.updated_at = sum(runs) / len(runs), utcnow()
-                exp.status = "discard"
-                exp.reason = f"reverted by {user}"
-                exp.decision = {**(exp.decision or {}), "reverted": {"by": user, "at": utcnow().isoformat()}}
-                what = exp.description or exp.edit_key or f"experiment {exp.id}"
-                text = (f"reverted #{exp.id} {what} by {user}: head back to {parent[:10]}, "
-                        f"val_bpb {before:.4f} → {run.head_val_bpb:.4f}")
-                db.add(run)
-                db.add(exp)
-                ev = events.run_event(run, "reverted", text, by=user, val_bpb=before, head_val_bpb=run.head_val_bpb,
-                                      commit=exp.commit, parent_commit=parent, description=exp.description)
-                ev.experiment_id = exp.id
-                db.add(ev)
                 name, workspace_path = run.name, run.workspace
             try:
                 (self.workspace or Workspace(workspace_path)).set_branch(name, parent)
@@ -331,7 +318,7 @@ class Control:
             hosts = {h.name: h for h in db.exec(select(Host).order_by(Host.name)).all()}
         rows = []
         if self.engine is not None:
-            running = {r.slot: r for r in self.engine.running()}
+            running = {name: r for r in self.engine.running() for name in (r.slots or (r.slot,))}
             for slot in self.engine.runner.slots():
                 h = hosts.get(slot.host)
                 r = running.get(slot.name)

@@ -13,9 +13,9 @@ from typing import Optional
 from sqlmodel import Session, select
 
 from db.models import Experiment, Promotion, Run, utcnow
-from loop import budget
+from loop import budget, swarm
 
-PLOTTED_STATUSES = ("keep", "discard", "crash", "timeout", "pruned")
+PLOTTED_STATUSES = ("keep", "discard", "crash", "timeout", "refused", "pruned")
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,7 @@ class KeptChange:
     val_bpb: float
     delta: Optional[float]
     finished_at: Optional[datetime]
+    hardware: str = ""  # the hardware class it was judged on (its device_name)
 
 
 @dataclass
@@ -60,6 +61,9 @@ class Digest:
     total_experiments: int = 0
     pruned_saved_s: float = 0.0  # GPU-seconds early pruning saved in the window
     promotions: list = field(default_factory=list)  # (id, scale, status, verdict) finished in or still open
+    # research direction → (experiments finished in the window, kept), for runs whose program.md names directions
+    by_direction: dict = field(default_factory=dict)
+    duplicate_rate: Optional[float] = None  # share of the window's Claude proposals that repeated an idea
 
     @property
     def finished(self) -> int:
@@ -94,8 +98,14 @@ def build_digest(db_engine, run_name: str, settings, *, now: Optional[datetime] 
         rows = db.exec(select(Experiment.id, Experiment.kind, Experiment.status, Experiment.val_bpb,
                               Experiment.finished_at, Experiment.description)
                        .where(Experiment.run_id == run.id).order_by(Experiment.id)).all()
+        directed = db.exec(select(Experiment.direction, Experiment.status, Experiment.finished_at).where(
+            Experiment.run_id == run.id, Experiment.kind == "experiment", Experiment.direction != "",
+            Experiment.finished_at.is_not(None), Experiment.finished_at >= since)).all()
+        claude = db.exec(select(Experiment.usage, Experiment.reason).where(
+            Experiment.run_id == run.id, Experiment.kind == "experiment", Experiment.proposer == "claude",
+            Experiment.created_at >= since, Experiment.created_at < until)).all()
         kept_rows = db.exec(select(Experiment.id, Experiment.description, Experiment.val_bpb, Experiment.decision,
-                                   Experiment.finished_at)
+                                   Experiment.finished_at, Experiment.device_name)
                             .where(Experiment.run_id == run.id, Experiment.kind == "experiment",
                                    Experiment.status == "keep").order_by(Experiment.id)).all()
         caps = budget.caps(db, run.id, settings, until)
@@ -108,8 +118,8 @@ def build_digest(db_engine, run_name: str, settings, *, now: Optional[datetime] 
     promo_rows = [(i, sc, st, v) for i, sc, st, v, fin in promos
                   if fin is None or since <= _aware(fin) < until]
     # a confirmed keep's val_bpb is the mean of its runs (the rule's input), not its first run alone
-    kept_all = [KeptChange(i, d, (dec or {}).get("val_bpb", v), (dec or {}).get("delta"), _aware(f))
-                for i, d, v, dec, f in kept_rows]
+    kept_all = [KeptChange(i, d, (dec or {}).get("val_bpb", v), (dec or {}).get("delta"), _aware(f), hw)
+                for i, d, v, dec, f, hw in kept_rows]
     base_vals = [v for _, kind, st, v, _, _ in rows if kind == "baseline" and st == "keep" and v is not None]
     baseline = statistics.fmean(base_vals) if base_vals else None
 
@@ -140,8 +150,13 @@ def build_digest(db_engine, run_name: str, settings, *, now: Optional[datetime] 
         x += 1
     if plot.head and x:
         plot.head.append((x - 1, plot.head[-1][1]))  # carry the step line to the last experiment
+    by_direction: dict[str, tuple[int, int]] = {}
+    for direction, st, fin in directed:
+        if _aware(fin) < until:
+            n, k = by_direction.get(direction, (0, 0))
+            by_direction[direction] = (n + 1, k + (st == "keep"))
     top = sorted((k for k in kept_all if k.delta is not None), key=lambda k: k.delta)[:candidates]
     return Digest(run=run.name, since=since, until=until, kept=kept, best_then=best_then,
                   best_now=run.head_val_bpb, baseline=baseline, counts=counts, caps=caps, candidates=top, plot=plot,
                   total_experiments=sum(1 for r in rows if r[1] == "experiment"), pruned_saved_s=saved,
-                  promotions=promo_rows)
+                  promotions=promo_rows, by_direction=by_direction, duplicate_rate=swarm.duplicate_rate(claude))

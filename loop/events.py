@@ -1,8 +1,6 @@
 """Outbox events: the one-line text and payload for each thing the loop has to say.
 
-Builds rows only; the caller adds them in the same transaction as the change they report: as Event objects
-(experiment_event, run_event) or, on the engine's hot path, as column values for db.session.add_row
-(experiment_event_fields, run_event_fields).
+Builds rows only; the caller adds them in the same transaction as the change they report.
 """
 
 from __future__ import annotations
@@ -19,11 +17,6 @@ def _bpb(v) -> str:
 def experiment_event(exp: Experiment, run: Run, head_before: float | None = None) -> Event:
     """The event for a finished experiment: kept / discarded / crashed / timeout / invalid / aborted / baseline.
     A confirmed change's val_bpb is the mean of its runs (payload and text); `first_run_val_bpb` its first."""
-    return Event(**experiment_event_fields(exp, run, head_before))
-
-
-def experiment_event_fields(exp: Experiment, run: Run, head_before: float | None = None) -> dict:
-    """experiment_event's columns as a dict (run_id, experiment_id, kind, text, payload)."""
     what = exp.description or exp.edit_key or f"experiment {exp.id}"
     # a confirmed change is judged on the mean of its runs (decision["runs"]); its own val_bpb is the first
     runs = (exp.decision or {}).get("runs") or []
@@ -31,7 +24,8 @@ def experiment_event_fields(exp: Experiment, run: Run, head_before: float | None
     over = f" (mean of {len(runs)} runs)" if runs else ""
     payload = {"status": exp.status, "val_bpb": val, "head_val_bpb": head_before, "sigma": run.noise_sigma,
                "description": exp.description, "hypothesis": exp.hypothesis, "training_seconds": exp.training_seconds,
-               "host": exp.host, "slot": exp.slot, "commit": exp.commit, "decision": exp.decision,
+               "host": exp.host, "slot": exp.slot, "device_name": exp.device_name, "commit": exp.commit,
+               "decision": exp.decision,
                "first_run_val_bpb": exp.val_bpb}
     if exp.kind == "baseline":
         kind = "baseline_run" if exp.status == "keep" else "crashed"
@@ -47,7 +41,7 @@ def experiment_event_fields(exp: Experiment, run: Run, head_before: float | None
         text = f"discarded #{exp.id} {what}: val_bpb {_bpb(val)}{over} vs head {_bpb(head_before)}"
         if runs:
             text += f" (first run {_bpb(exp.val_bpb)})"
-    elif exp.status in ("crash", "timeout"):
+    elif exp.status in ("crash", "timeout", "refused"):  # refused: the scorer would not score it (README: Trust model)
         kind = "crashed"
         text = f"{exp.status} #{exp.id} {what}: {exp.reason}"
     elif exp.status == "invalid":
@@ -62,14 +56,11 @@ def experiment_event_fields(exp: Experiment, run: Run, head_before: float | None
     else:
         kind = exp.status
         text = f"{exp.status} #{exp.id} {what}: {exp.reason}"
-    return {"run_id": run.id, "experiment_id": exp.id, "kind": kind, "text": text, "payload": payload}
+    if exp.device_name and kind in ("baseline_run", "kept", "discarded"):
+        text += f" · on {exp.device_name}"  # the hardware class it was compared within
+    return Event(run_id=run.id, experiment_id=exp.id, kind=kind, text=text, payload=payload)
 
 
 def run_event(run: Run, kind: str, text: str, **payload) -> Event:
-    """A run-level event: baseline measured, paused, resumed, exhausted, …"""
-    return Event(**run_event_fields(run, kind, text, **payload))
-
-
-def run_event_fields(run: Run, kind: str, text: str, **payload) -> dict:
-    """run_event's columns as a dict (run_id, kind, text, payload); experiment_id is left to the caller."""
-    return {"run_id": run.id, "kind": kind, "text": text, "payload": payload}
+    """A run-level event: baseline measured, paused, resumed, exhausted, … (experiment_id is left to the caller)."""
+    return Event(run_id=run.id, kind=kind, text=text, payload=payload)

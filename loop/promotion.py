@@ -1,11 +1,12 @@
-"""Promotion: does a gain found at the loop's scale transfer to a larger one? Requests, the runs each needs,
-and the verdict from their results.
+"""Promotion: does a gain found at the loop's scale transfer to a larger one? Requests, the runs each needs
+(queued, or aborted when the promotion is cancelled), and the verdict once they are in.
 
-Decides from numbers only; scheduling the runs is the engine's job.
+Works in the run's database; handing the runs to slots is the engine's job.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import statistics
 from dataclasses import asdict, dataclass
@@ -13,7 +14,10 @@ from typing import Optional, Sequence
 
 from sqlmodel import Session, select
 
-from db.models import Experiment, Promotion, Run
+from db.models import Experiment, Promotion, Run, utcnow
+from loop import events
+
+log = logging.getLogger("ratchet.promotion")
 
 VERDICTS = ("transfers", "does_not_transfer", "inconclusive", "scale_ignored")
 
@@ -128,6 +132,16 @@ def judge(ref_runs: Sequence[float], cand_runs: Sequence[float], *, delta_small:
                     params_large, why)
 
 
+def pair_on(db: Session, exp: Experiment, cls: str) -> None:
+    """`exp`, one side of a promotion's seed, starts on hardware class `cls`: the other side of that seed, still
+    queued and free to go anywhere, must train on `cls` too, so each pair compares like with like."""
+    for other in db.exec(select(Experiment).where(Experiment.promotion_id == exp.promotion_id,
+                                                  Experiment.seed == exp.seed, Experiment.id != exp.id,
+                                                  Experiment.status == "queued", Experiment.hardware == "")).all():
+        other.hardware = cls
+        db.add(other)
+
+
 def commit_stats(db: Session, run_id: int, commit: str) -> tuple[Optional[float], Optional[int]]:
     """(mean val_bpb, params) of a commit's accepted runs at the loop's own scale."""
     rows = db.exec(select(Experiment.val_bpb, Experiment.params).where(
@@ -136,3 +150,133 @@ def commit_stats(db: Session, run_id: int, commit: str) -> tuple[Optional[float]
     vals = [v for v, _ in rows if v is not None]
     params = next((p for _, p in rows if p), None)
     return (statistics.fmean(vals) if vals else None), params
+
+
+def promoted_ref(run: str) -> str:
+    """The ref that marks a run's last promoted commit (a gain shown to transfer to a larger scale)."""
+    return f"refs/ratchet/promoted/{run}"
+
+
+# ---- in the run's database ----
+
+
+def pending_ids(db, run: Run) -> list[int]:
+    """Ids of the run's queued and cancelled promotions (one indexed query; `db` is a database engine)."""
+    table = Promotion.__table__
+    with db.connect() as conn:
+        return list(conn.execute(select(table.c.id).where(
+            table.c.run_id == run.id, table.c.status.in_(("queued", "cancelled")))).scalars().all())
+
+
+def start_queued(db: Session, run: Run, settings) -> None:
+    """Queued promotions get their runs (reference and candidate at the scale, paired seeds) and a
+    `promotion_started` event."""
+    for p in db.exec(select(Promotion).where(Promotion.run_id == run.id, Promotion.status == "queued")).all():
+        for exp in runs_for(p, seed_base=settings.seed):
+            db.add(exp)
+        p.status = "running"
+        db.add(p)
+        db.add(events.run_event(run, "promotion_started", f"promotion #{p.id} started: {p.candidate_commit[:10]} "
+                                f"vs {p.reference_commit[:10]} at {p.scale} ({p.budget_s:g} s, {p.seeds} seed(s) "
+                                "each)", promotion_id=p.id))
+
+
+def abort_cancelled(db: Session, run: Run) -> set[int]:
+    """The queued runs of cancelled promotions become `aborted`. Returns the ids of the cancelled promotions
+    (their runs still training are the engine's to kill)."""
+    cancelled = {p.id for p in db.exec(select(Promotion).where(Promotion.run_id == run.id,
+                                                                Promotion.status == "cancelled")).all()}
+    if cancelled:
+        for exp in db.exec(select(Experiment).where(Experiment.promotion_id.in_(cancelled),
+                                                    Experiment.status == "queued")).all():
+            exp.status, exp.reason, exp.finished_at = "aborted", "promotion cancelled", utcnow()
+            db.add(exp)
+    return cancelled
+
+
+def fail(db: Session, run: Run, promotion_id: Optional[int], reason: str) -> None:
+    """A running promotion that cannot go on (its scale needs more GPUs of one host than any host has): its
+    queued runs end as `crash` with `reason`, the promotion `failed` with it, and a `promotion` event says so."""
+    p = db.get(Promotion, promotion_id) if promotion_id is not None else None
+    if p is None or p.status != "running":
+        return
+    for exp in db.exec(select(Experiment).where(Experiment.promotion_id == p.id,
+                                                Experiment.status == "queued")).all():
+        exp.status, exp.reason, exp.finished_at = "crash", reason, utcnow()
+        db.add(exp)
+    p.status, p.verdict, p.result, p.finished_at = "failed", "", {"reason": reason}, utcnow()
+    db.add(p)
+    db.add(events.run_event(run, "promotion", f"promotion #{p.id} failed: {reason}", promotion_id=p.id,
+                            verdict="", result=p.result, scale=p.scale, candidate_exp_id=p.candidate_exp_id))
+
+
+def judge_finished(db: Session, run: Run, promotion_id: int, settings) -> Optional[tuple[str, str]]:
+    """When every run of the promotion has ended: the verdict (judge), stored and posted. A transfer advances
+    the run's promoted commit; returns (run name, commit) then, for the ref to follow."""
+    p = db.get(Promotion, promotion_id)
+    if p is None or p.status != "running":
+        return None
+    exps = db.exec(select(Experiment).where(Experiment.promotion_id == p.id).order_by(Experiment.id)).all()
+    if any(e.status in ("queued", "running", "proposed") for e in exps):
+        return None
+    by_seed: dict[int, dict[str, Experiment]] = {}
+    for e in exps:
+        by_seed.setdefault(e.seed, {})[e.edit_key] = e
+    done = [(d["reference"], d["candidate"]) for d in by_seed.values()
+            if all(x in d and d[x].status == "keep" and d[x].val_bpb is not None for x in ("reference", "candidate"))]
+    # a pair is compared only on one hardware class (a side that started before its class was known may differ)
+    pairs = [(r, c) for r, c in done if r.device_name == c.device_name]
+    classes = sorted({r.device_name or "unnamed hardware" for r, _ in pairs})
+    failed = [e for e in exps if e.status in ("crash", "timeout", "refused", "aborted")]
+    ref_small, ref_params = commit_stats(db, run.id, p.reference_commit)
+    cand_small, cand_params = commit_stats(db, run.id, p.candidate_commit)
+    if not pairs:
+        p.status, p.verdict = "failed", ""
+        p.result = {"reason": f"no completed pair: {failed[0].status} {failed[0].reason}" if failed
+                    else "no pair trained on one hardware class" if done else "no runs"}
+        text = f"promotion #{p.id} failed: {p.result['reason']}"
+    else:
+        t = judge(
+            [r.val_bpb for r, _ in pairs], [c.val_bpb for _, c in pairs],
+            delta_small=None if ref_small is None or cand_small is None else cand_small - ref_small,
+            sigma_small=run.noise_sigma,
+            params_small={k: v for k, v in (("reference", ref_params), ("candidate", cand_params)) if v},
+            params_large={"reference": pairs[0][0].params, "candidate": pairs[0][1].params},
+            overrides=p.scale_overrides, z=settings.noise_z, min_delta=settings.min_delta)
+        p.status, p.verdict = "done", t.verdict
+        p.result = {**t.as_dict(), "hardware": classes, "pairs_on_other_classes": len(done) - len(pairs)}
+        small = f"{t.delta_small:+.4f}" if t.delta_small is not None else "n/a"
+        large = f"{t.delta_large:+.4f} ± {t.se_large:.4f}" if t.delta_large is not None else "n/a"
+        text = (f"promotion #{p.id} to {p.scale}: {t.verdict.replace('_', ' ')} — Δ val_bpb {small} at the "
+                f"loop's scale, {large} at {p.scale} on {', '.join(classes)}; {t.reason}")
+    p.finished_at = utcnow()
+    db.add(p)
+    out = None
+    if p.verdict == "transfers":
+        run.promoted_commit, run.updated_at = p.candidate_commit, utcnow()
+        db.add(run)
+        out = (run.name, p.candidate_commit)
+    db.add(events.run_event(run, "promotion", text, promotion_id=p.id, verdict=p.verdict, result=p.result,
+                            scale=p.scale, candidate_exp_id=p.candidate_exp_id))
+    return out
+
+
+def maybe_auto_promote(db: Session, run: Run, settings) -> None:
+    """Every `auto_promote_every` keeps since the last promotion, promote head."""
+    last = db.exec(select(Promotion.created_at).where(Promotion.run_id == run.id)
+                   .order_by(Promotion.id.desc())).first()
+    q = select(Experiment.id).where(Experiment.run_id == run.id, Experiment.kind == "experiment",
+                                    Experiment.status == "keep")
+    if last is not None:
+        q = q.where(Experiment.finished_at > last)
+    if len(db.exec(q).all()) < settings.auto_promote_every:
+        return
+    try:
+        p = plan(db, run, settings, exp_id=None, scale=None, user="auto")
+    except PromotionError as e:
+        log.info("auto-promote skipped: %s", e)
+        return
+    db.add(p)
+    db.flush()
+    db.add(events.run_event(run, "promotion_requested", f"promotion #{p.id} of head to {p.scale} requested "
+                            f"automatically (every {settings.auto_promote_every} keeps)", promotion_id=p.id))

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import asdict, dataclass
-from typing import Sequence
-
-import numpy as np
+from typing import Optional, Sequence
 
 
 @dataclass(frozen=True)
@@ -39,52 +37,6 @@ def noise_floor(values: Sequence[float]) -> float:
     return statistics.stdev(values)
 
 
-def _spread(values: Sequence[float]) -> tuple[float, int]:
-    """(Σ (x − x̄)², n − 1) of one group of runs; (0, 0) for fewer than two (they add nothing)."""
-    if len(values) < 2:
-        return 0.0, 0
-    m = statistics.fmean(values)
-    return sum((x - m) ** 2 for x in values), len(values) - 1
-
-
-class SpreadPool:
-    """Groups of runs of the same code, each kept as its (Σ (x − x̄)², n − 1), for a pooled σ re-pooled often:
-    `set` replaces one group's runs (by key), `sigma` pools every group by the rule of pooled_sigma. In numpy
-    over the groups' spreads, not in Python over their values: a long run confirms thousands of changes and
-    σ is re-pooled at every confirmation."""
-
-    def __init__(self):
-        self._index: dict[object, int] = {}
-        self._ss = np.zeros(64)
-        self._dof = np.zeros(64)
-
-    def set(self, key: object, values: Sequence[float]) -> None:
-        """The runs (val_bpb) of group `key` are now `values`; fewer than two add nothing."""
-        i = self._index.get(key)
-        if i is None:
-            i = self._index[key] = len(self._index)
-            if i == len(self._ss):
-                self._ss, self._dof = np.resize(self._ss, 2 * i), np.resize(self._dof, 2 * i)
-        self._ss[i], self._dof[i] = _spread(values)
-
-    def sigma(self, extra: Sequence[Sequence[float]] = (), outlier_ratio: float = 5.0) -> float:
-        """pooled_sigma over the groups set and the `extra` groups (not kept). Raises ValueError when no group
-        has two values."""
-        n = len(self._index)
-        more = np.array([_spread(g) for g in extra], dtype=float).reshape(-1, 2)
-        ss, dof = np.concatenate([self._ss[:n], more[:, 0]]), np.concatenate([self._dof[:n], more[:, 1]])
-        has = dof > 0
-        ss, dof = ss[has], dof[has]
-        if not len(ss):
-            raise ValueError("the noise floor needs at least one group of two runs")
-        if len(ss) >= 3:
-            spread = np.sqrt(ss / dof)
-            within = spread <= outlier_ratio * np.median(spread)
-            if within.any():
-                ss, dof = ss[within], dof[within]
-        return float(np.sqrt(ss.sum() / dof.sum()))
-
-
 def pooled_sigma(groups: Sequence[Sequence[float]], outlier_ratio: float = 5.0) -> float:
     """σ pooled over groups of runs of the same code: sqrt(Σ_g Σ_i (x_gi − x̄_g)² / Σ_g (n_g − 1)).
 
@@ -97,17 +49,48 @@ def pooled_sigma(groups: Sequence[Sequence[float]], outlier_ratio: float = 5.0) 
     5 × the median spread in under 0.1% of pairs (|Z| > 3.4).
     Raises ValueError when no group has two values.
     """
-    return SpreadPool().sigma(groups, outlier_ratio)
+    spreads = []
+    for g in groups:
+        if len(g) >= 2:
+            m = statistics.fmean(g)
+            spreads.append((sum((x - m) ** 2 for x in g), len(g) - 1))
+    if not spreads:
+        raise ValueError("the noise floor needs at least one group of two runs")
+    if len(spreads) >= 3:
+        cap = outlier_ratio * statistics.median((ss / dof) ** 0.5 for ss, dof in spreads)
+        spreads = [(ss, dof) for ss, dof in spreads if (ss / dof) ** 0.5 <= cap] or spreads
+    return (sum(ss for ss, _ in spreads) / sum(dof for _, dof in spreads)) ** 0.5
 
 
 def decide(val_bpb: float, head_val_bpb: float, sigma: float, *, min_delta: float = 0.0003,
-           z: float = 2.0) -> Decision:
+           z: float = 2.0, head_n: Optional[int] = None) -> Decision:
     """Keep iff val_bpb < head − max(min_delta, z·σ); anything else is discarded.
 
     The margin guards against keeping noise: with z = 2 a change that does nothing is kept in
     roughly 2% of tries (one-sided normal tail), and min_delta keeps a near-zero σ from letting
-    rounding-level gains through.
+    rounding-level gains through. head_n: head_val_bpb is the mean of that many runs, so the
+    difference has standard error σ·√(1 + 1/head_n) and the margin is z times that (the same 2%).
     """
-    threshold = max(min_delta, z * sigma)
+    threshold = max(min_delta, z * sigma * (1 + 1 / head_n) ** 0.5 if head_n else z * sigma)
     verdict = "keep" if val_bpb < head_val_bpb - threshold else "discard"
     return Decision(verdict, val_bpb, head_val_bpb, sigma, z, min_delta, threshold, val_bpb - head_val_bpb)
+
+
+def decide_paired(cand_runs: Sequence[float], head_runs: Sequence[float], sigma: float, *,
+                  min_delta: float = 0.0003, z: float = 2.0) -> Decision:
+    """Paired confirmation: k runs of the candidate and k of head, each pair started together on one hardware
+    class. Keep iff the mean paired difference d̄ = mean(cand_i − head_i) < −max(min_delta, z·σ·√(2/k)).
+
+    Both runs of a pair see the same host speed and the same moment of its drift, so both cancel in the
+    difference; each difference has variance 2σ² (two independent runs), hence √(2/k) for the mean of k.
+    With z = 2 a change that does nothing passes in roughly 2% of pairs; the stored `sigma` is σ·√(2/k),
+    the standard error of d̄. Raises ValueError for no pairs or unequal lengths.
+    """
+    if not cand_runs or len(cand_runs) != len(head_runs):
+        raise ValueError("paired confirmation needs k ≥ 1 runs of each side")
+    k = len(cand_runs)
+    d = statistics.fmean(c - h for c, h in zip(cand_runs, head_runs))
+    se = sigma * (2 / k) ** 0.5
+    threshold = max(min_delta, z * se)
+    c, h = statistics.fmean(cand_runs), statistics.fmean(head_runs)
+    return Decision("keep" if d < -threshold else "discard", c, h, se, z, min_delta, threshold, d)

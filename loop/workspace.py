@@ -1,13 +1,10 @@
-"""The research repo: a plain git repository driven through the `git` CLI, and through dulwich on the hot
-path (an experiment's commit and reading a file at a commit: a fleet makes one per experiment, and eight git
-processes each cost tens of milliseconds). Only `Workspace.init` touches the working tree or the index;
-everything else is plumbing on objects and refs."""
+"""The research repo: a plain git repository driven through the `git` CLI, and through dulwich for what
+happens once per experiment (its commit, reading a file at a commit) without starting git processes for it.
+Only `Workspace.init` touches the working tree or the index; everything else is plumbing on objects and refs."""
 
 from __future__ import annotations
 
 import atexit
-import binascii
-import contextlib
 import logging
 import os
 import re
@@ -19,7 +16,6 @@ import weakref
 from pathlib import Path
 
 import trainer.templates
-from loop import packs
 
 log = logging.getLogger(__name__)
 TEMPLATE = Path(trainer.templates.__file__).parent / "train.py"
@@ -32,21 +28,12 @@ SAFE_CONFIG = ("core.hooksPath=/dev/null", "commit.gpgsign=false", "core.autocrl
                "core.safecrlf=false", "core.fsmonitor=false", "init.templateDir=")
 BASELINE_MESSAGE = "baseline: train.py and program.md"
 _RUN_NAME = re.compile(r"[A-Za-z0-9._-]+")
-# Every experiment commit is an ancestor of this ref (see Workspace._store), so `git gc` keeps them all.
+# Every experiment commit is an ancestor of this ref (see Workspace.commit_experiment), so `git gc` keeps them.
 EXPERIMENTS_REF = "refs/ratchet/experiments"
 STALE_LOCK_S = 30  # a ref lock this old was left by a crash: writers hold one for a few milliseconds at most
 
 
 _SHA = re.compile(r"[0-9a-f]{40}")
-
-
-def _config_has(cfg, section: bytes, key: bytes) -> bool:
-    """Whether a dulwich config sets `section.key`."""
-    try:
-        cfg.get((section,), key)
-    except KeyError:
-        return False
-    return True
 
 
 def _close_repo(ref) -> None:
@@ -79,9 +66,9 @@ def _update_ref(git_dir: str, name: str, new_tip) -> bytes:
     when there is none) and returns the new sha (40 hex bytes), which is returned. A lock older than
     STALE_LOCK_S is taken to be left by a crash (holders keep it for milliseconds) and removed.
 
-    Why not dulwich's set_if_equals: it fsyncs (1-2 ms, more on a busy disk) and appends a reflog entry after
-    re-reading the repo config, at every round of experiments, for a ref git itself would not log; the objects
-    it points at are written without fsync anyway. Raises OSError (FileExistsError while another writer holds
+    Why not dulwich's set_if_equals: it fsyncs and appends a reflog entry, at every experiment, for a ref git
+    itself would not log (the objects it points at are written without fsync anyway), and it leaves a lock a
+    crash left behind in place for good. Raises OSError (FileExistsError while another writer holds
     the lock), or what `new_tip` raises; the ref is unchanged then.
     """
     path = os.path.join(git_dir, name)
@@ -148,15 +135,8 @@ class Workspace:
     def __init__(self, path: Path):
         self.path = Path(path)
         self._read_cache: dict[tuple[str, str], str] = {}
-        self._tree_cache: dict[str, list] = {}  # full commit sha → its tree's entries (commit_experiment)
         self._repo = None  # dulwich.repo.Repo, opened on first use
         self._repo_lock = threading.Lock()
-        self._batch: list | None = None  # commits held by batch() until its exit
-        self._batch_owner: int | None = None  # the thread whose commits the open batch holds
-        self._pack_level = 1  # zlib level of the packs _store writes
-        self._tiers: packs.PackTiers | None = None  # the packs batch() wrote (merged on a background thread)
-        self._merger = None  # concurrent.futures.ThreadPoolExecutor of one thread, created on the first merge
-        self._merge_pending = False
 
     def _dulwich(self):
         """The open dulwich Repo (call with _repo_lock held). Closed at exit, so pack files are not left to __del__."""
@@ -164,19 +144,11 @@ class Workspace:
             from dulwich.repo import Repo
 
             self._repo = Repo(str(self.path))
-            cfg = self._repo.get_config()
-            for section, key in ((b"pack", b"compression"), (b"core", b"compression")):
-                if _config_has(cfg, section, key):  # git's order: pack.compression, then core.compression
-                    self._pack_level = int(cfg.get((section,), key))
-                    break  # unset: level 1, as git writes loose objects (dulwich's 6 cost a fifth of a commit)
             atexit.register(_close_repo, weakref.ref(self))
         return self._repo
 
     def close(self) -> None:
-        """Wait for a pack merge under way, then close the open object database (a later call opens it again)."""
-        if self._merger is not None:
-            self._merger.shutdown(wait=True)
-            self._merger = None
+        """Close the open object database (a later call opens it again)."""
         with self._repo_lock:
             if self._repo is not None:
                 self._repo.close()
@@ -259,14 +231,10 @@ class Workspace:
             data = self._git("cat-file", "blob", f"{commit}:{path}").stdout
         text = data.decode("utf-8")
         if len(commit) == 40:
-            self._remember(commit, path, text)
+            if len(self._read_cache) >= 256:  # bounded: the oldest entry goes first
+                self._read_cache.pop(next(iter(self._read_cache)))
+            self._read_cache[key] = text
         return text
-
-    def _remember(self, commit: str, path: str, text: str) -> None:
-        """Cache `path`'s text at a full commit sha (bounded: the oldest entry goes first)."""
-        if len(self._read_cache) >= 256:
-            self._read_cache.pop(next(iter(self._read_cache)))
-        self._read_cache[(commit, path)] = text
 
     def _read_blob(self, commit: str, path: str) -> bytes | None:
         """The bytes of a top-level file at a full commit sha through dulwich; None when not found that way."""
@@ -314,11 +282,12 @@ class Workspace:
 
     def commit_experiment(self, exp_id: int, parent: str, source: str, message: str,
                           path: str = "train.py") -> str:
-        """Commit `source` as `path` on top of `parent` (parent's tree, that one file replaced).
+        """Commit `source` as `path` on top of `parent` (parent's tree, that one file replaced); no branch moves.
 
-        The commit is stored at once, or inside this thread's `batch()` at the batch's exit, and is reachable
-        from refs/ratchet/experiments (see _store); no branch moves. Returns the new commit's sha. Raises
-        WorkspaceError when git fails.
+        Its objects are written loose, as git writes them, and the commit is kept reachable: a commit whose
+        parents are the previous tip of refs/ratchet/experiments and this one becomes that ref's tip, so
+        `git gc` keeps every experiment commit. Returns the new commit's sha. Raises WorkspaceError when git
+        fails or another writer holds the ref.
         """
         from dulwich.objects import Blob, Tree
 
@@ -327,105 +296,33 @@ class Workspace:
         parent = parent if _SHA.fullmatch(parent) else self.head_commit(parent)
         with self._repo_lock:
             repo = self._dulwich()
-            entries = self._tree_cache.get(parent)
-            if entries is None:  # a commit's tree never changes; a fleet commits thousands of children of head
-                try:
-                    entries = list(repo[repo[parent.encode()].tree].items())
-                except (KeyError, AttributeError, ValueError) as e:
-                    raise WorkspaceError(f"commit {parent[:12]} not found") from e
-                if len(self._tree_cache) >= 64:
-                    self._tree_cache.pop(next(iter(self._tree_cache)))
-                self._tree_cache[parent] = entries
+            try:
+                parent_tree = repo[repo[parent.encode()].tree]
+            except (KeyError, AttributeError, ValueError) as e:
+                raise WorkspaceError(f"commit {parent[:12]} not found") from e
             blob = Blob.from_string(source.encode("utf-8"))
             tree = Tree()
             mode = 0o100644
-            for entry in entries:
+            for entry in parent_tree.items():
                 if entry.path == path.encode():
                     mode = entry.mode if entry.mode in (0o100644, 0o100755) else 0o100644
                 else:
                     tree.add(entry.path, entry.mode, entry.sha)
             tree.add(path.encode(), mode, blob.id)
             commit = _commit(tree.id, [parent.encode()], message)
-            item = (exp_id, (blob, tree, commit), path, source)
-            if self._batch_owner == threading.get_ident():
-                self._batch.append(item)
-            else:
-                self._store([item])
+            empty = Tree()
+
+            def new_tip(old: bytes | None) -> bytes:  # with the ref locked: its old tip is the first parent
+                log_commit = _commit(empty.id, ([old] if old else []) + [commit.id], f"experiments #{exp_id}")
+                for obj in (blob, tree, commit, empty, log_commit):
+                    repo.object_store.add_object(obj)
+                return log_commit.id
+
+            try:
+                _update_ref(os.fsdecode(repo.controldir()), EXPERIMENTS_REF, new_tip)
+            except OSError as e:
+                raise WorkspaceError(f"cannot store the commit of experiment #{exp_id}: {e}") from e
         return commit.id.decode()
-
-    @contextlib.contextmanager
-    def batch(self):
-        """Within the block, this thread's commit_experiment calls return their shas at once and are stored
-        together at its exit (one pack and one ref update for a fleet's round: see _store). An exception in
-        the block stores nothing. Not reentrant.
-
-        Raises WorkspaceError at exit when writing fails, or on entry when a batch is already open.
-        """
-        with self._repo_lock:
-            if self._batch_owner is not None:
-                raise WorkspaceError("a commit batch is already open")
-            self._batch, self._batch_owner = [], threading.get_ident()
-        try:
-            yield self
-            items = self._batch
-        finally:
-            with self._repo_lock:
-                self._batch, self._batch_owner = None, None
-        if items:
-            with self._repo_lock:
-                self._store(items)
-
-    def _store(self, items: list) -> None:
-        """Store experiment commits, (exp id, (blob, tree, commit), path, source) each, and cache their sources;
-        call with _repo_lock held.
-
-        Their objects go into one pack (loop/packs.py) with a commit that has the previous tip of
-        refs/ratchet/experiments and each of theirs as parents, and the ref moves to it. So every experiment
-        commit stays reachable (`git gc` keeps it) at the cost of three file creations a round: pack, index
-        and ref. Loose objects and a ref per experiment were four file creations per experiment, a quarter of
-        a fleet engine's CPU, most of it ext4 allocating inodes. Raises WorkspaceError when writing fails.
-        """
-        from dulwich.objects import Tree
-
-        repo = self._dulwich()
-        if self._tiers is None:
-            self._tiers = packs.PackTiers(repo.object_store.pack_dir)
-        empty = Tree()
-        ids = ", ".join(f"#{exp_id}" for exp_id, _, _, _ in items)
-        objects = [o for _, objs, _, _ in items for o in objs] + [empty]
-        written = []
-
-        def new_tip(old: bytes | None) -> bytes:  # with the ref locked: its old tip is the first parent
-            log_commit = _commit(empty.id, ([old] if old else []) + [objs[2].id for _, objs, _, _ in items],
-                                 f"experiments {ids}")
-            written.extend(packs.write_pack(self._tiers.pack_dir, [
-                (obj.type_num, obj.as_raw_string(), binascii.unhexlify(obj.id)) for obj in objects + [log_commit]],
-                self._pack_level))
-            return log_commit.id
-
-        try:
-            _update_ref(os.fsdecode(repo.controldir()), EXPERIMENTS_REF, new_tip)
-        except OSError as e:
-            raise WorkspaceError(f"cannot store the commits of experiment(s) {ids}: {e}") from e
-        base, count = written
-        for _, (_, _, commit), path, source in items:
-            self._remember(commit.id.decode(), path, source)  # the engine reads it back to start the experiment
-        if self._tiers.add(base, count) and not self._merge_pending:
-            from concurrent.futures import ThreadPoolExecutor
-
-            if self._merger is None:
-                self._merger = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ratchet-packs")
-            self._merge_pending = True
-            self._merger.submit(self._merge)
-
-    def _merge(self) -> None:
-        """Background: merge the full pack tiers (see packs.PackTiers)."""
-        with self._repo_lock:
-            self._merge_pending = False  # a batch written from now on schedules another pass
-        try:
-            self._tiers.merge_due()
-        except Exception:  # noqa: BLE001 - a failed merge leaves the packs as they are; nothing is lost
-            log.exception("merging packs in %s failed", self.path)
 
     def fast_forward(self, run: str, commit: str, expected_old: str) -> None:
         """Keep: move ratchet/<run> from `expected_old` to `commit` (compare-and-swap).

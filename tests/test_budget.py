@@ -84,29 +84,21 @@ def test_caps_from_config_and_commands(db_url):
         assert cap.name == "gpu/day" and budget.pause_reason(cap) == "budget: gpu/day (0.83 h used of 0.67 h)"
 
 
-def test_ledger_totals_read_only_new_rows_and_match_the_whole_sum(db_url):
-    """The engine's per-tick check reads the ledger rows added since its last read: after rows of several
-    kinds and days arrive between reads, its caps equal those summed from the whole ledger, and a second
-    read with nothing new asks for no rows."""
+def test_caps_sum_the_run_s_ledger_by_kind_and_day(db_url):
+    """Spend is summed from the run's ledger rows (another run's are not its), today's and in total."""
     eng, (run_id, other_id) = runs_db(db_url, "main", "other")
     settings, now = CAPS, NOW
-    totals = budget.LedgerTotals(run_id)
-    batches = [[("2026-11-20", "gpu_seconds", 5000.0), ("2026-11-21", "gpu_seconds", 1000.0)],
-               [("2026-11-21", "claude_usd", 4.5), ("2026-11-21", "gpu_seconds", 2000.0)],
-               [("2026-11-21", "gpu_seconds", 700.0), ("2026-11-21", "claude_usd", 6.0)]]
-    for batch in batches:
-        with session_scope(eng) as db:
-            for day, kind, amount in batch:
-                db.add(BudgetLedger(day=day, run_id=run_id, kind=kind, amount=amount))
-            db.add(BudgetLedger(day="2026-11-21", run_id=other_id, kind="gpu_seconds", amount=99999.0))
-        with Session(eng) as db:
-            assert budget.caps(db, run_id, settings, now, totals=totals) == budget.caps(db, run_id, settings, now)
+    rows = [("2026-11-20", "gpu_seconds", 5000.0), ("2026-11-21", "gpu_seconds", 1000.0),
+            ("2026-11-21", "claude_usd", 4.5), ("2026-11-21", "gpu_seconds", 2000.0),
+            ("2026-11-21", "gpu_seconds", 700.0), ("2026-11-21", "claude_usd", 6.0)]
+    with session_scope(eng) as db:
+        for day, kind, amount in rows:
+            db.add(BudgetLedger(day=day, run_id=run_id, kind=kind, amount=amount))
+        db.add(BudgetLedger(day="2026-11-21", run_id=other_id, kind="gpu_seconds", amount=99999.0))
     with Session(eng) as db:
-        c = {cap.name: cap for cap in budget.caps(db, run_id, settings, now, totals=totals)}
+        c = {cap.name: cap for cap in budget.caps(db, run_id, settings, now)}
         assert (c["gpu/day"].used, c["gpu/total"].used, c["claude/total"].used) == (3700.0, 8700.0, 10.5)
-        assert budget.reached(db, run_id, settings, now=now, totals=totals).name == "gpu/day"
-        upto = totals.read_upto
-        assert totals.read(db) and totals.read_upto == upto  # nothing new: the sums stand
+        assert budget.reached(db, run_id, settings, now=now).name == "gpu/day"
 
 
 def test_a_cap_pauses_the_run_and_the_rollover_resumes_it(tmp_path, data_dir, tiny_workspace):

@@ -52,7 +52,11 @@ def test_a_rejected_key_pauses_the_run(tmp_path, data_dir, tiny_workspace, fake_
     run = rows(db, Run)[0]
     assert run.pause_reason == "Anthropic API key rejected"
     assert any(ev.kind == "paused" and "Anthropic API key rejected" in ev.text for ev in rows(db, Event))
-    assert len(fake_anthropic.requests) == 1  # a 401 is not retried
+    seen = len(fake_anthropic.requests)  # the requests in flight when the 401 came (a 401 is not retried)
+    for _ in range(10):
+        eng.tick()
+        time.sleep(0.05)
+    assert len(fake_anthropic.requests) == seen  # paused: no new request starts
 
 
 def test_an_api_outage_backs_off_without_a_busy_loop(tmp_path, data_dir, tiny_workspace, fake_anthropic):

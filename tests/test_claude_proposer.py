@@ -17,6 +17,8 @@ from loop.validate import validate_proposal
 from tests.conftest import TINY_TRAIN_PY
 from tests.fakes.anthropic_api import error, fake_anthropic, message, refusal, tool_answer, usage  # noqa: F401
 
+OPUS = "claude-opus-4-8"  # a model that takes a forced tool and answers without thinking: most tests use it
+
 TEMPLATE = Path(__file__).resolve().parents[1] / "trainer" / "templates" / "train.py"
 HEAD = TEMPLATE.read_text() if TEMPLATE.exists() else TINY_TRAIN_PY
 PARENT = "c" * 40
@@ -41,6 +43,8 @@ HISTORY = [
 
 def proposer(fake, max_retries=2, **kwargs) -> ClaudeProposer:
     client = anthropic.Anthropic(base_url=fake.url, api_key="test", max_retries=max_retries)
+    kwargs.setdefault("model", OPUS)
+    kwargs.setdefault("max_tokens", 8192)
     return ClaudeProposer(client, **kwargs)
 
 
@@ -63,7 +67,7 @@ def test_round_trip_returns_the_applied_validated_edit(fake_anthropic):
     [req] = fake_anthropic.requests
     assert req.path == "/v1/messages" and "anthropic-version" in req.headers
     assert req.headers.get("x-api-key") == "test" or req.headers.get("authorization") == "Bearer test"
-    assert req.body["model"] == DEFAULT_MODEL and req.body["max_tokens"] == 8192
+    assert req.body["model"] == OPUS and req.body["max_tokens"] == 8192 and "thinking" not in req.body
 
 
 def test_request_caches_static_blocks_and_forces_the_tool(fake_anthropic):
@@ -165,7 +169,7 @@ def test_repair_that_keeps_failing_is_rejected_with_summed_usage_and_cost(fake_a
     assert (e.description, e.hypothesis, e.proposer) == ("d", "h", "claude")
     assert e.usage["turns"] == 3 and e.usage["input_tokens"] == 3300 and e.usage["output_tokens"] == 360
     assert e.usage["cache_read_input_tokens"] == 500
-    assert e.cost_usd == pytest.approx(sum(cost_usd(DEFAULT_MODEL, u) for u in turns))
+    assert e.cost_usd == pytest.approx(sum(cost_usd(OPUS, u) for u in turns))
     assert e.cost_usd == pytest.approx((3300 * 5 + 360 * 25 + 500 * 0.5) / 1e6)
 
 
@@ -185,12 +189,12 @@ def test_malformed_tool_input_gets_a_repair_turn(fake_anthropic, tool_input, com
 
 def test_models_that_reject_a_forced_tool_get_auto_and_a_nudge(fake_anthropic):
     model = "claude-sonnet-5-5"
-    assert forces_tool(DEFAULT_MODEL) and not forces_tool(model)
+    assert forces_tool(OPUS) and not forces_tool(model) and not forces_tool(DEFAULT_MODEL)
     fake_anthropic.script(message([{"type": "text", "text": "I would lower the weight decay."}], model=model),
                           tool_answer([GOOD_EDIT], model=model))
     p = proposer(fake_anthropic, model=model).propose(HEAD, PARENT, HISTORY, STATE)
     first, second = fake_anthropic.bodies
-    assert first["tool_choice"] == {"type": "auto"}
+    assert first["tool_choice"] == {"type": "auto"} and first["thinking"] == {"type": "adaptive"}
     assert TOOL_NAME in second["messages"][2]["content"]
     assert p.usage["model"] == model and p.usage["turns"] == 2
 
@@ -219,14 +223,14 @@ def test_usage_and_cost_are_stored_on_the_proposal(fake_anthropic):
     fake_anthropic.script(tool_answer([GOOD_EDIT], usage_=u))
     p = proposer(fake_anthropic).propose(HEAD, PARENT, HISTORY, STATE)
     assert {k: p.usage[k] for k in u} == u
-    assert p.usage["model"] == DEFAULT_MODEL and p.usage["turns"] == 1 and p.usage["latency_s"] >= 0
+    assert p.usage["model"] == OPUS and p.usage["turns"] == 1 and p.usage["latency_s"] >= 0
     assert p.cost_usd == pytest.approx((1234 * 5.0 + 567 * 25.0 + 4000 * 6.25) / 1e6)
 
 
 def test_configured_prices_override_the_table(fake_anthropic):
     fake_anthropic.script(tool_answer([GOOD_EDIT], usage_=usage(1_000_000, 0)))
     rates = {"input": 1.0, "output": 2.0, "cache_write": 1.25, "cache_read": 0.1}
-    p = proposer(fake_anthropic, prices={DEFAULT_MODEL: rates}).propose(HEAD, PARENT, HISTORY, STATE)
+    p = proposer(fake_anthropic, prices={OPUS: rates}).propose(HEAD, PARENT, HISTORY, STATE)
     assert p.cost_usd == pytest.approx(1.0)
 
 
@@ -303,3 +307,43 @@ def test_api_failure_during_a_repair_turn_keeps_the_cost(fake_anthropic):
         proposer(fake_anthropic, max_retries=0).propose(HEAD, PARENT, HISTORY, STATE)
     assert info.value.usage["turns"] == 1
     assert info.value.cost_usd == pytest.approx((2000 * 5 + 100 * 25) / 1e6)
+
+
+def test_default_is_the_strongest_listed_model_thinking_with_auto_tool_choice(fake_anthropic):
+    import typing
+
+    from anthropic.types.model_param import ModelParam
+    from loop.config import Settings
+
+    listed = {a for arg in typing.get_args(ModelParam) for a in typing.get_args(arg)}
+    assert DEFAULT_MODEL in listed and Settings().claude_model == DEFAULT_MODEL
+    fake_anthropic.script(message([{"type": "thinking", "thinking": "hm", "signature": "sig"}], model=DEFAULT_MODEL),
+                          tool_answer([GOOD_EDIT], model=DEFAULT_MODEL))
+    p = ClaudeProposer(anthropic.Anthropic(base_url=fake_anthropic.url, api_key="test")).propose(
+        HEAD, PARENT, HISTORY, STATE)
+    first, second = fake_anthropic.bodies
+    assert first["model"] == DEFAULT_MODEL and first["thinking"] == {"type": "adaptive"}
+    assert first["tool_choice"] == {"type": "auto"} and first["max_tokens"] == Settings().claude_max_tokens
+    assert second["messages"][1]["content"][0]["type"] == "thinking"  # echoed back with the nudge
+    assert p.usage["turns"] == 2
+
+
+def test_history_rows_carry_the_harness_numbers_and_kept_diffs():
+    from dataclasses import replace
+
+    from loop.proposers.claude import user_message
+
+    rows = [TriedEdit(PARENT, "k1", "discard", 1.44, "wider MLP", exp_id=7, delta=0.008, steps=1234,
+                      tokens_per_s=56789.0, peak_memory_mb=20480.0, mfu_percent=41.5, direction="architecture"),
+            TriedEdit(PARENT, "k2", "pruned", None, "LR x10", exp_id=8, reason="pruned at 42% of the budget: loss 5.1")]
+    state = replace(STATE, kept_diffs=(("#5 warmdown 0.6", "-WARMDOWN = 0.5\n+WARMDOWN = 0.6"),),
+                    in_progress=("#9 muon for the matrices [optimiser]",), being_proposed=("schedule",),
+                    direction="batch", direction_text="batch size, accumulation")
+    text = user_message(HEAD, PARENT, rows, state)
+    row7 = next(line for line in text.splitlines() if line.startswith("| 7 |"))
+    assert all(x in row7 for x in ("1,234", "56,789", "20,480", "41.5", "wider MLP [architecture]"))
+    assert "pruned at 42% of the budget" in next(line for line in text.splitlines() if line.startswith("| 8 |"))
+    assert "#5 warmdown 0.6" in text and "+WARMDOWN = 0.6" in text
+    assert "queued or training: #9 muon for the matrices [optimiser]" in text
+    assert "being written right now by 1 other request(s), in the directions: schedule" in text
+    assert "Your research direction for this proposal: batch\nbatch size, accumulation" in text

@@ -56,11 +56,21 @@ def test_config_typo_is_a_clear_error(tmp_path, data_dir):
 
 
 def test_serve_refuses_a_different_budget_on_an_existing_run(tmp_path, data_dir, tiny_workspace):
+    from db.session import create_tables, make_engine
+    from loop.config import Settings
+    from loop.engine import Engine
+    from loop.proposers.offline import OfflineProposer
+    from loop.runners.local import LocalRunner
+
     env = serve_env(tmp_path / "home", data_dir, tiny_workspace.path, RATCHET_NOISE_REPEATS=2)
-    p = ratchet("serve", "--budget-s", "1", "--max-experiments", "1", env=env)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    # the run exists, created at a 1 s budget as `serve --budget-s 1` creates it (what it trains is not the point)
+    settings = Settings(home=tmp_path / "home", workspace=tiny_workspace.path, budget_s=1.0)
+    db = make_engine(settings.db_url)
+    create_tables(db)
+    Engine(settings, db, tiny_workspace, LocalRunner("cpu"), OfflineProposer(), data_dir).setup(reconcile=False)
+    db.dispose()
     p = ratchet("serve", "--budget-s", "5", "--max-experiments", "1", env=env)
-    assert p.returncode == 2 and "--run NAME" in p.stderr
+    assert p.returncode == 2 and "--run NAME" in p.stderr and "1 s budget" in p.stderr
 
 
 def test_secrets_never_reach_the_log_file(tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -77,8 +78,8 @@ def test_shakespeare_fetch_failure_is_clear(tmp_path, monkeypatch):
 
 
 def test_text_and_parquet_corpora(tmp_path, stdlib_data_dir):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    pa = pytest.importorskip("pyarrow")  # the `parquet` extra
+    pq = pytest.importorskip("pyarrow.parquet")
 
     src = Path(tdata.sysconfig.get_paths()["stdlib"])
     texts = [p.read_text() for p in sorted(src.glob("*.py"))[:60]]
@@ -99,3 +100,24 @@ def test_text_and_parquet_corpora(tmp_path, stdlib_data_dir):
     m = tdata.load_manifest(out)
     assert did and m["documents"]["val"] >= 1 and m["documents"]["train"] >= 1
     assert json.loads((stdlib_data_dir / "manifest.json").read_text())["corpus"] == "stdlib"
+
+
+def test_parquet_needs_pyarrow_and_a_bad_own_shard_is_refused_not_deleted(tmp_path, monkeypatch):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+
+    pdir = tmp_path / "pq"
+    pdir.mkdir()
+    pq.write_table(pa.table({"text": ["a b c " * 50] * 20}), pdir / "shard_00000.parquet")
+    (pdir / "shard_00001.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(tdata.CorpusError, match="cannot read the `text` column of .*shard_00001"):
+        tdata.prepare(f"parquet:{pdir}", 512, home=tmp_path)
+    assert (pdir / "shard_00001.parquet").exists()  # the user's own file: refused, never deleted
+
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # as where the `parquet` extra is not installed
+    with pytest.raises(tdata.CorpusError, match=r"pip install 'ratchet\[parquet\]'"):
+        tdata.prepare(f"parquet:{pdir}", 512, home=tmp_path)
+    # a web corpus says so before it downloads anything (nothing listens on port 9)
+    with pytest.raises(tdata.CorpusError, match=r"pip install 'ratchet\[parquet\]'"):
+        tdata.prepare("parquet:http://127.0.0.1:9/shard_{:05d}.parquet:1", home=tmp_path)
+    assert not (tmp_path / "cache").exists()

@@ -185,3 +185,24 @@ def test_wheel_ships_the_migrations(tmp_path):
     for need in ("db/migrate.py", "db/migrations/env.py", "db/migrations/script.py.mako",
                  *(f"db/migrations/versions/{v.name}" for v in versions)):
         assert need in names, need
+
+
+# ---- the proposal sandbox (README: Trust model) ----
+
+
+def test_every_deployment_can_run_proposals_as_a_uid_that_owns_nothing(compose):
+    docker = (DEPLOY / "Dockerfile").read_text()
+    for base in docker.split("AS base-")[1:3]:  # both variants install bubblewrap and newuidmap
+        assert "bubblewrap" in base.split("AS ")[0] and "uidmap" in base.split("AS ")[0]
+    assert re.search(r"usermod --add-subuids \d+-\d+ --add-subgids \d+-\d+ ratchet", docker)
+    opts = compose["services"]["ratchet"]["security_opt"]
+    assert {"seccomp=unconfined", "apparmor=unconfined", "systempaths=unconfined"} <= set(opts)
+    s = unit_file(DEPLOY / "ratchet.service")["Service"]
+    assert s["Delegate"] == ["memory pids"]
+    assert "NoNewPrivileges" not in s and "ProtectControlGroups" not in s  # newuidmap is setuid; cgroup writable
+    unit = (DEPLOY / "ratchet.service").read_text()
+    assert "apt-get install bubblewrap uidmap" in unit and "usermod --add-subuids" in unit
+    boot = (DEPLOY / "bootstrap-gpu-host.sh").read_text()
+    assert "bubblewrap uidmap" in boot and "usermod --add-subuids" in boot and "command -v bwrap" in boot
+    ci = (REPO / ".ci" / "run").read_text()
+    assert "bubblewrap uidmap" in ci and "ratchetsvc" in ci

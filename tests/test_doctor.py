@@ -18,6 +18,7 @@ from rich.console import Console
 from bot.doctor import Check, check_runner, doctor, mask, redact, secrets_in
 from db import migrate
 from db.session import make_engine
+from loop.config import Settings
 from tests.fakes.anthropic_api import FakeAnthropic, error, message
 from tests.fakes.slack_api import APP_TOKEN, BOT_TOKEN, FakeSlack, api_error
 from tests.test_serve import serve_env
@@ -25,6 +26,7 @@ from tests.test_serve import serve_env
 REPO = Path(__file__).resolve().parents[1]
 ANTHROPIC_KEY = "sk-ant-api03-doctor-test-secret-key-0123456789"
 DB_PASSWORD = "pw-doctor-s3cret"
+DEFAULT_MODEL = Settings.model_fields["claude_model"].default
 
 
 pytestmark = pytest.mark.usefixtures("restore_environ")
@@ -65,7 +67,8 @@ def test_healthy_local_setup(home):
     code, out, st = run_doctor()
     assert code == 0, out
     assert st == {"config": ["ok"], "database": ["ok"], "slack": ["ok"], "anthropic": ["ok"], "runner": ["ok"],
-                  "data": ["ok"]}, out
+                  "sandbox": ["ok"], "data": ["ok"]}, out
+    assert "sandbox: bubblewrap" in out and "no network" in out
     assert f"schema at {migrate.head_revision()}" in out and "fingerprints match" in out and "all ok" in out
     assert "not configured: serve uses the shell chat" in out and "offline proposer" in out
 
@@ -76,7 +79,7 @@ def test_cli_doctor_exit_codes(home, tmp_path):
     p = subprocess.run([sys.executable, "-m", "bot.cli", "doctor"], cwd=REPO, env=env, capture_output=True,
                        text=True, timeout=180)
     assert p.returncode == 0, p.stdout + p.stderr
-    assert p.stdout.splitlines()[0].startswith("ok    config") and "6 checks: all ok" in p.stdout
+    assert p.stdout.splitlines()[0].startswith("ok    config") and "7 checks: all ok" in p.stdout
     cfg = tmp_path / "ratchet.toml"
     cfg.write_text("noise_repeat = 5\n")
     p = subprocess.run([sys.executable, "-m", "bot.cli", "doctor", "--config", str(cfg)], cwd=REPO, env=env,
@@ -201,9 +204,9 @@ def test_anthropic_key_accepted(home, monkeypatch):
         monkeypatch.setenv("ANTHROPIC_BASE_URL", fake.url)
         code, out, st = run_doctor()
     assert code == 0 and st["anthropic"] == ["ok"], out
-    assert "key accepted; claude-opus-4-8 answered" in out
+    assert f"key accepted; {DEFAULT_MODEL} answered" in out
     (req,) = fake.requests
-    assert req.body["max_tokens"] == 1 and req.body["model"] == "claude-opus-4-8"
+    assert req.body["max_tokens"] == 1 and req.body["model"] == DEFAULT_MODEL
     assert ANTHROPIC_KEY in req.headers.get("x-api-key", "") + req.headers.get("authorization", "")
     assert ANTHROPIC_KEY not in out
 

@@ -169,6 +169,19 @@ def test_downgrade_upgrade_round_trip_with_data(db_url):
     indexes = {i["name"] for i in inspect(eng).get_indexes("experiments")}
     assert {"ix_experiments_run_id_ast_hash", "ix_experiments_run_id_status"} <= indexes  # 0004's
     assert {"ix_experiments_run_id_commit", "ix_experiments_run_id_parent_commit"} <= indexes  # 0005's
+    with Session(eng) as s:  # 0007's column, on rows that existed before it
+        assert {e.direction for e in s.exec(select(Experiment)).all()} == {""}
+    assert "ix_experiments_run_id_device_name" in indexes  # 0006's
+    with session_scope(eng) as s:  # 0006's columns: a result's hardware class and the per-class σ
+        s.add(Experiment(run_id=1, kind="experiment", status="keep", val_bpb=2.0, device_name="NVIDIA H100 x1"))
+        s.get(Run, 1).class_sigma = {"NVIDIA H100 x1": 0.002}
+    assert migrate.downgrade(eng, "-1") == "0006"
+    assert "direction" not in {c["name"] for c in inspect(eng).get_columns("experiments")}
+    assert migrate.downgrade(eng, "-1") == "0005"
+    assert not {"device_name", "hardware"} & {c["name"] for c in inspect(eng).get_columns("experiments")}
+    assert "class_sigma" not in {c["name"] for c in inspect(eng).get_columns("runs")}
+    with eng.begin() as c:
+        c.execute(text("DELETE FROM experiments WHERE kind = 'experiment' AND val_bpb = 2.0"))
     assert migrate.downgrade(eng, "-1") == "0004"
     assert not {"ix_experiments_run_id_commit", "ix_experiments_run_id_parent_commit"} & {
         i["name"] for i in inspect(eng).get_indexes("experiments")}

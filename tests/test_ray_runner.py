@@ -7,15 +7,16 @@ import shutil
 import signal
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 ray = pytest.importorskip("ray")
 
-from loop.engine import normalise_health  # noqa: E402
+from loop.hosts import normalise_health  # noqa: E402
 from loop.runners.base import Job, Slot  # noqa: E402
-from loop.runners.local import is_harness_process  # noqa: E402
+from loop.runners.base import is_harness_process  # noqa: E402
 from loop.runners.ray_runner import RayRunner  # noqa: E402
 from tests.conftest import TINY_TRAIN_PY  # noqa: E402
 
@@ -212,3 +213,18 @@ def test_engine_requeues_an_experiment_whose_worker_died(runner, tmp_path, data_
     for h in list(eng.handles.values()):  # an experiment may have started meanwhile: stop it
         h.kill("test over")
     tick_until(lambda: not eng.handles, 30)
+
+
+def test_a_multi_slot_job_asks_ray_for_every_member_s_resources(runner, tmp_path, data_dir):
+    """Two slots taken together (a scale with gpus = 2) are one task asking for twice a slot's resources: on this
+    2-CPU cluster, 2 CPUs per slot cannot be had twice, so it is never scheduled (and says what it asked for)."""
+    wide = RayRunner(num_gpus_per_task=0, num_cpus_per_task=2, slots=2, start_timeout_s=1.0)  # shares Ray
+    try:
+        both = Slot.together(wide.slots())
+        h = wide.start(replace(job(tmp_path, data_dir, 5), nproc=2), both, lambda: None)
+        wait_until(h.done, 30, "the handle to give up")
+        out = h.outcome()
+        assert out.infra_failed and "no node with 0 GPU / 4 CPU free" in out.result.error, out.result.error
+        assert out.slot == "ray:0+ray:1"
+    finally:
+        wide.close()

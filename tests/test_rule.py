@@ -37,3 +37,26 @@ def test_pooled_sigma_leaves_out_code_that_behaves_differently_by_seed():
     assert pooled_sigma(steady + [[1.6, 9.0]]) == pytest.approx(pooled_sigma(steady))
     assert pooled_sigma(steady + [[1.6, 9.0]], outlier_ratio=1e9) > 1  # without the guard it would dominate
     assert pooled_sigma([[1.0, 1.1], [2.0, 5.0]]) > 1  # two groups: no median to judge by, both count
+
+
+def test_decide_counts_the_reference_s_own_noise():
+    from loop.rule import decide
+
+    # against the mean of n runs the difference has standard error σ·√(1 + 1/n)
+    assert decide(0.995, 1.0, 0.002, head_n=1).threshold == pytest.approx(2 * 0.002 * 2 ** 0.5)
+    assert decide(0.995, 1.0, 0.002, head_n=4).threshold == pytest.approx(2 * 0.002 * 1.25 ** 0.5)
+    assert decide(0.995, 1.0, 0.002).threshold == pytest.approx(0.004)  # head_n unknown: z·σ as before
+
+
+def test_decide_paired_judges_the_mean_difference():
+    from loop.rule import decide_paired
+
+    d = decide_paired([0.990], [0.996], 0.002)  # one pair: se = σ·√2, margin 2·se ≈ 0.0057
+    assert d.verdict == "keep" and d.delta == pytest.approx(-0.006) and d.sigma == pytest.approx(0.002 * 2 ** 0.5)
+    assert decide_paired([0.992], [0.996], 0.002).verdict == "discard"  # −0.004 is inside the margin
+    # the pairs' common shift (a faster host, a drift) cancels: both runs 0.05 lower changes nothing
+    assert decide_paired([0.940], [0.946], 0.002).verdict == "keep"
+    two = decide_paired([0.990, 0.994], [0.995, 0.998], 0.002)  # two pairs: se = σ, margin 0.004
+    assert two.threshold == pytest.approx(0.004) and two.delta == pytest.approx(-0.0045) and two.verdict == "keep"
+    with pytest.raises(ValueError):
+        decide_paired([0.99], [], 0.002)

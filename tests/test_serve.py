@@ -57,17 +57,17 @@ def wait_for(cond, timeout=180, what="condition"):
 
 
 @pytest.mark.slow
-def test_main_command_runs_baseline_and_five_experiments(tmp_path, data_dir):
+def test_main_command_runs_baseline_and_two_experiments(tmp_path, data_dir):
     """The README's main command on a fresh home: template train.py, real text, CPU, offline proposer."""
     home = tmp_path / "home"
     out = tmp_path / "out.txt"
-    proc = start(["--max-experiments", "5", "--budget-s", "2"], serve_env(home, data_dir), out)
+    proc = start(["--max-experiments", "2", "--budget-s", "2"], serve_env(home, data_dir), out)
     assert proc.wait(timeout=600) == 0, out.read_text()[-3000:]
     exps = db_rows(home, Experiment)
     base = [e for e in exps if e.kind == "baseline"]
     search = [e for e in exps if e.kind == "experiment"]
     assert [e.status for e in base] == ["keep"] * 3
-    assert len(search) == 5
+    assert len(search) == 2
     for e in search:
         assert e.status in ("keep", "discard", "crash", "timeout", "invalid") and e.diff and e.description
         if e.status in ("keep", "discard"):
@@ -107,3 +107,36 @@ def test_pause_typed_in_the_shell_takes_effect_before_the_next_experiment(tmp_pa
     audit = db_rows(home, CommandLog)
     assert [(a.user, a.command) for a in audit] == [("dana", ""), ("dana", "pause"), ("dana", "status"),
                                                     ("dana", "resume")]
+
+
+def test_a_bounded_serve_that_nothing_can_resume_stops_with_the_reason(tmp_path, data_dir):
+    """--max-experiments with stdin closed and no Slack: a pause (here a crashing baseline) cannot be lifted, so
+    serve stops with STRANDED and says why, instead of waiting for ever. With stdin open it waits for `resume`."""
+    from bot.serve import STRANDED
+    from tests.conftest import TINY_TRAIN_PY
+
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "train.py").write_text(TINY_TRAIN_PY.replace("    step = 0\n", "    step = 0\n    raise RuntimeError('exploded')\n"))
+    Workspace.init(ws, force=True)
+    home, out = tmp_path / "home", tmp_path / "out.txt"
+    env = serve_env(home, data_dir, ws, RATCHET_NOISE_REPEATS=2)
+    proc = start(["--max-experiments", "1", "--budget-s", "1"], env, out, stdin=subprocess.PIPE)
+    wait_for(lambda: db_rows(home, Run)[0].state == "paused", what="the pause")
+    time.sleep(1)
+    assert proc.poll() is None  # a person at the pipe may still type `resume`
+    proc.stdin.close()
+    assert proc.wait(timeout=60) == STRANDED, out.read_text()[-3000:]
+    text = out.read_text()
+    assert "is paused (baseline crash: RuntimeError: exploded" in text and "nothing here can resume it" in text
+    assert [e.kind for e in db_rows(home, Experiment)] == ["baseline"]  # nothing was lost or started
+
+
+def test_only_a_daily_budget_pause_lifts_at_the_rollover():
+    from loop import budget
+
+    day = budget.Cap("gpu", "day", 90_000.0, 86_400.0)
+    assert budget.lifts_at_rollover(budget.pause_reason(day))
+    assert not budget.lifts_at_rollover(budget.pause_reason(budget.Cap("claude", "total", 301.0, 300.0)))
+    assert not budget.lifts_at_rollover("baseline crash: RuntimeError: exploded")
+    assert not budget.lifts_at_rollover("paused by dana: budget: gpu/day is tight")

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from bot import blocks
-from bot.commands import HELP, ParseError, parse, role_allows
+from bot.commands import COMMANDS, HELP, ParseError, command, parse, role_allows
 from tests.fakes.slack_api import _block_problem
 
 
@@ -138,6 +138,17 @@ def test_grammar_revert_promote_diff_and_their_roles():
     for cmd in ("resume", "revert", "promote"):
         assert not role_allows("viewer", cmd) and role_allows("operator", cmd) and role_allows("admin", cmd)
     assert "revert <id>" in HELP and "promote" in HELP and "diff <id>" in HELP
+
+
+def test_the_help_and_the_role_table_come_from_one_declaration_per_command():
+    for spec in COMMANDS.values():
+        assert (f"{spec.help} (operator)" in HELP) == (not role_allows("viewer", spec.name)), spec.name
+    assert "start experiments again (operator)" in HELP  # the hand-written help once left resume's role out
+    with pytest.raises(ValueError, match="registered twice"):
+        command("status", role="viewer", help="again")(lambda control, user: None)
+    with pytest.raises(ValueError, match="unknown role"):
+        command("frobnicate", role="owner", help="anything")(lambda control, user: None)
+    assert "frobnicate" not in COMMANDS and COMMANDS["status"].help != "again"
 
 
 def test_the_manifest_matches_the_app():

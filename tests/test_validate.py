@@ -6,6 +6,7 @@ from loop.validate import (
     EditError,
     apply_edits,
     normalised_ast_hash,
+    parse,
     validate_proposal,
 )
 
@@ -385,155 +386,20 @@ def test_pathological_nesting_is_rejected_not_raised():
     assert check(TRAIN_PY + "x = 1\0\n").reason.startswith("does not parse")
 
 
-# ---- the fast path for literal-only edits ----
-
-def test_a_literal_edit_of_a_clean_parent_skips_the_scan_with_the_same_verdict(monkeypatch):
-    import loop.validate as v
-
-    full = check(EDITED)
-    scans = []
-    monkeypatch.setattr(v, "_first_offence", lambda tree: scans.append(tree) or "")
-    v._CLEAN.clear()
-    first = check(EDITED)  # the parent is scanned once and remembered
-    assert len(scans) == 1
-    again = check(TRAIN_PY.replace("WIDTH = 96 ", "WIDTH = 128 ").replace('LABEL = "tiny"', 'LABEL = "small"'))
-    assert len(scans) == 1 and again.ok  # two literal lines changed: no scan
-    assert (first.ok, first.reason, first.ast_hash, first.diff) == (full.ok, full.reason, full.ast_hash, full.diff)
-
-
 @pytest.mark.parametrize("line", [
     'MATRIX_LR = __import__("os").getpid()  # AdamW learning rate for weight matrices\n',
     "MATRIX_LR = open  # AdamW learning rate for weight matrices\n",
-    "MATRIX_LR = [0.02]  # AdamW learning rate for weight matrices\n",
-    "OTHER = 0.03  # AdamW learning rate for weight matrices\n",
 ])
-def test_anything_but_a_literal_on_a_constant_line_gets_the_full_checks(line):
-    import loop.validate as v
-
-    v._CLEAN.clear()
-    check(EDITED)  # the parent is known clean
+def test_forbidden_code_on_a_constant_line_is_refused(line):
     old = next(ln for ln in TRAIN_PY.splitlines(keepends=True) if ln.startswith("MATRIX_LR"))
-    assert not v._literal_edit_of_clean(TRAIN_PY, TRAIN_PY.replace(old, line))
-    if "open" in line or "__import__" in line:
-        verdict = check(TRAIN_PY.replace(old, line))
-        assert not verdict.ok and verdict.reason.startswith("forbidden:")
+    verdict = check(TRAIN_PY.replace(old, line))
+    assert not verdict.ok and verdict.reason.startswith("forbidden:")
 
 
-def test_a_literal_edit_of_a_parent_that_is_not_clean_is_refused():
-    import loop.validate as v
-
-    v._CLEAN.clear()
+def test_a_literal_edit_of_a_parent_with_forbidden_code_is_refused():
     bad_parent = TRAIN_PY.replace("import math\n", "import os\nimport math\n")
     verdict = validate_proposal(bad_parent, {"train.py": bad_parent.replace("WIDTH = 96 ", "WIDTH = 128 ")})
     assert not verdict.ok and "forbidden" in verdict.reason
-
-
-# ---- the spliced hash: a literal edit's hash from the parent's cached dump ----
-
-def _slow_hash(source: str) -> str:
-    """The hash as the full path computes it: parse and dump the whole file."""
-    import ast
-
-    import loop.validate as v
-
-    return v._hash_tree(ast.parse(source))
-
-
-def _slow_verdict(monkeypatch, old: str, new: str, **kwargs):
-    import loop.validate as v
-
-    with monkeypatch.context() as m:
-        m.setattr(v, "_spliced_hash", lambda *_: None)
-        return validate_proposal(old, {"train.py": new}, **kwargs)
-
-
-def test_offline_proposals_take_the_spliced_hash_and_get_the_full_paths_verdict(monkeypatch):
-    import loop.validate as v
-    from loop.proposers.base import TriedEdit
-    from loop.proposers.offline import OfflineProposer
-    from loop.workspace import TEMPLATE
-
-    for parent in (TRAIN_PY, TEMPLATE.read_text()):
-        proposer, history = OfflineProposer(seed=3, device="cuda"), []
-        for _ in range(25):  # TRAIN_PY has 31 candidate edits
-            p = proposer.propose(parent, "head", history)
-            history.append(TriedEdit("head", p.edit_key, "queued", None, p.description))
-            spliced = v._spliced_hash(parent, p.source)
-            assert spliced == _slow_hash(p.source), p.description  # taken, and the same hash
-            seen = {_slow_hash(p.source)}
-            fast = validate_proposal(parent, {"train.py": p.source}, seen_hashes=seen)
-            slow = _slow_verdict(monkeypatch, parent, p.source, seen_hashes=seen)
-            assert fast == slow and fast.reason == "duplicate of an earlier experiment"
-
-
-def test_several_literal_lines_changed_at_once_splice_to_the_full_hash():
-    import random
-
-    import loop.validate as v
-
-    rng = random.Random(0)
-    lines = TRAIN_PY.split("\n")
-    constant_lines = [i for i, ln in enumerate(lines) if ln[:1].isupper() and " = " in ln]
-    values = ["0", "-3", "+2.5", "1e-3", "True", "None", "'x'", '"a # b"', "-0.0", "10_000"]
-    for _ in range(60):
-        new = list(lines)
-        for i in rng.sample(constant_lines, rng.randint(1, 4)):
-            name, rest = new[i].split(" = ", 1)
-            comment = rest[rest.index("#"):] if "#" in rest and not rest.startswith('"') else ""
-            new[i] = f"{name} = {rng.choice(values)}  {comment}".rstrip()
-        source = "\n".join(new)
-        if source == TRAIN_PY:
-            continue
-        assert v._spliced_hash(TRAIN_PY, source) == _slow_hash(source)
-
-
-@pytest.mark.parametrize("old, new", [
-    # a line of a string, not a statement
-    ('X = 1\nDOC = """\nY = 1\n"""\n', 'X = 1\nDOC = """\nY = 2\n"""\n'),
-    # a keyword argument on an unindented line of a call
-    ("X = 1\nf(\nY = 1\n)\n", "X = 1\nf(\nY = 2\n)\n"),
-    # a second statement on the line would be lost with it
-    ("X = 1; import math\n", "X = 2\n"),
-    # a backslash would join the next line to the new one
-    ("X = 1\nY = 2\n", "X = 1 \\\nY = 2\n"),
-    # the line before continues onto the changed line
-    ("Y = 2; \\\nX = 1\n", "Y = 2; \\\nX = 3\n"),
-    # a carriage return ends a line for the parser
-    ("X = 1\r\nY = 2\r\n", "X = 3\r\nY = 2\r\n"),
-    # str.splitlines ends lines where the parser does not (form feed, U+2028 in a string): numbers would shift
-    ("# a\x0cb\nX = 1\nY = 2\n", "# a\x0cb\nX = 1\nY = 3\n"),
-    ('S = "a\u2028b"\nX = 1\n', 'S = "a\u2028b"\nX = 2\n'),
-    # not a literal any more, or not an assignment
-    ("X = 1\n", "X = y\n"), ("X = 1\n", "X += 1\n"), ("X = 1\n", "X = 1 +\n"),
-    # lines added or removed
-    ("X = 1\n", "X = 1\nY = 2\n"),
-])
-def test_the_splice_declines_what_it_cannot_show_and_the_verdict_stays_the_full_paths(monkeypatch, old, new):
-    import loop.validate as v
-
-    assert v._spliced_hash(old, new) is None
-    assert validate_proposal(old, {"train.py": new}) == _slow_verdict(monkeypatch, old, new)
-
-
-def test_a_module_docstring_before_the_constants_does_not_shift_the_splice():
-    import loop.validate as v
-
-    old = '"""Doc."""\nA = 1\nimport math\nB = "s"  # one of: "s", "t"\n\n\ndef train(ctx):\n    return A\n'
-    new = old.replace("A = 1", "A = 2").replace('B = "s"', 'B = "t"')
-    assert v._spliced_hash(old, new) == _slow_hash(new) != _slow_hash(old)
-
-
-def test_a_wrong_piece_would_be_caught(monkeypatch):
-    """The comparison above can fail: a splice into the wrong statement gives another hash."""
-    import loop.validate as v
-
-    new = EDITED
-    assert v._spliced_hash(TRAIN_PY, new) == _slow_hash(new)
-    real = v._pieces(TRAIN_PY)
-    shifted = v._Pieces(real.ast_hash, real.prefix, real.suffix, real.pieces,
-                        {line: k + 1 for line, k in real.slots.items()})
-    monkeypatch.setattr(v, "_pieces", lambda _source: shifted)
-    assert v._spliced_hash(TRAIN_PY, new) != _slow_hash(new)
 
 
 def _git_apply(tmp_path, old: str, new: str, diff: str) -> str:
@@ -548,8 +414,8 @@ def _git_apply(tmp_path, old: str, new: str, diff: str) -> str:
 
 
 def test_the_diff_of_a_long_file_keeps_its_context_and_line_numbers(tmp_path):
-    """unified_diff matches only the lines between the common head and tail (speed): the hunk still has
-    three lines of context each side, git's line numbers, and applies with git apply."""
+    """A one-line change deep in a long file: three lines of context each side, git's line numbers, and the
+    diff applies with git apply."""
     from loop.validate import unified_diff
 
     old = TRAIN_PY + "".join(f"KNOB_{i:03d} = 1.0\n" for i in range(300))
@@ -577,3 +443,61 @@ def test_the_diff_applies_where_lines_repeat_or_changes_touch_the_ends(tmp_path,
 
     diff, _ = unified_diff(old, new)
     assert _git_apply(tmp_path, old, new, diff) == new
+
+
+def test_proposals_validate_from_several_threads_at_once():
+    """The swarm validates in several threads; CPython 3.11's ast.parse shares its recursion
+    depth between threads and fails with a SystemError when a finaliser switches threads
+    mid-parse (python/cpython#106905). Garbage with __del__ makes that switch happen."""
+    import gc
+    import sys
+    import threading
+    import time
+
+    class Finalised:
+        def __del__(self):
+            sum(range(50))
+
+    deadline = time.monotonic() + 2.0
+    errors: list[str] = []
+
+    def make_garbage():
+        while time.monotonic() < deadline:
+            cycle = Finalised()
+            cycle.self = cycle
+
+    def validate_many(n):
+        source = TRAIN_PY.replace("MATRIX_LR = 0.02 ", f"MATRIX_LR = 0.0{n} ")
+        verdict = validate_proposal(TRAIN_PY, {"train.py": source})
+        if not verdict.ok:
+            errors.append(verdict.reason)
+        while time.monotonic() < deadline and not errors:
+            try:
+                parse(source)
+            except SystemError as exc:
+                errors.append(str(exc))
+
+    def parse_elsewhere():  # a parser outside validate (inspect.signature in pydantic does this)
+        import ast
+
+        while time.monotonic() < deadline:
+            try:
+                ast.parse(TRAIN_PY)
+            except SystemError:
+                pass  # its own failure; ours must not fail because of it
+
+    interval, thresholds = sys.getswitchinterval(), gc.get_threshold()
+    sys.setswitchinterval(1e-6)
+    gc.set_threshold(50, 1, 1)
+    try:
+        threads = [threading.Thread(target=validate_many, args=(n,)) for n in range(3, 9)]
+        threads += [threading.Thread(target=make_garbage) for _ in range(2)]
+        threads.append(threading.Thread(target=parse_elsewhere))
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+        gc.set_threshold(*thresholds)
+    assert errors == []

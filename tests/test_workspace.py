@@ -1,4 +1,4 @@
-"""The research repo (loop.workspace) against real git: init, run branches, experiment commits (packs),
+"""The research repo (loop.workspace) against real git: init, run branches, experiment commits,
 compare-and-swap fast-forwards, diffs, 3-way rebase, and never disturbing the working tree."""
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ import time
 
 import pytest
 
-from loop import packs
 from loop.workspace import EXPERIMENTS_REF, PROGRAM, TEMPLATE, Workspace, WorkspaceError
 
 SCRIPT = "A = 1\nB = 2\n\n\ndef f():\n    return A + B\n\n\nC = 3\n"
@@ -266,56 +265,9 @@ def test_every_experiment_commit_stays_reachable_and_a_held_lock_is_respected(ws
     assert git(ws, "rev-list", "--parents", "-n", "1", EXPERIMENTS_REF).split()[1:] == [packed_tip, fourth]
 
 
-def test_a_batch_stores_its_commits_in_one_pack_at_exit_and_nothing_when_it_fails(ws):
-    base = ws.head_commit()
-    pack_dir = ws.path / ".git" / "objects" / "pack"
-    before = set(pack_dir.glob("*.pack"))
-    with ws.batch():
-        shas = [ws.commit_experiment(i, base, edit(SCRIPT, "A = 1", f"A = {i + 10}"), f"exp {i}") for i in range(5)]
-        missing = subprocess.run(["git", "-C", str(ws.path), "cat-file", "-e", shas[0]], capture_output=True)
-        assert missing.returncode != 0  # nothing is written before the exit
-    assert len(set(pack_dir.glob("*.pack")) - before) == 1
-    tip = git(ws, "rev-parse", EXPERIMENTS_REF)
-    assert git(ws, "rev-list", "--parents", "-n", "1", tip).split()[1:] == shas  # one log commit for the batch
-    fresh = Workspace(ws.path)  # another process's reads: from the pack, not this one's cache
-    assert [fresh.read_file(s) for s in shas] == [edit(SCRIPT, "A = 1", f"A = {i + 10}") for i in range(5)]
-    assert git(ws, "fsck", "--no-dangling") == ""
-
-    with pytest.raises(RuntimeError, match="bad round"):
-        with ws.batch():
-            lost = ws.commit_experiment(9, base, edit(SCRIPT, "A = 1", "A = 99"), "exp 9")
-            raise RuntimeError("bad round")
-    assert git(ws, "rev-parse", EXPERIMENTS_REF) == tip
-    assert subprocess.run(["git", "-C", str(ws.path), "cat-file", "-e", lost], capture_output=True).returncode != 0
-    with ws.batch():
-        with pytest.raises(WorkspaceError, match="already open"):
-            with ws.batch():
-                pass
-
-
-def test_rounds_of_packs_are_merged_and_every_commit_stays_readable(ws, monkeypatch):
-    monkeypatch.setattr(packs, "FANOUT", 3)
-    base = ws.head_commit()
-    pack_dir = ws.path / ".git" / "objects" / "pack"
-    shas = []
-    for r in range(10):  # 10 rounds of 2 (9 objects a pack: tier 0); every 3 of a tier merge into the next
-        with ws.batch():
-            shas += [ws.commit_experiment(2 * r + i, base, edit(SCRIPT, "A = 1", f"A = {100 + 2 * r + i}"), "x")
-                     for i in range(2)]
-    ws.close()  # waits for the merge under way
-    assert ws._tiers.merges >= 3 and not ws._tiers.errors
-    assert len(list(pack_dir.glob("*.pack"))) == len(ws._tiers.packs()) < 10
-    assert not list(pack_dir.glob("tmp_*"))
-    fresh = Workspace(ws.path)
-    assert [fresh.read_file(s) for s in shas] == [edit(SCRIPT, "A = 1", f"A = {100 + k}") for k in range(20)]
-    assert git(ws, "fsck", "--no-dangling") == ""
-    for idx in pack_dir.glob("*.idx"):
-        assert subprocess.run(["git", "-C", str(ws.path), "verify-pack", str(idx)], capture_output=True).returncode == 0
-
-
-def test_a_committed_source_read_back_from_the_cache_is_what_git_stored(ws):
+def test_a_committed_source_read_back_is_what_git_stored(ws):
     base = ws.head_commit()
     source = edit(ws.read_file(base), "DEPTH_CPU = 4", "DEPTH_CPU = 5") + "# é ✓\n"
     sha = ws.commit_experiment(9, base, source, "exp 9")
-    assert ws.read_file(sha) == source  # served from the cache the commit filled
+    assert ws.read_file(sha) == source
     assert Workspace(ws.path).read_file(sha) == source == git(ws, "cat-file", "blob", f"{sha}:train.py") + "\n"

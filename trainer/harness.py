@@ -1,454 +1,533 @@
-"""The fixed harness: runs a script's `train(ctx)`, enforces the time budget, and scores val_bpb.
+"""The fixed harness's trusted parent: owns the data, the clock, the budget and result.json.
 
-Nothing here may be changed by a proposal; the score is computed only from the returned module's
-logits, never from anything the script reports about itself.
+It never runs a proposal's code. It starts two sandboxed processes (trainer/sandbox.py): the **worker**
+(trainer/worker.py), which runs `train(ctx)` on batches the parent serves and hands back the trained model as a
+`torch.export` artifact, and the **scorer** (trainer/scorer.py), which loads that artifact without running any
+Python of the proposal and computes val_bpb. The parent writes result.json beside the experiment's files, where
+neither can write. This module does not import torch.
+
+The clock (README: Trust model): the worker gets `start_allowance_s` from the job to start up (interpreter, torch,
+building the model) and, on CUDA, WARMUP_BATCHES batches (compilation) before the clock starts; the clock starts at
+the first batch after those, or when the allowance runs out. No batch is served once the budget plus
+`overrun_s()` is spent. Training that ends later than budget + overrun_s() is refused; a worker that has not
+handed back its artifact by budget + grace is killed (timeout).
 """
 
 from __future__ import annotations
 
-import importlib.util
+import errno
 import json
-import logging
 import math
 import os
-import resource
+import select
 import shutil
+import socket
+import subprocess
 import sys
-import threading
 import time
-import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Optional
 
 import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 from trainer import data as tdata
+from trainer import sandbox
 from trainer.result import Result
-from trainer.sandbox import ScriptGuard, contain_environment, limit_message
+from trainer.untrusted import clean_line, clean_lines
+from trainer.wire import Channel, ProtocolError
 
-PROCESS_START = time.time()
-# Steps before the clock starts, so compilation and allocator warm-up are free (autoresearch: 10).
-# On CPU nothing is compiled: the clock runs from the call of train(ctx), building the model included.
-WARMUP_STEPS = {"cuda": 10, "mps": 3, "cpu": 0}
-MAX_LOSS = 100.0  # a loss above this is divergence, not learning
+# Batches served before the clock starts, so compilation and allocator warm-up are free (autoresearch: 10 steps).
+# On CPU nothing is compiled: the clock starts when train(ctx) is called.
+WARMUP_BATCHES = {"cuda": 10, "mps": 3, "cpu": 0}
+# Seconds from the job's hand-over to the clock's start that are not counted, at most (start-up, model building,
+# and on CUDA the warm-up batches' compilation).
+START_ALLOWANCE_S = {"cuda": 180.0, "mps": 60.0, "cpu": 30.0}
 DEFAULT_SEQ_LEN = {"cuda": 2048, "mps": 512, "cpu": 256}
-# Validation tokens scored by default (always the same first tokens of the split, so every experiment is scored on
-# the same text). On a 2-core CPU the baseline's forward pass runs at ~6k tokens/s: 2^14 tokens take ~2.5 s of
-# the loop's per-experiment overhead, 2^17 would take ~20 s.
+# Validation tokens scored by default: always the first tokens of the pinned split, so every experiment is scored
+# on the same text. On a small CPU the forward pass is the loop's largest per-experiment cost after training.
 DEFAULT_EVAL_TOKENS = {"cuda": 1 << 22, "mps": 1 << 18, "cpu": 1 << 14}
-EVAL_BATCH_TOKENS = {"cuda": 1 << 18, "mps": 1 << 15, "cpu": 1 << 13}
+# Tokens per scoring batch; the artifact is exported for exactly this batch shape. On CPU small batches are the
+# faster ones: the logits of a batch (tokens × vocab floats) then stay in the cache.
+EVAL_BATCH_TOKENS = {"cuda": 1 << 18, "mps": 1 << 15, "cpu": 1 << 10}
 # Dense bf16 peak FLOP/s by GPU name, from NVIDIA's data sheets (H100 SXM 989.5 TFLOP/s, as autoresearch).
 PEAK_BF16_FLOPS = {"H200": 989.5e12, "H100": 989.5e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
                    "A10G": 70e12, "4090": 165e12, "3090": 71e12}
+MIN_FREE_BYTES = 64 << 10  # below this much free space where the experiment writes, the disk is full
+READY_TIMEOUT_S = 300.0  # a sandboxed process that has not started by then will not
 
 
-class TrainingDiverged(RuntimeError):
-    """Raised by ctx.log on NaN / inf or a loss above MAX_LOSS; the run is a crash."""
+def overrun_s(budget_s: float) -> float:
+    """How long after the budget the last training step may end: 2 s + 5% of the budget."""
+    return 2.0 + 0.05 * budget_s
 
 
-class HarnessError(RuntimeError):
-    """The script broke the contract (bad return value, wrong logits shape, not causal, read val data)."""
+def default_grace_s(budget_s: float) -> float:
+    """How long after the budget the artifact may arrive (the last step and the export): 30 s + 10% of it."""
+    return 30.0 + 0.1 * budget_s
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    """`auto` → cuda if available, else mps, else cpu; anything else is passed to torch.device."""
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+def score_limit_s(budget_s: float) -> float:
+    """The scorer's time limit: 120 s + the budget (an honest model scores far faster than it trains)."""
+    return 120.0 + budget_s
 
 
-# ---- The validation fence ----
+def free_space(path: Path) -> str:
+    """'' when `path`'s file system has MIN_FREE_BYTES free, else 'disk full: <path>: No space left on device
+    (N KiB free)'. The parent's own check: a full disk is never taken from what the proposal's code says."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return ""
+    free = st.f_bavail * st.f_frsize
+    return "" if free >= MIN_FREE_BYTES else f"disk full: {path}: No space left on device ({free >> 10} KiB free)"
 
 
-class ValFence:
-    """An audit hook that refuses to open validation files while training code runs.
-
-    Audit hooks cannot be removed, so the hook stays installed and is switched by `active`.
-    A refused open is also remembered: a script that swallows the PermissionError still crashes.
-    """
-
-    def __init__(self, paths: list[Path]):
-        self.dirs = {str(p.parent) for p in paths}
-        self.paths = {str(p) for p in paths}
-        self.active = False
-        self.violation: str | None = None
-        sys.addaudithook(self._hook)
-
-    def _hook(self, event: str, args: tuple) -> None:
-        if not self.active or event != "open" or not args:
-            return
-        target = args[0]
-        if isinstance(target, int) or target is None:
-            return
-        try:
-            p = os.path.realpath(os.fsdecode(target))
-        except (TypeError, ValueError):
-            return
-        if p in self.paths or os.path.dirname(p) in self.dirs:
-            self.violation = p
-            raise PermissionError(f"validation data is not readable by training code: {p}")
+def uses_cuda(device: str) -> bool:
+    """Whether a run on `device` gets the GPUs (auto: when the host has an NVIDIA driver and a visible GPU)."""
+    if device != "auto":
+        return device.startswith("cuda")
+    return Path("/dev/nvidiactl").exists() and os.environ.get("CUDA_VISIBLE_DEVICES", "x") != ""
 
 
-# ---- The context given to train(ctx) ----
+# ---- The two sandboxed processes ----
 
 
-class Context:
-    """What `train(ctx)` may use. See DESIGN.md "The harness contract".
+@dataclass
+class Process:
+    """A sandboxed child and the parent's end of its channel."""
 
-    Attributes: device (torch.device), seq_len (int), vocab_size (int), budget_s (seconds),
-    seed (int), scale (dict of overrides, e.g. {"depth": 12}), logger (logging.Logger).
-    """
+    proc: subprocess.Popen
+    chans: list[Channel]  # one per rank (the scorer: one)
+    ready: Optional[dict] = None
 
-    def __init__(self, *, device: torch.device, seq_len: int, vocab_size: int, budget_s: float, seed: int,
-                 scale: dict, train_shards: list[np.ndarray], curve_path: Path | None,
-                 warmup_steps: int = 1):
-        self.device = device
-        self.seq_len = seq_len
-        self.vocab_size = vocab_size
-        self.budget_s = float(budget_s)
-        self.seed = seed
-        self.scale = dict(scale)
-        self.logger = logging.getLogger("train")
-        self._shards = [s for s in train_shards if len(s) > seq_len + 1]
-        if not self._shards:
-            raise HarnessError(f"no train shard is longer than seq_len={seq_len}")
-        self._warmup_steps = warmup_steps
-        self._t_train = time.time()  # reset when warm-up steps are done
-        self._clock_started = warmup_steps <= 0
-        self._tokens_at_clock = 0
-        self.tokens = 0
-        self.steps = 0
-        self._curve = open(curve_path, "a", buffering=1) if curve_path else None
+    @property
+    def chan(self) -> Channel:
+        return self.chans[0]
 
-    # time
-    def training_seconds(self) -> float:
-        """Counted training time: since train() began, restarted once the warm-up steps are done."""
-        return time.time() - self._t_train
-
-    def time_left(self) -> float:
-        """Seconds of budget left (≥ 0)."""
-        return max(0.0, self.budget_s - self.training_seconds())
-
-    def should_stop(self) -> bool:
-        """True once the counted training time reaches the budget."""
-        return self.training_seconds() >= self.budget_s
-
-    def progress(self) -> float:
-        """Fraction of the budget used, in [0, 1]; for time-based LR schedules."""
-        return min(1.0, self.training_seconds() / self.budget_s) if self.budget_s > 0 else 1.0
-
-    # data
-    def train_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Infinite (x, y) pairs, int64 [batch_size, seq_len] on ctx.device; y is x shifted by one.
-
-        Random windows from the train split only, seeded by ctx.seed.
-        """
-        rng = np.random.default_rng(self.seed)
-        lengths = np.array([len(s) for s in self._shards], dtype=np.float64)
-        weights = lengths / lengths.sum()
-        T = self.seq_len
-        ar = np.arange(T + 1)
-        pin = self.device.type == "cuda"
-        while True:
-            shard = self._shards[rng.choice(len(self._shards), p=weights)] if len(self._shards) > 1 else self._shards[0]
-            starts = rng.integers(0, len(shard) - T - 1, size=batch_size)
-            win = torch.from_numpy(shard[starts[:, None] + ar].astype(np.int64))
-            if pin:
-                win = win.pin_memory()
-            win = win.to(self.device, non_blocking=True)
-            self.tokens += batch_size * T
-            yield win[:, :-1], win[:, 1:]
-
-    # curve
-    def log(self, step: int, loss) -> None:
-        """Record the training loss at `step` (call every step). Raises TrainingDiverged on NaN/inf/>100."""
-        value = float(loss.detach().float().item() if torch.is_tensor(loss) else loss)
-        self.steps = max(self.steps, int(step))
-        if not self._clock_started and step >= self._warmup_steps:
-            self._clock_started = True
-            self._t_train = time.time()
-            self._tokens_at_clock = self.tokens
-        if self._curve:
-            self._curve.write(json.dumps({"step": int(step), "elapsed_s": round(self.training_seconds(), 3),
-                                          "loss": value if math.isfinite(value) else str(value)}) + "\n")
-        if not math.isfinite(value) or value > MAX_LOSS:
-            raise TrainingDiverged(f"training loss {value} at step {step} (NaN/inf or > {MAX_LOSS:g})")
-
-    def counted_tokens(self) -> int:
-        """Tokens consumed while the clock ran (for MFU)."""
-        return self.tokens - self._tokens_at_clock
+    def wait_ready(self, timeout: float) -> dict:
+        """Rank 0's `ready` message, once every rank said it (before any proposal code exists in them).
+        Raises RuntimeError if one dies or is late."""
+        if self.ready is None:
+            deadline = time.monotonic() + timeout
+            for chan in self.chans:
+                try:
+                    got = chan.recv(timeout=max(0.0, deadline - time.monotonic()))
+                except (EOFError, ProtocolError, OSError) as e:
+                    raise RuntimeError(f"it exited while starting ({e})") from None
+                if got is None or got[0].get("op") != "ready":
+                    raise RuntimeError(f"it did not start within {timeout:.0f} s")
+                self.ready = self.ready or got[0]
+        return self.ready
 
     def close(self) -> None:
-        if self._curve:
-            self._curve.close()
+        sandbox.kill(self.proc)
+        for chan in self.chans:
+            chan.close()
 
 
-# ---- Checks and evaluation ----
+def _start(cfg: sandbox.SandboxConfig, plan: sandbox.Plan, argv: list[str], *, ro, cuda: bool,
+           cgroup: sandbox.Cgroup, channels: int = 1) -> Process:
+    """Start `argv` in the sandbox with `channels` socket pairs; it gets their far ends as `--fds a,b,…`."""
+    pairs = [socket.socketpair() for _ in range(channels)]
+    fds = [theirs.fileno() for _, theirs in pairs]
+    cmd = sandbox.command(cfg, plan, [*argv, "--fds", ",".join(map(str, fds))], ro=ro, cuda=cuda, cgroup=cgroup)
+    try:
+        proc = sandbox.spawn(cmd, pass_fds=fds)
+    finally:
+        for _, theirs in pairs:
+            theirs.close()
+    return Process(proc, [Channel(ours) for ours, _ in pairs])
 
 
-def load_script(path: Path):
-    """Import a train.py as a fresh module named `train_script`. Raises whatever the script raises."""
-    spec = importlib.util.spec_from_file_location("train_script", path)
-    if spec is None or spec.loader is None:
-        raise HarnessError(f"cannot import {path}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not callable(getattr(module, "train", None)):
-        raise HarnessError(f"{path.name} defines no train(ctx)")
-    return module
+@dataclass
+class Launched:
+    """The worker and the scorer of one run, started (possibly ahead of the job: a standby harness)."""
+
+    data_dir: Path
+    device: str
+    cfg: sandbox.SandboxConfig
+    workdir: Path
+    cgroup: sandbox.Cgroup
+    worker: Process
+    scorer: Process
+    artifact: str  # where the scorer finds the artifact
+    nproc: int = 1  # the worker's ranks
+    missing: list = field(default_factory=list)
+
+    def key(self) -> tuple:
+        return str(self.data_dir), self.device, self.cfg, self.nproc
+
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        """Block until both processes said `ready`. Raises RuntimeError naming the one that did not start."""
+        for name, p in (("worker", self.worker), ("scorer", self.scorer)):
+            try:
+                p.wait_ready(timeout)
+            except RuntimeError as e:
+                raise RuntimeError(f"the sandboxed {name} could not start: {e}") from None
+
+    def close(self) -> None:
+        for p in (self.worker, self.scorer):
+            p.close()
+        self.cgroup.remove()
+        try:
+            (self.workdir / "artifact").rmdir()  # only when empty
+        except OSError:
+            pass
 
 
-@torch.no_grad()
-def _logits(model: nn.Module, x: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    out = model(x)
-    if isinstance(out, (tuple, list)):
-        out = out[0]
-    if not torch.is_tensor(out) or tuple(out.shape) != (x.shape[0], x.shape[1], vocab_size):
-        shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
-        raise HarnessError(f"model returned logits of shape {shape}, expected [B, T, V] = "
-                           f"{(x.shape[0], x.shape[1], vocab_size)}")
-    return out.float()
+def launch(data_dir: Path, workdir: Path, device: str = "auto",
+           cfg: Optional[sandbox.SandboxConfig] = None, nproc: int = 1, ahead: bool = False) -> Launched:
+    """Start the worker (`nproc` ranks in one sandbox) and the scorer for runs on `data_dir` in `workdir` (they
+    import torch while they wait). `ahead`: started before the job is known (a standby), so on CUDA the worker also
+    warms up the export while it waits (on CPU that would take cores from the run training beside it).
 
-
-def check_causal(model: nn.Module, vocab_size: int, seq_len: int, device: torch.device, seed: int = 0) -> None:
-    """Changing tokens at positions ≥ k must not change logits at positions < k.
-
-    Two random sequences sharing a prefix of length k = T/2; raises HarnessError when the prefix
-    logits differ by more than a tolerance relative to their scale (bf16 kernels are not bitwise equal).
+    The scorer sees the validation shards, the byte table and `workdir/artifact/` (where the parent later puts the
+    artifact), read-only; the worker sees none of the data. Raises OSError when a process cannot be started.
     """
-    g = torch.Generator().manual_seed(seed)
-    T = seq_len
-    k = T // 2
-    a = torch.randint(0, vocab_size, (2, T), generator=g)
-    b = a.clone()
-    b[:, k:] = torch.randint(0, vocab_size, (2, T - k), generator=g)
-    la = _logits(model, a.to(device), vocab_size)[:, :k]
-    lb = _logits(model, b.to(device), vocab_size)[:, :k]
-    diff = (la - lb).abs().max().item()
-    tol = 1e-2 * (1.0 + la.abs().max().item())
-    if not diff <= tol:
-        raise HarnessError(f"model is not causal: changing tokens ≥ {k} changed logits before {k} by {diff:.3g}")
+    cfg = cfg or sandbox.SandboxConfig()
+    data_dir, workdir = Path(data_dir).resolve(), Path(workdir).resolve()
+    manifest = tdata.load_manifest(data_dir)
+    plan = sandbox.plan(cfg)
+    cg = sandbox.Cgroup.create(f"ratchet-{os.getpid()}-{time.monotonic_ns()}", cfg.memory_bytes(),
+                               cfg.max_processes)
+    cuda = uses_cuda(device)
+    py = [sys.executable, "-s", "-P", "-m"]  # no user site, no working directory on the path
+    art = workdir / "artifact"
+    art.mkdir(exist_ok=True)
+    # What the scorer reads, mounted read-only at fixed places (as they are when the sandbox is off).
+    ro = [(str(v), f"/data/val/{v.name}") for v in tdata.val_paths(data_dir, manifest)]
+    ro += [(str(data_dir / "token_bytes.npy"), "/data/token_bytes.npy"), (str(art), "/artifact")]
+    seen = {host: (host if plan.mode == "off" else inside) for host, inside in ro}
+    try:
+        warm = ["--warm-export"] if ahead and cuda else []
+        worker = _start(cfg, plan, [*py, "trainer.worker", "--device", device, *warm],
+                        ro=[], cuda=cuda, cgroup=cg, channels=nproc)
+        scorer = _start(cfg, plan, [*py, "trainer.scorer", "--device", device,
+                                    "--token-bytes", seen[str(data_dir / "token_bytes.npy")],
+                                    *[a for host, _ in ro[:-2] for a in ("--val", seen[host])]],
+                        ro=ro, cuda=cuda, cgroup=cg)
+    except BaseException:
+        cg.remove()
+        raise
+    return Launched(data_dir, device, cfg, workdir, cg, worker, scorer, seen[str(art)] + "/model.pt2", nproc,
+                    list(plan.missing) + cg.missing)
 
 
-@torch.no_grad()
-def evaluate_bpb(model: nn.Module, tokens: np.ndarray, token_bytes: np.ndarray, *, seq_len: int,
-                 vocab_size: int, device: torch.device, eval_tokens: int) -> float:
-    """val_bpb = Σ cross-entropy (nats) ÷ (ln 2 × Σ UTF-8 bytes) over the first `eval_tokens` targets.
-
-    Non-overlapping windows of seq_len; targets whose token has 0 bytes (BOS) are left out of both
-    sums, as nanochat's evaluate_bpb does. Raises HarnessError on a bad logits shape.
-    """
-    n_windows = max(1, min(eval_tokens, len(tokens) - 1) // seq_len)
-    if len(tokens) < seq_len + 1:
-        raise HarnessError(f"validation split has {len(tokens)} tokens, fewer than seq_len+1")
-    tb = torch.from_numpy(token_bytes.astype(np.int64)).to(device)
-    batch = max(1, EVAL_BATCH_TOKENS.get(device.type, 1 << 14) // seq_len)
-    total_nats, total_bytes = 0.0, 0
-    ar = np.arange(seq_len + 1)
-    for i in range(0, n_windows, batch):
-        idx = np.arange(i, min(i + batch, n_windows))[:, None] * seq_len + ar
-        win = torch.from_numpy(tokens[idx].astype(np.int64)).to(device)
-        x, y = win[:, :-1], win[:, 1:]
-        logits = _logits(model, x, vocab_size)
-        nats = F.cross_entropy(logits.reshape(-1, vocab_size), y.reshape(-1), reduction="none")
-        nbytes = tb[y.reshape(-1)]
-        mask = nbytes > 0
-        total_nats += nats[mask].double().sum().item()
-        total_bytes += int(nbytes.sum().item())
-    if total_bytes == 0:
-        raise HarnessError("validation targets hold no bytes")
-    return total_nats / (math.log(2) * total_bytes)
+# ---- Batches ----
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    """CUDA: max allocated by torch; elsewhere: the process's peak RSS (Linux reports KiB)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 1024
+class Batches:
+    """Random windows of the train split, as ctx.train_batches serves them: uint16 [n, seq_len + 1], seeded."""
 
+    def __init__(self, shards: list[np.ndarray], seq_len: int, seed: int):
+        self.shards = [s for s in shards if len(s) > seq_len + 1]
+        if not self.shards:
+            raise ValueError(f"no train shard is longer than seq_len={seq_len}")
+        lengths = np.array([len(s) for s in self.shards], dtype=np.float64)
+        self.weights = lengths / lengths.sum()
+        self.T = seq_len
+        self.rng = np.random.default_rng(seed)
+        self.ar = np.arange(seq_len + 1)
 
-def mfu_percent(model: nn.Module, ctx: Context, device: torch.device) -> float | None:
-    """Model FLOPs utilisation on CUDA: flops/token × counted tokens ÷ (seconds × peak bf16 FLOP/s).
-
-    flops/token comes from `model.estimate_flops()` when the model offers it (nanochat's formula),
-    else 6 × params (Kaplan et al. 2020). None off CUDA or on an unknown GPU.
-    """
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-    secs = ctx.training_seconds()
-    if peak is None or secs <= 0:
-        return None
-    est = getattr(model, "estimate_flops", None)
-    per_token = est() if callable(est) else 6 * sum(p.numel() for p in model.parameters())
-    return 100.0 * per_token * ctx.counted_tokens() / (secs * peak)
+    def next(self, n: int) -> np.ndarray:
+        shard = self.shards[self.rng.choice(len(self.shards), p=self.weights)] if len(self.shards) > 1 \
+            else self.shards[0]
+        starts = self.rng.integers(0, len(shard) - self.T - 1, size=n)
+        return np.ascontiguousarray(shard[starts[:, None] + self.ar], dtype=np.uint16)
 
 
 # ---- One run ----
 
 
-_WARM = False
+class Outcome(Exception):
+    """Ends a run early with a status and a one-line reason (trusted text: the parent's own words)."""
+
+    def __init__(self, status: str, reason: str, tail: Optional[list] = None):
+        super().__init__(reason)
+        self.status, self.reason, self.tail = status, reason, tail or []
 
 
-def warm_up() -> None:
-    """Load what torch loads lazily on a model's first step (autograd, the optimizers, dynamo's hooks: about
-    1.3 s of CPU in torch 2.13) on a toy model, before any clock runs; once per process. Without it a cold
-    harness would spend that inside the budget where a standby harness (trainer.run --standby) does not."""
-    global _WARM
-    if _WARM:
-        return
-    model = nn.Sequential(nn.Embedding(8, 8), nn.Linear(8, 8))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    loss = F.cross_entropy(model(torch.zeros(2, 4, dtype=torch.long)).view(-1, 8), torch.zeros(8, dtype=torch.long))
-    loss.backward()
-    opt.step()
-    with torch.no_grad():
-        model(torch.zeros(1, 4, dtype=torch.long))
-    _WARM = True
+def _send(chan: Channel, msg: dict, payload=b"") -> None:
+    try:
+        chan.send(msg, payload)
+    except OSError:
+        raise Outcome("crash", "") from None  # it is gone: the caller finds out why
 
 
-def _one_line(e: BaseException, script: Path) -> str:
-    """`Type: message (train.py:LINE)` using the innermost frame inside the script, if any."""
-    where = ""
-    for fs in reversed(traceback.extract_tb(e.__traceback__)):
-        if Path(fs.filename).name == script.name:
-            where = f" ({script.name}:{fs.lineno})"
-            break
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return f"{type(e).__name__}: {msg}{where}" if msg else f"{type(e).__name__}{where}"
+def _next(chans: list[Channel], open_: set, timeout: float) -> Optional[tuple[int, dict]]:
+    """(rank, message) from whichever open channel has one, waiting at most `timeout` seconds; None if none.
+    Raises EOFError with the rank in args[1] when a channel closes, ProtocolError on garbage."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for r in sorted(open_):
+            try:
+                got = chans[r].recv(timeout=0)
+            except EOFError as e:
+                raise EOFError(str(e), r) from None
+            if got is not None:
+                return r, got[0]
+        wait = deadline - time.monotonic()
+        if wait <= 0:
+            return None
+        select.select([chans[r] for r in open_], [], [], wait)
 
 
-def _stack_tail(thread_id: int, n: int = 12) -> list[str]:
-    frame = sys._current_frames().get(thread_id)
-    lines = "".join(traceback.format_stack(frame)).rstrip().splitlines() if frame else []
-    return lines[-n:]
+def _train(w: Process, job: dict, batches: list[Batches], res: Result, artifact: Path, curve, *, budget_s: float,
+           grace_s: float, warmup: int, start_allowance: float, max_bytes: int) -> dict:
+    """Serve one training run to the worker's ranks until rank 0's artifact is in `artifact`. Returns what the
+    worker said about itself (steps, flops_per_token, peak_memory_mb: untrusted, informational). Raises Outcome."""
+    t_job = time.monotonic()
+    for rank, chan in enumerate(w.chans):
+        _send(chan, {**job, "rank": rank})
+    latest_start = t_job + start_allowance
+    clock: Optional[float] = None
+    trained: dict = {}  # rank → when it said train(ctx) returned
+    told: dict = {}
+    served = counted = 0
+    T = batches[0].T
+    open_ = set(range(len(w.chans)))
+    while True:
+        now = time.monotonic()
+        deadline = (clock if clock is not None else latest_start) + budget_s + grace_s
+        if now >= deadline:
+            raise Outcome("timeout", f"still running after budget + grace ({budget_s + grace_s:.0f} s)")
+        try:
+            got = _next(w.chans, open_, min(1.0, deadline - now))
+        except EOFError as e:
+            rank = e.args[1] if len(e.args) > 1 else 0
+            if rank == 0 or rank not in trained:
+                raise Outcome("crash", "") from None  # the caller finds out why (the OOM killer, its exit)
+            open_.discard(rank)  # a rank > 0 that trained is done
+            continue
+        except ProtocolError as e:
+            raise Outcome("crash", f"the worker broke the harness protocol ({e})") from None
+        if got is None:
+            continue
+        (rank, msg), now = got, time.monotonic()
+        chan = w.chans[rank]
+        if clock is None and now >= latest_start:
+            clock = latest_start
+        op = msg.get("op")
+        if op == "train":
+            if warmup == 0 and clock is None:
+                clock = now
+        elif op == "batch":
+            n = msg.get("n")
+            if not isinstance(n, int) or not 1 <= n <= 1 << 16:
+                raise Outcome("crash", f"ctx.train_batches was asked for {n!r} sequences per batch")
+            if clock is None and served >= warmup * len(w.chans):
+                clock = now
+            if (clock is not None and now - clock > budget_s + overrun_s(budget_s)) or rank in trained:
+                _send(chan, {"stop": True})
+                continue
+            arr = batches[rank].next(n)
+            served += 1
+            res.tokens += n * T
+            counted += n * T if clock is not None else 0
+            _send(chan, {"elapsed": round(now - clock, 4) if clock is not None else 0.0}, arr.tobytes())
+        elif op == "log":
+            step, loss = msg.get("step"), msg.get("loss")
+            if isinstance(step, int) and rank == 0:
+                told["steps"] = max(told.get("steps", 0), step)
+                loss = loss if isinstance(loss, (int, float)) and math.isfinite(loss) else str(loss)[:20]
+                curve.write(json.dumps({"step": step, "elapsed_s": round(now - clock, 3) if clock else 0.0,
+                                        "loss": loss}) + "\n")
+        elif op == "trained":
+            trained[rank] = now
+            for k in ("steps", "flops_per_token", "peak_memory_mb"):
+                v = msg.get(k)
+                if rank == 0 and isinstance(v, (int, float)) and math.isfinite(v) and v >= 0:
+                    told[k] = v
+        elif op == "error":
+            tail = clean_lines(msg.get("tail") if isinstance(msg.get("tail"), list) else [])
+            line = clean_line(msg.get("line", ""))
+            if msg.get("diverged") is True:
+                line = line or "training diverged"
+            where = f"rank {rank}: " if len(w.chans) > 1 else ""
+            raise Outcome("crash", where + (line or "train.py failed"), tail)
+        elif op == "artifact" and rank == 0:
+            size = msg.get("size")
+            if not isinstance(size, int) or not 0 < size <= max_bytes:
+                raise Outcome("crash", f"the trained model's artifact has {size!r} bytes (at most {max_bytes})")
+            end = max(trained.values()) if trained else now
+            clock = clock if clock is not None else min(end, latest_start)
+            res.training_seconds = round(end - clock, 3)
+            told["counted_tokens"] = counted
+            if end - clock > budget_s + overrun_s(budget_s):
+                raise Outcome("refused", f"trained {end - clock:.1f} s on a {budget_s:g} s budget (the last step "
+                                         f"may end {overrun_s(budget_s):.1f} s late)")
+            with open(artifact, "wb") as f:
+                try:
+                    chan.recv_to_file(f, size, deadline)
+                except ProtocolError as e:
+                    raise Outcome("timeout" if time.monotonic() >= deadline else "crash",
+                                  f"the trained model's artifact did not arrive ({e})") from None
+            told["export_s"] = round(time.monotonic() - trained.get(0, now), 3)
+            told["start_s"] = round(clock - t_job, 3)
+            return told
+        else:
+            raise Outcome("crash", f"the worker broke the harness protocol (unexpected message {str(op)[:40]!r})")
+
+
+def _score(s: Process, job: dict, limit_s: float) -> dict:
+    """Ask the scorer to score the artifact; its answer. Raises Outcome (refused, crash, or over the limit)."""
+    try:
+        s.chan.send(job)
+        got = s.chan.recv(timeout=limit_s)
+    except (EOFError, ProtocolError, OSError) as e:
+        raise Outcome("crash", f"the scorer died ({e})") from None
+    if got is None:
+        raise Outcome("refused", f"scoring took longer than {limit_s:.0f} s")
+    msg = got[0]
+    if msg.get("op") == "scored":
+        return msg
+    status = "refused" if msg.get("op") == "refused" else "crash"
+    raise Outcome(status, str(msg.get("reason", "the scorer failed"))[:300])
+
+
+def mfu_percent(flops_per_token: float, tokens: int, seconds: float, device_name: str) -> Optional[float]:
+    """Model FLOPs utilisation: flops/token × counted tokens ÷ (seconds × peak bf16 FLOP/s of the GPU model).
+    None off CUDA or on an unknown GPU."""
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in device_name), None)
+    gpus = int(device_name.rsplit(" x", 1)[1]) if " x" in device_name and device_name.rsplit(" x", 1)[1].isdigit() \
+        else 1
+    if peak is None or seconds <= 0:
+        return None
+    return 100.0 * flops_per_token * tokens / (seconds * peak * max(1, gpus))
 
 
 def run(*, script: Path, data_dir: Path, budget_s: float, out: Path, device: str = "auto", seed: int = 0,
         scale: dict | None = None, eval_tokens: int | None = None, seq_len: int | None = None,
         grace_s: float | None = None, curve: Path | None = None, warmup_steps: int | None = None,
-        started: float | None = None) -> Result:
-    """Train `script` for `budget_s` seconds, score it and write `out` (result JSON). Returns the Result.
+        sandbox_cfg: Optional[sandbox.SandboxConfig] = None, started: float | None = None,
+        launched: Optional[Launched] = None, nproc: int = 1) -> Result:
+    """Train `script` for `budget_s` seconds in the sandbox, score it, and write `out` (result JSON).
 
-    `started` (epoch seconds) is when this run began, for the watchdog and `total_seconds`: the process start by
-    default, the moment the job arrived for a standby harness (trainer.run --standby).
-
-    Never raises: the script's faults become status `crash` (exception, bad module, divergence,
-    reading validation data, hitting a resource limit, or what trainer.sandbox.ScriptGuard refuses: network,
-    processes, native code, writes outside `out`'s directory) or `timeout` (still running at budget + grace
-    seconds from process start: the watchdog writes the result and exits the process with code 3). Data
-    problems (missing preparation, fingerprint mismatch) are crashes too, with the reason in `error`.
+    `started` (epoch seconds): when this run began, for `total_seconds` (default now). `launched`: the worker and
+    scorer already started by launch() (a standby harness); else they are started here. `warmup_steps` overrides
+    the warm-up batches (per rank). `nproc` > 1: data parallel over that many ranks (devices), each served its own
+    batches; rank 0's model is scored. Never raises: the script's faults become `crash` (exception, divergence, a
+    bad module, out of memory), `timeout` (no artifact by budget + grace) or `refused` (over budget, not causal, a
+    graph the scorer does not run). Data problems (fingerprint mismatch) and a full disk are crashes with the reason.
     """
-    script, data_dir, out = Path(script).resolve(), Path(data_dir), Path(out)
-    workdir = out.resolve().parent  # the experiment's own directory: the only place its code may write
-    scratch = contain_environment(workdir)
-    guard = ScriptGuard(workdir, script.name)
-    dev = pick_device(device)
-    grace_s = 60.0 + 0.5 * budget_s if grace_s is None else grace_s
-    res = Result(device=str(dev), seed=seed)
+    t0 = time.time() if started is None else started
+    script, data_dir, out = Path(script), Path(data_dir), Path(out)
+    workdir = out.resolve().parent
+    grace_s = default_grace_s(budget_s) if grace_s is None else grace_s
+    res = Result(seed=seed)
     curve = curve or out.with_name(out.stem + ".curve.jsonl")
-    curve.write_text("")
-    main_thread = threading.get_ident()
-    finished = threading.Event()
-    write_lock = threading.Lock()
-    ctx: Context | None = None
-    t0 = PROCESS_START if started is None else started
-
-    def finish(r: Result) -> None:
-        guard.active = False  # the harness's own writes
-        with write_lock:
-            if finished.is_set():
-                return
-            r.total_seconds = round(time.time() - t0, 3)
-            r.peak_memory_mb = round(peak_memory_mb(dev), 1)
-            if ctx is not None:
-                r.tokens, r.steps = ctx.tokens, ctx.steps
-                r.training_seconds = r.training_seconds or round(ctx.training_seconds(), 3)
-            r.write(out)
-            for d in scratch:
-                shutil.rmtree(d, ignore_errors=True)
-            finished.set()
-
-    def watchdog() -> None:
-        limit = budget_s + grace_s
-        remaining = limit - (time.time() - t0)
-        if finished.wait(max(0.0, remaining)):
-            return
-        res.status, res.error = "timeout", f"still running after budget + grace ({limit:.0f} s)"
-        res.log_tail = _stack_tail(main_thread)
-        finish(res)
-        sys.stderr.write(f"harness: {res.error}; killed\n")
-        sys.stderr.flush()
-        os._exit(3)
-
-    threading.Thread(target=watchdog, daemon=True, name="harness-watchdog").start()
+    artifact = workdir / "artifact" / "model.pt2"
+    cfg = sandbox_cfg or sandbox.SandboxConfig()
     try:
-        manifest = tdata.verify_fingerprints(data_dir)  # refuse to train on data we could not score fairly
-        vocab = int(manifest["vocab_size"])
-        seq_len = seq_len or DEFAULT_SEQ_LEN.get(dev.type, 256)
-        fence = ValFence(tdata.val_paths(data_dir, manifest))
-        warm_up()
-        torch.manual_seed(seed)
-        np.random.seed(seed)
-        ctx = Context(device=dev, seq_len=seq_len, vocab_size=vocab, budget_s=budget_s, seed=seed,
-                      scale=scale or {}, train_shards=tdata.train_tokens(data_dir, manifest),
-                      curve_path=curve,
-                      warmup_steps=WARMUP_STEPS.get(dev.type, 1) if warmup_steps is None else warmup_steps)
-        fence.active = True
-        guard.active = True  # until the score is in: evaluation runs the script's forward() too
+        res.disk_full = free_space(workdir)
+        if res.disk_full:
+            raise Outcome("crash", res.disk_full)
         try:
-            module = load_script(script)
-            model = module.train(ctx)
-        finally:
-            fence.active = False
-            ctx.close()
-        res.training_seconds = round(ctx.training_seconds(), 3)
-        if fence.violation:
-            raise HarnessError(f"train.py tried to read validation data ({Path(fence.violation).name})")
-        if guard.violation:
-            raise HarnessError(guard.violation)
-        if not isinstance(model, nn.Module):
-            raise HarnessError(f"train(ctx) returned {type(model).__name__}, expected a torch.nn.Module")
-        model.eval()
-        res.params = sum(p.numel() for p in model.parameters())
-        res.mfu_percent = mfu_percent(model, ctx, dev)
+            manifest = tdata.verify_fingerprints(data_dir)  # refuse to train on data we could not score fairly
+        except (tdata.FingerprintError, OSError, ValueError, KeyError) as e:
+            raise Outcome("crash", str(e)) from None
+        if launched is None:
+            try:
+                launched = launch(data_dir, workdir, device, cfg, nproc)
+            except OSError as e:
+                raise Outcome("crash", f"cannot start the sandbox: {e}") from None
+        try:
+            ready = launched.worker.wait_ready(READY_TIMEOUT_S)
+        except RuntimeError as e:
+            raise Outcome("crash", f"the sandboxed worker could not start: {e}") from None
+        kind = str(ready.get("device", "cpu"))
+        # the hardware class the rule compares within (loop/hardware.py): what trained, not what scored
+        res.device, res.device_name = kind, clean_line(ready.get("device_name", ""), 120)
+        T = seq_len or DEFAULT_SEQ_LEN.get(kind, 256)
+        eval_batch = max(1, EVAL_BATCH_TOKENS.get(kind, 1 << 11) // T)
+        warmup = WARMUP_BATCHES.get(kind, 0) if warmup_steps is None else warmup_steps
+        try:
+            shards = tdata.train_tokens(data_dir, manifest)
+            batches = [Batches(shards, T, seed if r == 0 else [seed, r]) for r in range(launched.nproc)]
+        except ValueError as e:
+            raise Outcome("crash", str(e)) from None
+        job = {"op": "job", "source": script.read_text(), "seq_len": T, "vocab_size": int(manifest["vocab_size"]),
+               "budget_s": float(budget_s), "seed": seed, "scale": scale or {}, "eval_batch": eval_batch,
+               "warmup_batches": warmup, "start_allowance_s": START_ALLOWANCE_S.get(kind, 30.0),
+               "world_size": launched.nproc, "master_port": _free_port()}
+        artifact.unlink(missing_ok=True)
+        with open(curve, "w", buffering=1) as cf:
+            told = _train(launched.worker, job, batches, res, artifact, cf, budget_s=budget_s, grace_s=grace_s,
+                          warmup=warmup, start_allowance=job["start_allowance_s"],
+                          max_bytes=int(cfg.max_file_gb * sandbox.GIB))
+        launched.worker.close()  # nothing of it may run while the artifact is read
+        res.steps = int(told.get("steps", 0))
+        try:
+            launched.scorer.wait_ready(READY_TIMEOUT_S)
+        except RuntimeError as e:
+            raise Outcome("crash", f"the sandboxed scorer could not start: {e}") from None
         tdata.verify_fingerprints(data_dir, manifest)  # again: nothing changed them while training ran
-        check_causal(model, vocab, seq_len, dev, seed)
-        res.val_bpb = evaluate_bpb(model, tdata.val_tokens(data_dir, manifest),
-                                   np.load(Path(data_dir) / "token_bytes.npy"), seq_len=seq_len,
-                                   vocab_size=vocab, device=dev,
-                                   eval_tokens=eval_tokens or DEFAULT_EVAL_TOKENS.get(dev.type, 1 << 17))
-        guard.active = False
-        if guard.violation:
-            raise HarnessError(guard.violation)
+        scored = _score(launched.scorer, {"op": "score", "artifact": launched.artifact, "seq_len": T,
+                                          "vocab_size": job["vocab_size"], "eval_batch": eval_batch,
+                                          "eval_tokens": eval_tokens or DEFAULT_EVAL_TOKENS.get(kind, 1 << 14)},
+                        score_limit_s(budget_s))
+        res.val_bpb = float(scored["val_bpb"])
+        res.params = int(scored.get("params", 0))
         if not math.isfinite(res.val_bpb):
-            raise TrainingDiverged(f"val_bpb is {res.val_bpb}")
+            raise Outcome("crash", f"val_bpb is {res.val_bpb} (the model's logits are not finite)")
+        flops = told.get("flops_per_token") or 6 * res.params
+        res.mfu_percent = mfu_percent(flops, told.get("counted_tokens", 0), res.training_seconds,
+                                      res.device_name) if kind == "cuda" else None
+        res.timings.update(start_s=told.get("start_s"), export_s=told.get("export_s"), load_s=scored.get("load_s"),
+                           score_s=scored.get("score_s"))
         res.status = "ok"
-    except BaseException as e:  # noqa: BLE001 - every fault of the script must become a result
-        guard.active = False
-        module = model = None  # noqa: F841 - after a MemoryError, free what the script holds before reporting
-        traceback.clear_frames(e.__traceback__)
-        limit = limit_message(e, script.name)
-        if guard.violation:
-            res.error = guard.violation
-        elif isinstance(e, KeyboardInterrupt):
-            res.error = "interrupted"
-        elif limit:
-            res.error = limit
+    except Outcome as o:
+        res.status, res.error, res.log_tail, res.val_bpb = o.status, o.reason, o.tail, None
+        if launched is not None and o.status == "crash" and not o.reason:
+            res.error = why_it_died(launched)
+        if res.status == "crash" and not res.disk_full:
+            res.disk_full = free_space(workdir)
+    except OSError as e:  # the parent's own writes (curve, artifact) on a full disk, or its own failure
+        res.status, res.val_bpb = "crash", None
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            res.disk_full = f"disk full: {workdir}: {e.strerror}"
+            res.error = res.disk_full
         else:
-            res.error = _one_line(e, script)
-        res.status = "crash"
-        res.val_bpb = None
-        res.log_tail = traceback.format_exception(e)[-1:] if isinstance(e, HarnessError) else \
-            "".join(traceback.format_exception(e)).rstrip().splitlines()[-15:]
-    finish(res)
+            res.error = f"harness error: {type(e).__name__}: {e}"
+    except Exception as e:  # noqa: BLE001 - the parent's own failure still writes a result
+        res.status, res.error, res.val_bpb = "crash", f"harness error: {type(e).__name__}: {e}", None
+    finally:
+        if launched is not None:
+            peak = launched.cgroup.peak_bytes()
+            if peak:
+                res.peak_memory_mb = round(peak / 2**20, 1)
+            launched.close()
+        artifact.unlink(missing_ok=True)
+        res.total_seconds = round(time.time() - t0, 3)
+        res.write(out)
     return res
+
+
+def _free_port() -> int:
+    """A TCP port free on this host's loopback, for torch.distributed's rendezvous (in the sandbox's own network
+    namespace any port would do; without the sandbox it must not clash)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def why_it_died(launched: Launched) -> str:
+    """The parent's own explanation of a worker that ended without a message: the OOM killer, or its exit."""
+    if launched.cgroup.oom_killed():
+        return f"out of memory (limit {sandbox.gib(launched.cgroup.memory_bytes)} GiB for the experiment)"
+    code = launched.worker.proc.poll()
+    if code is None:
+        try:
+            code = launched.worker.proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            code = None
+    if code is not None and (code < 0 or code > 128):
+        sig = -code if code < 0 else code - 128
+        return f"the worker was killed by signal {sig}"
+    return f"the worker exited (code {code}) without handing back a model"
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a run directory (the worker never wrote to it: nothing planted to follow)."""
+    shutil.rmtree(path, ignore_errors=True)

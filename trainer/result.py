@@ -1,6 +1,7 @@
 """The result of one training run: the JSON the loop reads and the summary block a person reads.
 
-The loop trusts only this file, written by the harness, never the script's own prints.
+The loop trusts only this file, written by the harness's trusted parent where the proposal's code cannot write;
+its text fields that came from that code (`error` of a crash, `log_tail`) are cleaned (trainer/untrusted.py).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-STATUSES = ("ok", "crash", "timeout")
+STATUSES = ("ok", "crash", "timeout", "refused")
 # trainer.run's exit code when a standby harness failed before it took a job (its warm-up raised: e.g. a full
 # disk, where tempfile finds no usable directory). The job is not at fault; the runner starts it afresh.
 STANDBY_FAILED = 4
@@ -20,7 +21,7 @@ STANDBY_FAILED = 4
 class Result:
     """One harness run. Units: seconds, MiB, tokens; val_bpb in bits per UTF-8 byte (lower is better)."""
 
-    status: str = "crash"  # ok | crash | timeout
+    status: str = "crash"  # ok | crash | timeout | refused (the scorer would not score the trained model)
     error: str = ""  # one line; empty when ok
     val_bpb: float | None = None
     training_seconds: float = 0.0  # counted training time, warm-up steps excluded
@@ -30,9 +31,12 @@ class Result:
     tokens: int = 0  # training tokens consumed
     steps: int = 0  # last step passed to ctx.log
     params: int = 0
-    device: str = ""
+    device: str = ""  # cpu | cuda | mps
+    device_name: str = ""  # the hardware: GPU model and count (`NVIDIA H100 80GB HBM3 x1`), or the CPU model
     seed: int = 0
-    log_tail: list[str] = field(default_factory=list)  # last lines of the traceback or stack, for crashes
+    log_tail: list[str] = field(default_factory=list)  # last lines of the traceback, for crashes (cleaned)
+    disk_full: str = ""  # set by the parent's own free-space check: where, and how much was free
+    timings: dict = field(default_factory=dict)  # seconds of the harness's phases: start, export, load, score
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -72,7 +76,7 @@ def summary_block(r: Result) -> str:
         f"total_tokens_M:   {r.tokens / 1e6:.2f}",
         f"num_steps:        {r.steps}",
         f"num_params_M:     {r.params / 1e6:.2f}",
-        f"device:           {r.device}",
+        f"device:           {r.device_name or r.device}",
         f"seed:             {r.seed}",
     ]
     if r.error:

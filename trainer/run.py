@@ -1,13 +1,13 @@
-"""`python -m trainer.run`: one harness run from the command line, as the runners invoke it.
+"""`python -m trainer.run`: one harness run from the command line, as every runner invokes it (the trusted parent).
 
-Prints the summary block and exits 0 for `ok`, 1 for `crash`, 3 for `timeout`.
+Prints the summary block and exits 0 for `ok`, 1 for `crash`, 3 for `timeout`, 5 for `refused`.
 
-`python -m trainer.run --standby` is the same run, started before its job is known: it imports torch and warms
-the lazily loaded parts, then waits for one JSON line on stdin, {"argv": [...the options above...], "source":
-"<train.py>"}, writes the script and runs it. The local runner keeps one standby per slot so an experiment does not
-wait for the interpreter and torch to start (seconds on CPU). End of input before a job: exit 0, nothing run. A
-warm-up that fails (a full disk, say): exit 4 (STANDBY_FAILED) without reading the job, which the runner then
-starts afresh.
+`python -m trainer.run --standby --data DIR [--device D] [sandbox options]` is the same run, started before its
+job is known: it starts the sandboxed worker and scorer (which import torch while they wait), then waits for one
+JSON line on stdin, {"argv": [...the options above...], "source": "<train.py>"}, writes the script and runs it.
+The local runner keeps one standby per slot so an experiment does not wait for interpreters and torch to start.
+End of input before a job: exit 0, nothing run. A start that fails (a full disk, say): exit 4 (STANDBY_FAILED)
+without reading the job, which the runner then starts afresh.
 """
 
 from __future__ import annotations
@@ -19,74 +19,109 @@ import sys
 import time
 from pathlib import Path
 
-from trainer.harness import run, warm_up
+from trainer.harness import launch, run
 from trainer.result import STANDBY_FAILED, summary_block
+from trainer.sandbox import SandboxConfig
 
-EXIT_CODES = {"ok": 0, "crash": 1, "timeout": 3}
+EXIT_CODES = {"ok": 0, "crash": 1, "timeout": 3, "refused": 5}
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def _parser(standby: bool = False) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m trainer.run", description=__doc__.splitlines()[0])
-    p.add_argument("--script", type=Path, required=True, help="the train.py to run")
+    p.add_argument("--script", type=Path, required=not standby, help="the train.py to run")
     p.add_argument("--data", type=Path, required=True, help="a prepared data directory (manifest.json)")
-    p.add_argument("--budget-s", type=float, required=True, help="training time budget, seconds")
-    p.add_argument("--out", type=Path, required=True, help="where to write result.json")
+    p.add_argument("--budget-s", type=float, required=not standby, help="training time budget, seconds")
+    p.add_argument("--out", type=Path, required=not standby, help="where to write result.json")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scale", type=json.loads, default={}, help='JSON overrides for ctx.scale, e.g. \'{"depth": 12}\'')
     p.add_argument("--eval-tokens", type=int, default=None, help="validation tokens to score (default by device)")
     p.add_argument("--seq-len", type=int, default=None, help="context length (default by device)")
-    p.add_argument("--grace-s", type=float, default=None, help="seconds past the budget before a timeout "
-                   "(default 60 + budget/2)")
+    p.add_argument("--grace-s", type=float, default=None, help="seconds past the budget before a timeout, for the "
+                   "last step and the export (default 30 + budget/10)")
     p.add_argument("--curve", type=Path, default=None, help="training curve JSONL (default beside --out)")
-    p.add_argument("--warmup-steps", type=int, default=None, help="steps not counted against the budget")
-    return p.parse_args(argv)
+    p.add_argument("--warmup-steps", type=int, default=None, help="batches served before the clock starts")
+    p.add_argument("--nproc", type=int, default=1, help="data-parallel ranks, one per device (CUDA_VISIBLE_DEVICES "
+                   "lists the GPUs; on CPU the gloo backend)")
+    p.add_argument("--no-sandbox", action="store_true", help="run the worker and scorer as plain processes")
+    d = SandboxConfig()
+    p.add_argument("--sandbox-user", default=d.user, help="the user the code runs as when this runs as root")
+    p.add_argument("--memory-gb", type=float, default=d.memory_gb, help="RAM per experiment, GiB (0: 80%% of RAM)")
+    p.add_argument("--max-processes", type=int, default=d.max_processes)
+    p.add_argument("--max-file-gb", type=float, default=d.max_file_gb)
+    p.add_argument("--max-open-files", type=int, default=d.max_open_files)
+    p.add_argument("--standby", action="store_true", help=argparse.SUPPRESS)
+    return p
 
 
-def standby() -> int:
-    """Wait for a job on stdin (see the module docstring), then run it as main() would. Exit 2 on a bad job,
-    STANDBY_FAILED when the warm-up raises (before the job is read: it is not the job's failure)."""
-    try:
-        warm_up()  # before the wait: the job's run() finds it done
-    except Exception as e:  # noqa: BLE001 -- whatever it is, the job has not started
-        try:
-            print(f"standby: warm-up failed ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
-        except OSError:
-            pass  # the log is on the disk that is full
-        return STANDBY_FAILED
-    line = sys.stdin.readline()
-    started = time.time()
-    if not line.strip():
-        return 0  # released: the runner no longer needs this standby (or is gone)
-    try:
-        job = json.loads(line)
-        argv, source = list(job["argv"]), str(job["source"])
-        script = parse_args(argv).script
-    except (ValueError, KeyError, TypeError, SystemExit) as e:
-        print(f"standby: bad job line ({type(e).__name__}: {e})", file=sys.stderr)
-        return 2
-    script.write_text(source)
-    return main(argv, started=started)
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return _parser().parse_args(argv)
 
 
-def main(argv: list[str] | None = None, started: float | None = None) -> int:
-    if argv is None and sys.argv[1:] == ["--standby"]:
-        return standby()
-    a = parse_args(argv)
+def sandbox_of(a: argparse.Namespace) -> SandboxConfig:
+    """The sandbox settings given on the command line."""
+    return SandboxConfig(enabled=not a.no_sandbox, user=a.sandbox_user, memory_gb=a.memory_gb,
+                         max_processes=a.max_processes, max_file_gb=a.max_file_gb, max_open_files=a.max_open_files)
+
+
+def _run(a: argparse.Namespace, started: float | None = None, launched=None) -> int:
     if not isinstance(a.scale, dict):
         print("--scale must be a JSON object", file=sys.stderr)
         return 2
     res = run(script=a.script, data_dir=a.data, budget_s=a.budget_s, out=a.out, device=a.device, seed=a.seed,
               scale=a.scale, eval_tokens=a.eval_tokens, seq_len=a.seq_len, grace_s=a.grace_s, curve=a.curve,
-              warmup_steps=a.warmup_steps, started=started)
+              warmup_steps=a.warmup_steps, sandbox_cfg=sandbox_of(a), started=started, launched=launched,
+              nproc=a.nproc)
     if res.log_tail and res.status != "ok":
         print("\n".join(res.log_tail), file=sys.stderr)
     print(summary_block(res), flush=True)
     return EXIT_CODES.get(res.status, 1)
 
 
+def standby(argv: list[str]) -> int:
+    """Start the worker and scorer, wait for a job on stdin (see the module docstring), then run it."""
+    s = _parser(standby=True).parse_args(argv)
+    launched = None
+    try:
+        launched = launch(s.data, Path.cwd(), s.device, sandbox_of(s), s.nproc, ahead=True)
+        launched.wait_ready()
+    except Exception as e:  # noqa: BLE001 - whatever it is, the job has not started
+        if launched is not None:
+            launched.close()
+        try:
+            print(f"standby: could not start ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
+        except OSError:
+            pass  # the log is on the disk that is full
+        return STANDBY_FAILED
+    line = sys.stdin.readline()
+    started = time.time()
+    if not line.strip():
+        launched.close()
+        return 0  # released: the runner no longer needs this standby (or is gone)
+    try:
+        job = json.loads(line)
+        a = parse_args(list(job["argv"]))
+        source = str(job["source"])
+    except (ValueError, KeyError, TypeError, SystemExit) as e:
+        print(f"standby: bad job line ({type(e).__name__}: {e})", file=sys.stderr)
+        launched.close()
+        return 2
+    if launched.key() != (str(Path(a.data).resolve()), a.device, sandbox_of(a), a.nproc):
+        launched.close()  # started for other data or settings: run this job cold
+        launched = None
+    a.script.write_text(source)
+    return _run(a, started, launched)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--standby" in argv:
+        return standby([x for x in argv if x != "--standby"])
+    return _run(parse_args(argv))
+
+
 if __name__ == "__main__":
     code = main()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(code)  # the result is written; tearing torch down would add most of a second to every experiment
+    os._exit(code)

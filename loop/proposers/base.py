@@ -1,11 +1,10 @@
-"""What every proposer returns and accepts: Proposal, TriedEdit, the Proposer protocol, errors.
+"""What every proposer returns and accepts: Proposal, TriedEdit, the Proposer base class, errors.
 Nothing here talks to a network, the database or the GPU."""
 
 from __future__ import annotations
 
 from collections.abc import Container, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
 
 
 @dataclass
@@ -25,6 +24,7 @@ class Proposal:
     edit_key: str = ""
     usage: dict = field(default_factory=dict)
     cost_usd: float = 0.0
+    direction: str = ""  # the research direction it was asked for (program.md), "" for none
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,14 @@ class TriedEdit:
     description: str = ""
     exp_id: int | None = None
     delta: float | None = None  # val_bpb − the parent's val_bpb (negative is better), when both are known
-    reason: str = ""  # why it crashed / was invalid, one line
+    reason: str = ""  # why it crashed / was invalid / where it was pruned, one line
+    # what the harness measured (None when unknown): optimizer steps, training tokens per second,
+    # peak accelerator memory (MiB), model FLOPs utilisation (% of peak, CUDA only)
+    steps: int | None = None
+    tokens_per_s: float | None = None
+    peak_memory_mb: float | None = None
+    mfu_percent: float | None = None
+    direction: str = ""
 
 
 @dataclass(frozen=True)
@@ -66,6 +73,14 @@ class ResearchState:
     hints: tuple[tuple[str, str], ...] = ()
     seen_hashes: Container[str] = frozenset()  # supports `in`; may be backed by the database
     not_transferred: tuple[str, ...] = ()  # kept changes whose gain did not transfer to a larger scale
+    # the swarm (many requests in flight): what is queued or training right now (descriptions), the
+    # directions other requests in flight were asked for, this request's direction (name, what it covers),
+    # and the last kept changes as (description, short diff), newest first
+    in_progress: tuple[str, ...] = ()
+    being_proposed: tuple[str, ...] = ()
+    direction: str = ""
+    direction_text: str = ""
+    kept_diffs: tuple[tuple[str, str], ...] = ()
 
 
 class ProposalError(Exception):
@@ -92,8 +107,7 @@ class ProposalRejected(ProposalError):
         self.usage, self.cost_usd, self.proposer = usage or {}, cost_usd, proposer
 
 
-@runtime_checkable
-class Proposer(Protocol):
+class Proposer:
     """Writes the next proposal for a run.
 
     `propose(head_source, parent, history, state)`: `head_source` is head's train.py text,
@@ -103,7 +117,11 @@ class Proposer(Protocol):
     credentials are rejected, ProposalRejected when an answer could not be used.
     """
 
-    name: str
+    name: str = ""
+    # Proposes in microseconds with no network: the engine asks it when a slot is free, instead of in the
+    # background while slots train.
+    fast: bool = False
 
     def propose(self, head_source: str, parent: str, history: Sequence[TriedEdit],
-                state: ResearchState | None = None) -> Proposal: ...
+                state: ResearchState | None = None) -> Proposal:
+        raise NotImplementedError

@@ -14,14 +14,18 @@ from importlib import resources
 import anthropic
 
 from loop.pricing import PRICES, cost_usd
-from loop.proposers.base import (Proposal, ProposalAuthError, ProposalError, ProposalRejected, ResearchState,
-                                 TriedEdit)
+from loop.proposers.base import (Proposal, ProposalAuthError, ProposalError, ProposalRejected, Proposer,
+                                 ResearchState, TriedEdit)
 from loop.validate import FORBIDDEN_APIS, FORBIDDEN_MODULES, FORBIDDEN_NAMES, apply_edits, validate_proposal
 
-# The newest Opus 4 model the SDK lists. It answers without thinking unless asked, so a forced
-# tool_choice works; the 5.x models think by default and reject a forced tool (see forces_tool).
-DEFAULT_MODEL = "claude-opus-4-8"
+# The strongest generally available model the installed SDK (anthropic 2.15) lists: Claude Fable 5.2 (Mythos
+# 5.2, as capable, is by invitation only). A proposal costs cents, the experiment it starts GPU-minutes. It thinks
+# (adaptive thinking) and rejects a forced tool, so it gets tool_choice auto and the nudge turn (see forces_tool).
+# A cheaper model: `claude_model` (README: Choosing the model).
+DEFAULT_MODEL = "claude-fable-5-2"
+DEFAULT_MAX_TOKENS = 16_000  # thinking counts against max_tokens; above ~21 000 the SDK requires streaming
 TOOL_NAME = "propose_change"
+DUPLICATE = "duplicate of an earlier experiment"  # loop.validate's reason for a normalised-AST duplicate
 TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
 
 PROPOSE_TOOL = {
@@ -88,11 +92,12 @@ def make_client(api_key: str | None = None, base_url: str | None = None, max_ret
 
 def forces_tool(model: str) -> bool:
     """Whether `model` accepts a forced tool_choice. The 5.x families think by default and answer a
-    forced tool with HTTP 400 (Anthropic's "What's new in Claude Sonnet 5.5 / Opus 5.5" pages)."""
+    forced tool with HTTP 400 (Anthropic's "What's new in Claude Sonnet 5.5 / Opus 5.5" pages); they are
+    asked with tool_choice auto and adaptive thinking instead."""
     return not re.match(r"claude-(opus|sonnet|haiku|fable|mythos)-[5-9]", model)
 
 
-class ClaudeProposer:
+class ClaudeProposer(Proposer):
     """Proposes the next experiment through the Anthropic Messages API (one forced tool call).
 
     `client` an anthropic.Anthropic (built by the caller, see make_client; from the environment
@@ -104,11 +109,28 @@ class ClaudeProposer:
     name = "claude"
 
     def __init__(self, client: anthropic.Anthropic | None = None, *, model: str = DEFAULT_MODEL,
-                 max_tokens: int = 8192, repair_turns: int = 2, prices: dict | None = None, history_rows: int = 40):
-        self.client = client if client is not None else make_client()
+                 max_tokens: int = DEFAULT_MAX_TOKENS, repair_turns: int = 2, prices: dict | None = None,
+                 history_rows: int = 40):
+        client = client if client is not None else make_client()
+        # Every HTTP attempt passes this middleware, the SDK's own retries included, so a 429 / 529 the SDK
+        # retried still lowers the number of requests in flight (loop/swarm.py Aimd via on_throttle).
+        self.client = client.with_options(middleware=[*client.middleware, self._watch])
+        self.on_throttle = None  # callable(status): set by the engine's Proposals
         self.model, self.max_tokens, self.repair_turns = model, max_tokens, repair_turns
         self.prices = {**PRICES, **(prices or {})}
         self.history_rows = history_rows
+
+    def _watch(self, request, call_next):
+        response = call_next(request)
+        if response.status_code in (429, 529) and self.on_throttle is not None:
+            self.on_throttle(response.status_code)
+        return response
+
+    def estimate_usd(self) -> float:
+        """The expected cost of one request before any was answered (USD): a 20 000-token prompt and an answer
+        of up to 8 000 tokens, priced for the model; the budget check replaces it with measured costs."""
+        return cost_usd(self.model, {"input_tokens": 20_000, "output_tokens": min(self.max_tokens, 8_000)},
+                        self.prices)
 
     def propose(self, head_source: str, parent: str, history: Sequence[TriedEdit],
                 state: ResearchState | None = None) -> Proposal:
@@ -123,7 +145,8 @@ class ClaudeProposer:
         system = system_blocks(state)
         messages: list[dict] = [{"role": "user", "content": user_message(head_source, parent, history, state,
                                                                         self.history_rows)}]
-        tally = {"model": self.model, **{k: 0 for k in TOKEN_FIELDS}, "turns": 0, "latency_s": 0.0}
+        tally = {"model": self.model, **{k: 0 for k in TOKEN_FIELDS}, "turns": 0, "latency_s": 0.0,
+                 "duplicate_turns": 0}
         cost = 0.0
         reason, description, hypothesis, source = "", "", "", ""
 
@@ -164,6 +187,8 @@ class ClaudeProposer:
                 continue
             description, hypothesis, edits, source, reason = check_answer(calls[0].input, head_source,
                                                                           state.seen_hashes)
+            if DUPLICATE in reason:
+                tally["duplicate_turns"] += 1  # the idea was already tried or taken: counted (the swarm's rate)
             if not reason:
                 return Proposal(source=source, description=description, hypothesis=hypothesis,
                                 proposer=self.name, edit_key=edit_key(edits), usage=dict(tally), cost_usd=cost)
@@ -176,9 +201,11 @@ class ClaudeProposer:
     def _create(self, system: list[dict], messages: list[dict]):
         forced = forces_tool(self.model)
         tool_choice = {"type": "tool", "name": TOOL_NAME} if forced else {"type": "auto"}
+        extra = {} if forced else {"thinking": {"type": "adaptive"}}  # thinking clashes with a forced tool
         try:
             return self.client.messages.create(model=self.model, max_tokens=self.max_tokens, system=system,
-                                               messages=messages, tools=[PROPOSE_TOOL], tool_choice=tool_choice)
+                                               messages=messages, tools=[PROPOSE_TOOL], tool_choice=tool_choice,
+                                               **extra)
         except (anthropic.AuthenticationError, anthropic.PermissionDeniedError) as exc:
             raise ProposalAuthError("Anthropic API key rejected") from exc
         except anthropic.BadRequestError as exc:
@@ -223,6 +250,21 @@ def user_message(head_source: str, parent: str, history: Sequence[TriedEdit], st
         f"- keep threshold: beat head by more than {_num(state.keep_threshold, '.5f')} bpb{target}\n"
         f"- training budget: {state.budget_s:g} s on {state.device}",
     ]
+    if state.kept_diffs:
+        parts.append("# The last kept changes (newest first, diffs cut short)\n" + "\n\n".join(
+            f"{_escape(d)}\n```diff\n{diff}\n```" for d, diff in state.kept_diffs))
+    if state.in_progress or state.being_proposed:
+        lines = [f"- queued or training: {_escape(d)}" for d in state.in_progress]
+        if state.being_proposed:
+            lines.append(f"- being written right now by {len(state.being_proposed)} other request(s), in the "
+                         "directions: " + ", ".join(sorted(set(state.being_proposed))))
+        parts.append("# Being tried right now\nThese ideas are already queued, training or being proposed. Propose "
+                     "something different from every one of them (not a variant of the same idea):\n"
+                     + "\n".join(lines))
+    if state.direction:
+        parts.append(f"# Your research direction for this proposal: {state.direction}\n"
+                     f"{state.direction_text or 'See the research program.'}\nOther proposals cover the other "
+                     "directions; stay within this one.")
     if state.not_transferred:
         parts.append("# Kept changes that did not transfer to a larger scale\nThese won at the loop's scale but "
                      "not when promoted to a larger model and budget: do not build on them; prefer ideas that "
@@ -243,11 +285,14 @@ def history_table(history: Sequence[TriedEdit], parent: str, rows: int = 40) -> 
     shown = list(history)[-rows:] if rows > 0 else []
     lines = [f"# Experiments so far (last {len(shown)} of {len(history)}, oldest first; Δ = val_bpb − parent's, "
              "negative is better; parent \"head\" = the train.py above)",
-             "| id | parent | status | val_bpb | Δ vs parent | description | reason |",
-             "|---|---|---|---|---|---|---|"]
+             "| id | parent | status | val_bpb | Δ vs parent | steps | tok/s | peak MiB | MFU % | description | "
+             "reason / crash line / pruned at |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for t in shown:
         cells = [str(t.exp_id) if t.exp_id is not None else "?", "head" if t.parent == parent else t.parent[:7],
-                 t.status, _num(t.val_bpb), _num(t.delta, "+.4f"), _cell(t.description), _cell(t.reason)]
+                 t.status, _num(t.val_bpb), _num(t.delta, "+.4f"), _int(t.steps), _int(t.tokens_per_s),
+                 _int(t.peak_memory_mb), _num(t.mfu_percent, ".1f"),
+                 _cell(t.description + (f" [{t.direction}]" if t.direction else "")), _cell(t.reason)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -315,6 +360,10 @@ def _escape(text: str) -> str:
 def _cell(text: str, limit: int = 120) -> str:
     text = " ".join(text.split()).replace("|", "\\|")
     return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def _int(x: float | None) -> str:
+    return "—" if x is None else f"{x:,.0f}"
 
 
 def _num(x: float | None, fmt: str = ".4f") -> str:

@@ -10,7 +10,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from loop.proposers.base import Proposal, ProposalError, ProposalExhausted, ResearchState, TriedEdit
+from loop.proposers.base import Proposal, ProposalError, ProposalExhausted, Proposer, ResearchState, TriedEdit
+from loop.validate import parse
 
 DEVICE_SUFFIXES = ("CPU", "CUDA", "MPS")
 
@@ -72,7 +73,7 @@ class Mutation:
         return f"{self.constant.name} {self.constant.text} → {self.new_text}"
 
 
-class OfflineProposer:
+class OfflineProposer(Proposer):
     """Random one-constant mutations around head, seeded.
 
     `device` ("cpu", "cuda", "cuda:1", "mps") decides which `_CPU` / `_CUDA` / `_MPS`
@@ -83,7 +84,7 @@ class OfflineProposer:
     """
 
     name = "offline"
-    fast = True  # proposes in microseconds: the engine calls it inline instead of ahead of need
+    fast = True
 
     def __init__(self, seed: int = 0, device: str = "cpu",
                  factors: Sequence[float] = (0.5, 0.7, 1.4, 2.0)):
@@ -211,7 +212,7 @@ def read_constants(source: str) -> list[Constant]:
 @functools.lru_cache(maxsize=64)
 def _read_constants(source: str) -> tuple[Constant, ...]:
     """read_constants, cached: head's source is read again for every proposal made on it."""
-    tree = ast.parse(source)
+    tree = parse(source)
     lines = source.split("\n")
     counts = _assignment_counts(tree)
     found = []
@@ -348,7 +349,7 @@ def apply_mutation(source: str, mutation: Mutation) -> str:
     lines[c.line - 1] = (raw[:c.start] + mutation.new_text.encode("utf-8") + raw[c.end:]).decode("utf-8")
     # Only that line changed: reading it back alone checks the rewrite (the whole file is validated later).
     try:
-        node = ast.parse(lines[c.line - 1]).body
+        node = parse(lines[c.line - 1]).body
         after = _literal(node[0].value) if len(node) == 1 and isinstance(node[0], ast.Assign) else None
     except SyntaxError as exc:
         raise ProposalError(f"rewriting {c.name} broke train.py: {exc.msg}") from exc

@@ -1,4 +1,5 @@
-"""What every runner offers the engine: slots, a job to run, a handle to watch or kill it.
+"""What every runner offers the engine: slots, a job to run, a handle to watch or kill it; and what the
+runners share: the harness command line, the sandbox settings, process groups, curve and log files.
 
 Runners execute and report; they never decide keep or discard and never write the database.
 """
@@ -6,20 +7,56 @@ Runners execute and report; they never decide keep or discard and never write th
 from __future__ import annotations
 
 import json
+import os
+import signal
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Protocol
+from typing import Callable, Optional
 
 from trainer.result import Result
+from trainer.sandbox import SandboxConfig
+from trainer.untrusted import clean_lines
+
+BACKSTOP_S = 30.0  # the harness times itself out at budget + grace; the runner kills only if that fails
+KILL_WAIT_S = 3.0  # SIGTERM, then SIGKILL after this long
 
 
 @dataclass(frozen=True)
 class Slot:
-    """One place an experiment can train: a GPU (or the CPU) on a host."""
+    """One place an experiment can train: a GPU (or the CPU) on a host; or, for a multi-GPU scale, several
+    slots of one host taken together (`members`, see `together`)."""
 
-    name: str  # e.g. "local:gpu0" or "local:cpu"
+    name: str  # e.g. "local:gpu0" or "local:cpu"; several together: "local:gpu0+local:gpu1"
     host: str
     env: dict = field(default_factory=dict)  # extra environment, e.g. CUDA_VISIBLE_DEVICES
+    members: tuple = ()  # the single slots this one holds (empty: it is a single slot)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The names of the single slots it holds: busy for every other experiment while it trains."""
+        return tuple(m.name for m in self.members) or (self.name,)
+
+    @property
+    def gpus(self) -> int:
+        """How many slots (GPUs) it holds: the job's data-parallel ranks."""
+        return len(self.members) or 1
+
+    @classmethod
+    def together(cls, slots) -> "Slot":
+        """One slot holding `slots` (all of one host) for a job on several GPUs: CUDA_VISIBLE_DEVICES lists
+        their devices in order (empty on CPU slots, where the ranks share the CPU). Raises ValueError when the
+        slots are none, on more than one host, or already combined."""
+        slots = tuple(slots)
+        if not slots or len({s.host for s in slots}) != 1 or any(s.members for s in slots):
+            raise ValueError(f"slots to take together must be single slots of one host: {[s.name for s in slots]}")
+        if len(slots) == 1:
+            return slots[0]
+        env = dict(slots[0].env)
+        devices = [s.env["CUDA_VISIBLE_DEVICES"] for s in slots if s.env.get("CUDA_VISIBLE_DEVICES")]
+        if any("CUDA_VISIBLE_DEVICES" in s.env for s in slots):
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
+        return cls("+".join(s.name for s in slots), slots[0].host, env, slots)
 
 
 @dataclass
@@ -37,11 +74,17 @@ class Job:
     seq_len: Optional[int] = None
     grace_s: Optional[float] = None
     device: str = "auto"
+    nproc: int = 1  # data-parallel ranks: one per GPU (slot) the job holds
 
     @property
     def grace(self) -> float:
-        """Seconds past the budget before the harness gives up (its own default when unset)."""
-        return 60.0 + 0.5 * self.budget_s if self.grace_s is None else self.grace_s
+        """Seconds past the budget before the harness gives up: `grace_s`, else the harness's own default
+        (trainer.harness.default_grace_s: 30 s + 10% of the budget)."""
+        if self.grace_s is not None:
+            return self.grace_s
+        from trainer.harness import default_grace_s  # here: the harness module imports numpy, the runners need not
+
+        return default_grace_s(self.budget_s)
 
 
 @dataclass
@@ -58,22 +101,64 @@ class Outcome:
     curve: list = field(default_factory=list)  # [[elapsed_s, loss], …] downsampled (see downsample_curve)
 
 
-class Handle(Protocol):
+class Handle:
+    """A started experiment: poll `done()`, then read `outcome()`; `kill()` stops it; `progress()` is its latest
+    curve point. The engine notes on it what the run is for (kind, description, promotion_id, confirms_id)."""
+
     exp_id: int
     slot: Slot
-    pid: Optional[int]
+    pid: Optional[int] = None  # its process group on this machine; None for remote runs (reaped by experiment id)
+    started: float = 0.0  # time.time() when it started
+    kind: str = "experiment"
+    description: str = ""
+    promotion_id: Optional[int] = None
+    confirms_id: Optional[int] = None
 
-    def done(self) -> bool: ...
-    def outcome(self) -> Optional[Outcome]: ...
-    def kill(self, reason: str) -> None: ...
-    def progress(self) -> Optional[dict]: ...
+    def done(self) -> bool:
+        raise NotImplementedError
+
+    def outcome(self) -> Optional[Outcome]:
+        """The outcome once done(), else None."""
+        raise NotImplementedError
+
+    def kill(self, reason: str) -> None:
+        """Stop it; its outcome then carries `aborted=reason`."""
+        raise NotImplementedError
+
+    def progress(self) -> Optional[dict]:
+        """{step, elapsed_s, loss} of the latest curve point, or None before the first."""
+        return None
 
 
-class Runner(Protocol):
-    name: str
+class Runner:
+    """Where experiments train. A runner with hosts that can fail overrides `all_slots`, `health` and `reap`;
+    one with connections or standby processes to release overrides `close`."""
 
-    def slots(self) -> list[Slot]: ...
-    def start(self, job: Job, slot: Slot, on_done: Callable[[], None]) -> Handle: ...
+    name: str = ""
+
+    def slots(self) -> list[Slot]:
+        """The slots new experiments may start on now."""
+        raise NotImplementedError
+
+    def all_slots(self) -> list[Slot]:
+        """Every slot, those of hosts that are down included."""
+        return self.slots()
+
+    def start(self, job: Job, slot: Slot, on_done: Callable[[], None]) -> Handle:
+        """Start `job` on `slot` and return at once; `on_done()` is called once its outcome is ready.
+        Raises OSError when it cannot be started (an infrastructure failure)."""
+        raise NotImplementedError
+
+    def health(self) -> list:
+        """One record per host ({name, up, error, …}, or an object with those attributes): every host up."""
+        return [{"name": host, "up": True, "error": ""} for host in dict.fromkeys(s.host for s in self.all_slots())]
+
+    def reap(self, exp_id: int, host: str) -> bool:
+        """Kill what is left of experiment `exp_id` on a remote `host` after a restart; True when something was."""
+        return False
+
+    def close(self) -> None:
+        """Release what the runner holds (connections, standby processes)."""
 
 
 def last_curve_point(curve: Path) -> Optional[dict]:
@@ -121,11 +206,69 @@ def downsample_curve(points: list[dict], n: int = 200) -> list[list[float]]:
 
 
 def tail(path: Path, n: int = 20) -> list[str]:
-    """The last n lines of a text file (empty if missing)."""
+    """The last n lines of a run's log (empty if missing), cleaned: the log holds the proposal's own output,
+    which is untrusted text (truncated, secrets redacted: trainer/untrusted.py)."""
     try:
         with open(path, "rb") as f:
             f.seek(0, 2)
             f.seek(max(0, f.tell() - 16384))
-            return f.read().decode(errors="replace").splitlines()[-n:]
+            return clean_lines(f.read().decode(errors="replace"), n)
     except OSError:
         return []
+
+
+# ---- the harness and its processes ----
+
+
+def harness_args(job: Job, sandbox: SandboxConfig) -> list[str]:
+    """trainer.run's options for a job (relative paths inside the workdir) under these sandbox settings: the
+    harness sandboxes the proposal itself, with what the host offers."""
+    cmd = ["--script", "train.py", "--data", str(job.data_dir), "--budget-s", str(job.budget_s),
+           "--out", "result.json", "--seed", str(job.seed), "--device", job.device, "--grace-s", str(job.grace),
+           *sandbox.args()]
+    if job.scale:
+        cmd += ["--scale", json.dumps(job.scale)]
+    if job.eval_tokens:
+        cmd += ["--eval-tokens", str(job.eval_tokens)]
+    if job.seq_len:
+        cmd += ["--seq-len", str(job.seq_len)]
+    if job.nproc > 1:
+        cmd += ["--nproc", str(job.nproc)]
+    return cmd
+
+
+def harness_command(job: Job, sandbox: SandboxConfig, python: str = sys.executable) -> list[str]:
+    """The command line that runs the harness on a job."""
+    return [python, "-P", "-m", "trainer.run", *harness_args(job, sandbox)]
+
+
+def sandbox_config(settings=None) -> SandboxConfig:
+    """The sandbox settings of `settings` (default: the current configuration; the defaults when it is invalid)."""
+    if settings is None:
+        from loop.config import ConfigError, load_settings
+
+        try:
+            settings = load_settings()
+        except ConfigError:
+            return SandboxConfig()
+    return SandboxConfig(enabled=settings.sandbox, user=settings.sandbox_user, memory_gb=settings.sandbox_memory_gb,
+                         max_processes=settings.sandbox_max_processes, max_file_gb=settings.sandbox_max_file_gb,
+                         max_open_files=settings.sandbox_max_open_files)
+
+
+def kill_group(pgid: int, sig: int = signal.SIGKILL) -> bool:
+    """Signal a whole process group; False when it no longer exists."""
+    try:
+        os.killpg(pgid, sig)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+def is_harness_process(pid: int) -> bool:
+    """True when `pid` is alive and is a trainer.run harness (guards against a reused pid after a restart)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"trainer.run" in cmdline

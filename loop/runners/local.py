@@ -1,12 +1,12 @@
-"""The local runner: each experiment is `python -m trainer.run` in its own process group, one per slot,
-under the sandbox launcher (trainer/sandbox.py) when `sandbox` is on.
+"""The local runner: each experiment is `python -m trainer.run` (the harness's trusted parent, which starts the
+proposal's code in the OS sandbox itself) in its own process group, one per slot.
 
 Reads the result only from the harness's JSON; never parses the script's prints.
 
-With `standby` on, each slot keeps the next harness already started (`trainer.run --standby`: the interpreter,
-torch and the sandbox are up, waiting for a job on stdin), so an experiment starts training without paying
-seconds of start-up; it runs in a directory of its own under `<workdir's parent>/.standby/` and is moved to the
-experiment's directory when it ends.
+With `standby` on, each slot keeps the next harness already started (`trainer.run --standby`: its sandboxed worker
+and scorer are up with torch imported, waiting for a job on stdin), so an experiment starts training without
+paying seconds of start-up; it runs in a directory of its own under `<workdir's parent>/.standby/` and is moved to
+the experiment's directory when it ends.
 """
 
 from __future__ import annotations
@@ -24,18 +24,17 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from loop.runners.base import Job, Outcome, Slot, downsample_curve, last_curve_point, read_curve, tail
+from loop.runners.base import (BACKSTOP_S, KILL_WAIT_S, Handle, Job, Outcome, Runner, Slot, downsample_curve,
+                               harness_args, harness_command, kill_group, last_curve_point, read_curve,
+                               sandbox_config, tail)
 from trainer.result import STANDBY_FAILED, Result, read_result
-from trainer.sandbox import (LAUNCH_FAILED, SandboxConfig, defuse, describe_features, launcher_command,
-                             sandbox_features, signal_message)
+from trainer.sandbox import SandboxConfig, delegate_cgroup, describe, features
 
 log = logging.getLogger(__name__)
 
 # A standby starts while the slot's experiment trains: niced, it takes the CPU the experiment leaves idle
 # instead of slowing its steps (CFS weight 110 against 1024 at nice 0).
 STANDBY_NICE = 10
-BACKSTOP_S = 30.0  # the harness times itself out at budget + grace; the runner kills only if that fails
-KILL_WAIT_S = 3.0  # SIGTERM, then SIGKILL after this long
 
 
 def detect_slots(device: str = "auto", cpu_slots: int = 1) -> list[Slot]:
@@ -52,82 +51,18 @@ def detect_slots(device: str = "auto", cpu_slots: int = 1) -> list[Slot]:
     return [Slot(f"local:cpu{i}", "local", env) for i in range(cpu_slots)]
 
 
-def harness_args(job: Job) -> list[str]:
-    """trainer.run's options for a job (relative paths inside the workdir)."""
-    cmd = ["--script", "train.py", "--data", str(job.data_dir), "--budget-s", str(job.budget_s),
-           "--out", "result.json", "--seed", str(job.seed), "--device", job.device, "--grace-s", str(job.grace)]
-    if job.scale:
-        cmd += ["--scale", json.dumps(job.scale)]
-    if job.eval_tokens:
-        cmd += ["--eval-tokens", str(job.eval_tokens)]
-    if job.seq_len:
-        cmd += ["--seq-len", str(job.seq_len)]
-    return cmd
-
-
-def harness_command(job: Job, python: str = sys.executable) -> list[str]:
-    """The command line that runs the harness on a job."""
-    return [python, "-P", "-m", "trainer.run", *harness_args(job)]
-
-
-def sandbox_config(settings=None) -> SandboxConfig:
-    """The sandbox settings of `settings` (default: the current configuration; the defaults when it is invalid)."""
-    if settings is None:
-        from loop.config import ConfigError, load_settings
-
-        try:
-            settings = load_settings()
-        except ConfigError:
-            return SandboxConfig()
-    return SandboxConfig(enabled=settings.sandbox, user=settings.sandbox_user, memory_gb=settings.sandbox_memory_gb,
-                         max_processes=settings.sandbox_max_processes, max_file_gb=settings.sandbox_max_file_gb,
-                         max_open_files=settings.sandbox_max_open_files)
-
-
-def uses_cuda(job: Job, slot: Slot) -> bool:
-    """Whether the job trains on a GPU (then no address-space limit: it breaks the CUDA driver)."""
-    if job.device != "auto":
-        return job.device.startswith("cuda")
-    return bool(slot.env.get("CUDA_VISIBLE_DEVICES"))
-
-
 _warned: set = set()
 
 
 def check_sandbox(cfg: SandboxConfig) -> dict:
-    """sandbox_features(cfg), logging one warning per process for what is not available."""
-    f = sandbox_features(cfg)
+    """trainer.sandbox.features(cfg), logging one warning per process for what is not available."""
+    f = features(cfg)
     if f["missing"] and cfg not in _warned:
         _warned.add(cfg)
-        log.warning("%s", describe_features(f))
+        log.warning("%s", describe(f))
     return f
 
 
-def kill_group(pgid: int, sig: int = signal.SIGKILL) -> bool:
-    """Signal a whole process group; False when it no longer exists."""
-    try:
-        os.killpg(pgid, sig)
-        return True
-    except (ProcessLookupError, PermissionError):
-        return False
-
-
-def is_harness_process(pid: int) -> bool:
-    """True when `pid` is alive and is a trainer.run harness (guards against a reused pid after a restart)."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    return b"trainer.run" in cmdline
-
-
-def _active_sandbox(sandbox: Optional[SandboxConfig]) -> Optional[SandboxConfig]:
-    return sandbox if sandbox is not None and sandbox.enabled and sys.platform.startswith("linux") else None
-
-
-def _sandboxed(cmd: list[str], sandbox: Optional[SandboxConfig], wd: Path, data_dir: Path, cuda: bool) -> list[str]:
-    """`cmd` behind the sandbox launcher (wd writable, the data readable), or as is when the sandbox is off."""
-    return launcher_command(sandbox, workdir=wd, read=[data_dir], cuda=cuda) + cmd if sandbox else cmd
 
 
 def _spawn(cmd: list[str], wd: Path, slot: Slot, *, stdin) -> subprocess.Popen:
@@ -139,21 +74,22 @@ def _spawn(cmd: list[str], wd: Path, slot: Slot, *, stdin) -> subprocess.Popen:
 
 
 class Standby:
-    """A harness started before its job (`trainer.run --standby`) in its own directory, under the sandbox.
+    """A harness started before its job (`trainer.run --standby`) in its own directory.
 
-    `key` says which jobs it can take: the same data directory and device kind (the sandbox exposes the data
-    and sets the memory limit at launch). Dies when released, killed, or when the runner goes away (end of
-    its stdin).
+    `key` says which jobs it can take: the same data directory and device (its scorer mounted that data at
+    launch). Dies when released, killed, or when the runner goes away (end of its stdin).
     """
 
     _ids = itertools.count()
 
-    def __init__(self, slot: Slot, root: Path, data_dir: Path, cuda: bool, sandbox: Optional[SandboxConfig]):
+    def __init__(self, slot: Slot, root: Path, data_dir: Path, device: str, sandbox: SandboxConfig):
         self.slot = slot
-        self.key = (str(data_dir), cuda)
+        self.key = (str(data_dir), device)
+        self.sandbox = sandbox
         self.dir = root / f"{os.getpid()}-{slot.name.replace(':', '-')}-{next(self._ids)}"
         self.dir.mkdir(parents=True)
-        cmd = _sandboxed([sys.executable, "-P", "-m", "trainer.run", "--standby"], sandbox, self.dir, data_dir, cuda)
+        cmd = [sys.executable, "-P", "-m", "trainer.run", "--standby", "--data", str(data_dir), "--device", device,
+               *sandbox.args()]
         self.proc = _spawn(cmd, self.dir, slot, stdin=subprocess.PIPE)
         _renice(self.proc.pid, STANDBY_NICE)  # start-up takes what the running experiment leaves of the CPU
 
@@ -162,7 +98,7 @@ class Standby:
 
     def hand(self, job: Job) -> bool:
         """Give it the job; False when it is gone (then it must not be used)."""
-        line = json.dumps({"argv": harness_args(job), "source": job.source}) + "\n"
+        line = json.dumps({"argv": harness_args(job, self.sandbox), "source": job.source}) + "\n"
         _renice(self.proc.pid, 0)  # back to normal priority to train (needs root; else it stays niced)
         try:
             self.proc.stdin.write(line.encode())
@@ -183,7 +119,7 @@ class Standby:
 
 
 def _renice(pgid: int, nice: int) -> None:
-    """Set the nice value of a whole process group (the sandbox launcher and the harness it forks)."""
+    """Set the nice value of a whole process group (the harness and the sandboxed processes it starts)."""
     try:
         os.setpriority(os.PRIO_PGRP, pgid, nice)
     except OSError:
@@ -191,19 +127,18 @@ def _renice(pgid: int, nice: int) -> None:
 
 
 def remove_tree(path: Path) -> None:
-    """Delete a directory a sandboxed run may have written to, without following anything it planted."""
-    defuse(path)
+    """Delete a run directory (only the trusted harness wrote there: nothing planted to follow)."""
     shutil.rmtree(path, ignore_errors=True)
 
 
-class LocalHandle:
+class LocalHandle(Handle):
     """A running local experiment. Thread-safe; `on_done` is called once when the outcome is ready.
 
     With a `standby` (already started and matching the job), the job is handed to it instead of starting a
     process; its directory becomes `job.workdir` when the run ends.
     """
 
-    def __init__(self, job: Job, slot: Slot, on_done: Callable[[], None], sandbox: Optional[SandboxConfig] = None,
+    def __init__(self, job: Job, slot: Slot, on_done: Callable[[], None], sandbox: SandboxConfig,
                  standby: Optional[Standby] = None):
         self.exp_id = job.exp_id
         self.slot = slot
@@ -216,13 +151,9 @@ class LocalHandle:
         self.started = time.time()
         final = Path(job.workdir)
         final.mkdir(parents=True, exist_ok=True)
-        defuse(final)  # a previous, sandboxed run owned this directory: no link of its making is followed
         for stale in ("result.json", "result.curve.jsonl", "log.txt", "train.py"):
             (final / stale).unlink(missing_ok=True)
-        self.sandbox = _active_sandbox(sandbox)
-        cuda = uses_cuda(job, slot)
-        self._memory = self.sandbox.memory_bytes(cuda) if self.sandbox else None
-        self._cuda = cuda
+        self.sandbox = sandbox
         self._lock = threading.Lock()  # kill() against the switch from a failed standby to a fresh process
         self._standby_dir: Optional[Path] = None
         if standby is not None and standby.hand(job):
@@ -239,8 +170,7 @@ class LocalHandle:
         """Start the harness the slow way, in the experiment's own directory (sets proc, log_path, curve_path)."""
         wd = Path(self.job.workdir)
         (wd / "train.py").write_text(self.job.source)
-        cmd = _sandboxed(harness_command(self.job), self.sandbox, wd, self.job.data_dir, self._cuda)
-        self.proc = _spawn(cmd, wd, self.slot, stdin=subprocess.DEVNULL)
+        self.proc = _spawn(harness_command(self.job, self.sandbox), wd, self.slot, stdin=subprocess.DEVNULL)
         self.log_path, self.curve_path = wd / "log.txt", wd / "result.curve.jsonl"
 
     def _wait(self) -> None:
@@ -254,10 +184,9 @@ class LocalHandle:
         kill_group(self.pid)  # leftovers (compile workers) die with their experiment
 
     def _standby_failed(self) -> bool:
-        """The standby died before it took the job (STANDBY_FAILED, or its sandbox launcher could not start it).
-        It was alive when handed the job but was already failing: e.g. its warm-up met a disk that was full."""
-        return (self._standby_dir is not None and not self._timed_out
-                and self.proc.returncode in (STANDBY_FAILED, LAUNCH_FAILED)
+        """The standby died before it took the job (STANDBY_FAILED): it was alive when handed the job but was
+        already failing, e.g. its start met a disk that was full."""
+        return (self._standby_dir is not None and not self._timed_out and self.proc.returncode == STANDBY_FAILED
                 and not (self._standby_dir / "result.json").exists())
 
     def _watch(self) -> None:
@@ -288,7 +217,6 @@ class LocalHandle:
     def _move_home(self) -> None:
         """The standby's directory becomes the experiment's (its process is gone: nothing holds it)."""
         final = Path(self.job.workdir)
-        defuse(self._standby_dir)
         try:
             shutil.rmtree(final, ignore_errors=True)
             os.rename(self._standby_dir, final)
@@ -301,7 +229,6 @@ class LocalHandle:
 
     def _read_outcome(self) -> Outcome:
         wall = time.time() - self.started
-        defuse(self.job.workdir)
         log_tail = tail(self.log_path)
         result_path = Path(self.job.workdir) / "result.json"
         if self._aborted:
@@ -323,14 +250,8 @@ class LocalHandle:
                        infra_failed=bool(self._infra_error))
 
     def _no_result_error(self, log_tail: list[str]) -> str:
-        """Why the harness left no result: the limit a signal points to, or the launcher's own reason."""
+        """Why the harness (trusted: it always writes a result) left none: how its process ended."""
         code = self.proc.returncode
-        if code and code < 0 and self.sandbox:
-            max_file = int(self.sandbox.max_file_gb * (1 << 30))
-            return signal_message(-code, self._memory, max_file)
-        if code == LAUNCH_FAILED and self.sandbox:
-            why = next((line for line in reversed(log_tail) if line.startswith("sandbox: cannot start")), "")
-            return why or f"the sandbox could not start the harness (exit code {code})"
         why = f"killed by signal {-code}" if code and code < 0 else f"exited with code {code}"
         return f"harness {why} without a result"
 
@@ -352,12 +273,10 @@ class LocalHandle:
 
     def progress(self) -> Optional[dict]:
         """{step, elapsed_s, loss} of the latest curve point, or None before the first step."""
-        if self.curve_path.is_symlink():
-            return None
         return last_curve_point(self.curve_path)
 
 
-class LocalRunner:
+class LocalRunner(Runner):
     """Subprocess runner on this machine: one slot per GPU, or one CPU slot.
 
     `sandbox`: a SandboxConfig, True / False (defaults / off), or None for the configured settings
@@ -378,29 +297,38 @@ class LocalRunner:
         elif isinstance(sandbox, bool):
             sandbox = SandboxConfig(enabled=sandbox)
         self.sandbox: SandboxConfig = sandbox
-        self.features = check_sandbox(sandbox) if sandbox.enabled else sandbox_features(sandbox)
+        if sandbox.enabled:
+            delegate_cgroup()  # a cgroup v2 the service may manage: one child cgroup per experiment
+        self.features = check_sandbox(sandbox)
 
     def slots(self) -> list[Slot]:
         return list(self._slots)
 
     def start(self, job: Job, slot: Slot, on_done: Callable[[], None]) -> LocalHandle:
-        """Start a job on a slot (on its standby when one matches), then start the slot's next standby.
+        """Start a job on a slot (on its standby when one matches), then start the slot's next standby. A slot
+        holding several (Slot.together) runs the job's `nproc` ranks on their devices (CUDA_VISIBLE_DEVICES
+        lists them), started afresh: its member slots' standbys are released.
 
         Raises OSError when the process cannot be started (an infra failure).
         """
         if not self.standby:
             return LocalHandle(job, slot, on_done, self.sandbox)
-        cuda = uses_cuda(job, slot)
+        if slot.members:  # several GPUs: its slots' standbys (one rank each) cannot take it and would hold them
+            with self._lock:
+                idle = [self._standbys.pop(name) for name in slot.names if name in self._standbys]
+            for s in idle:
+                s.release()
+            return LocalHandle(job, slot, on_done, self.sandbox)
         root = Path(job.workdir).parent / ".standby"
         with self._lock:
             ready = self._standbys.pop(slot.name, None)
             self._clean(root)
-        if ready is not None and (ready.key != (str(job.data_dir), cuda) or not ready.alive()):
+        if ready is not None and (ready.key != (str(job.data_dir), job.device) or not ready.alive()):
             ready.release()
             ready = None
         handle = LocalHandle(job, slot, on_done, self.sandbox, standby=ready)
         try:
-            nxt = Standby(slot, root, Path(job.data_dir), cuda, _active_sandbox(self.sandbox))
+            nxt = Standby(slot, root, Path(job.data_dir), job.device, self.sandbox)
         except OSError as e:  # no standby is no failure: the next job starts the slow way
             log.warning("could not start a standby harness on %s: %s", slot.name, e)
         else:

@@ -28,8 +28,10 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the install
     raise ImportError("the Ray runner needs Ray: pip install 'ratchet[ray]'") from e
 
-from loop.runners.base import Job, Outcome, Slot, downsample_curve, last_curve_point, read_curve
-from loop.runners.local import BACKSTOP_S, harness_command, kill_group
+from loop.runners.base import (BACKSTOP_S, Handle, Job, Outcome, Runner, Slot, downsample_curve, harness_command,
+                               kill_group, last_curve_point, read_curve, sandbox_config)
+from trainer.sandbox import SandboxConfig
+from trainer.untrusted import clean_lines
 from trainer.result import Result
 
 log = logging.getLogger(__name__)
@@ -192,7 +194,7 @@ def _read_tail(path: Path, limit: int) -> str:
 
 
 def run_experiment(key: str, job: Job, want: dict, shipped: Optional[dict], board, node_dir: Optional[str],
-                   always_ship: bool, env: dict) -> dict:
+                   always_ship: bool, env: dict, sandbox: Optional[SandboxConfig] = None) -> dict:
     """Body of the Ray task: run the harness on this node and return what it wrote.
 
     Returns {"need_data": reason} when this node cannot see the data and none was shipped; else
@@ -222,18 +224,20 @@ def run_experiment(key: str, job: Job, want: dict, shipped: Optional[dict], boar
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)
         info["workdir"] = str(wd)
-        return _train_here(job, Path(data_dir), wd, {**os.environ, **env}, info, report)
+        return _train_here(job, Path(data_dir), wd, {**os.environ, **env}, info, report,
+                           sandbox or SandboxConfig())
     finally:
         shutil.rmtree(wd, ignore_errors=True)
         os.close(lock)
 
 
-def _train_here(job: Job, data_dir: Path, wd: Path, env: dict, info: dict, report) -> dict:
-    """Run the harness in `wd` until it exits (or budget + grace + BACKSTOP_S), reporting curve points."""
+def _train_here(job: Job, data_dir: Path, wd: Path, env: dict, info: dict, report, sandbox: SandboxConfig) -> dict:
+    """Run the harness in `wd` until it exits (or budget + grace + BACKSTOP_S), reporting curve points. The harness
+    sandboxes the proposal itself, with what the node offers."""
     (wd / "train.py").write_text(job.source)
     log_path, curve_path = wd / "log.txt", wd / "result.curve.jsonl"
     with open(log_path, "wb") as out:  # Ray has set CUDA_VISIBLE_DEVICES in env for GPU tasks
-        proc = subprocess.Popen(harness_command(replace(job, data_dir=data_dir), sys.executable), cwd=wd,
+        proc = subprocess.Popen(harness_command(replace(job, data_dir=data_dir), sandbox, sys.executable), cwd=wd,
                                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env={**env, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
     timed_out, last = False, None
@@ -291,7 +295,7 @@ class ProgressBoard:
 # ---- On the driver ----
 
 
-class RayHandle:
+class RayHandle(Handle):
     """A running Ray experiment. `pid` is None: kill it with kill(), never by process group.
 
     Thread-safe; `on_done` is called once, from the runner's monitor thread, when the outcome is ready.
@@ -353,11 +357,13 @@ class RayHandle:
 
     def _submit(self, shipped: Optional[dict]) -> None:
         r = self._runner
-        opts = {"num_gpus": r.num_gpus_per_task, "num_cpus": r.num_cpus_per_task, "name": f"ratchet-exp-{self.exp_id}"}
+        n = self.slot.gpus  # a multi-GPU scale: one task holding n slots' resources, on one node (Ray places it)
+        opts = {"num_gpus": r.num_gpus_per_task * n, "num_cpus": r.num_cpus_per_task * n,
+                "name": f"ratchet-exp-{self.exp_id}"}
         if r.runtime_env:
             opts["runtime_env"] = r.runtime_env
         ref = _remote_run.options(**opts).remote(self._key, self.job, self._want, shipped, r._board, r.node_dir,
-                                                 r.ship_data == "always", self.slot.env)
+                                                 r.ship_data == "always", self.slot.env, r.sandbox)
         with self._lock:
             self._ref, self._shipping = ref, False
             self._submitted = self._phase_since = time.time()
@@ -426,8 +432,9 @@ class RayHandle:
         elif self._phase == "preparing":
             limit, why = r.start_timeout_s, f"data not ready on node {self.info.get('node', '?')}"
         else:
-            limit, why = r.start_timeout_s, (f"not scheduled: no free slot with {r.num_gpus_per_task:g} GPU / "
-                                             f"{r.num_cpus_per_task:g} CPU in the Ray cluster")
+            n = self.slot.gpus
+            limit, why = r.start_timeout_s, (f"not scheduled: no node with {r.num_gpus_per_task * n:g} GPU / "
+                                             f"{r.num_cpus_per_task * n:g} CPU free in the Ray cluster")
         if now - self._phase_since <= limit:
             return
         try:
@@ -458,7 +465,7 @@ class RayHandle:
         (wd / "result.curve.jsonl").write_text(p["curve"])
         if p["result_json"] is not None:
             (wd / "result.json").write_text(p["result_json"])
-        log_tail = p["log"].splitlines()[-20:]
+        log_tail = clean_lines(p["log"], 20)
         curve = downsample_curve(read_curve(wd / "result.curve.jsonl"))
         if self._aborted:
             return Outcome(result=Result(status="crash", error=f"aborted: {self._aborted}", seed=self.job.seed),
@@ -502,7 +509,7 @@ def describe_ray_error(e: BaseException) -> str:
     return f"ray: {type(e).__name__}: {first}" if first else f"ray: {type(e).__name__}"
 
 
-class RayRunner:
+class RayRunner(Runner):
     """Experiments as Ray tasks on a cluster: one slot per GPU (or `slots`, or per CPU with 0 GPUs per task).
 
     `address`: an existing cluster (`ray://head:10001` through Ray Client, or `host:port` / `auto` from a
@@ -522,7 +529,7 @@ class RayRunner:
                  num_cpus_per_task: float = 1.0, slots: Optional[int] = None,
                  ship_data: Literal["auto", "always"] = "auto", node_dir: Optional[str] = None,
                  start_timeout_s: float = 600.0, runtime_env: Optional[dict] = None,
-                 ray_init: Optional[dict] = None):
+                 ray_init: Optional[dict] = None, sandbox: Optional[SandboxConfig] = None):
         if ship_data not in ("auto", "always"):
             raise ValueError(f"ship_data must be 'auto' or 'always', got {ship_data!r}")
         self.address = address
@@ -532,6 +539,7 @@ class RayRunner:
         self.node_dir = node_dir
         self.start_timeout_s = float(start_timeout_s)
         self.runtime_env = runtime_env
+        self.sandbox = sandbox or sandbox_config()
         self._fixed_slots = slots
         self._owns_ray = False
         if not ray.is_initialized():

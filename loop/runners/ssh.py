@@ -25,10 +25,10 @@ import asyncssh
 import trainer
 from trainer.data import sha256_file
 from loop.config import HostConfig, default_home
-from loop.runners.base import Job, Outcome, Slot, downsample_curve, last_curve_point, read_curve, tail
-from loop.runners.local import BACKSTOP_S, KILL_WAIT_S, harness_command, sandbox_config, uses_cuda
+from loop.runners.base import (BACKSTOP_S, KILL_WAIT_S, Handle, Job, Outcome, Runner, Slot, downsample_curve,
+                               harness_command, last_curve_point, read_curve, sandbox_config, tail)
 from trainer.result import Result, read_result
-from trainer.sandbox import SandboxConfig, launcher_command
+from trainer.sandbox import SandboxConfig
 
 log = logging.getLogger(__name__)
 
@@ -588,7 +588,7 @@ def _describe(e: BaseException) -> str:
 # ---- The handle ----
 
 
-class SSHHandle:
+class SSHHandle(Handle):
     """A running remote experiment. Thread-safe; `on_done` is called once (on the runner's thread) when done.
 
     Mirrors the host's log.txt and result.curve.jsonl into the job's local workdir as they grow, and the
@@ -693,10 +693,8 @@ class SSHHandle:
         h.orphans.discard(rd)
         job = dataclasses.replace(self.job, data_dir=Path(f"{h.workdir}/data/{Path(self.job.data_dir).name}"))
         env = {**self.slot.env, "PYTHONPATH": f"{h.workdir}/lib", "PYTHONUNBUFFERED": "1"}
-        sandbox = self.runner.sandbox  # the launcher decides on the host what it can enforce there
-        prefix = launcher_command(sandbox, workdir=".", read=[job.data_dir], cuda=uses_cuda(job, self.slot),
-                                  python=h.python) if sandbox.enabled else []
-        cmd = " ".join(_q(c) for c in prefix + harness_command(job, python=h.python))
+        # the harness sandboxes the proposal itself, with what the host offers (bubblewrap: deploy/gpu-host-bootstrap.sh)
+        cmd = " ".join(_q(c) for c in harness_command(job, self.runner.sandbox, python=h.python))
         inner = (f"echo $$ > pid.tmp && mv pid.tmp pid; "
                  f"{' '.join(f'{k}={_q(v)}' for k, v in env.items())} {cmd} > log.txt 2>&1 < /dev/null; "
                  f"echo $? > exit_code.tmp; mv exit_code.tmp exit_code")
@@ -869,7 +867,7 @@ class _LoopThread:
             self.loop.close()
 
 
-class SSHRunner:
+class SSHRunner(Runner):
     """Runs experiments on GPU hosts over SSH: one slot per GPU per host (one CPU slot on a cpu_only host).
 
     A host is prepared at first contact (workdir, trainer package, Python check, data synced and verified).

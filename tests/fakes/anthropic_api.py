@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -89,12 +90,18 @@ class FakeAnthropic:
     """The fake server: `url` is the base_url for `anthropic.Anthropic(base_url=...)`.
 
     `script(*replies)` queues answers for POST /v1/messages, served in order; with the queue empty it
-    answers 400 "no scripted reply left" (never retried, so a missing reply fails fast). `requests`
-    lists every request received. Use as a context manager or call start() / stop().
+    asks `respond(body) -> Reply` when given, else answers 400 "no scripted reply left" (never retried, so a
+    missing reply fails fast). `requests` lists every request received. Each answer waits `latency_s` seconds,
+    then for `gate` (an Event, set by default: clear it to hold requests in flight). `in_flight` and
+    `peak_in_flight` count requests being answered. Use as a context manager or call start() / stop().
     """
 
-    def __init__(self):
+    def __init__(self, respond=None, latency_s: float = 0.0):
         self.requests: list[Recorded] = []
+        self.respond, self.latency_s = respond, latency_s
+        self.gate = threading.Event()
+        self.gate.set()
+        self.in_flight = self.peak_in_flight = 0
         self._queue: deque[Reply] = deque()
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -132,9 +139,11 @@ class FakeAnthropic:
             self.requests.append(recorded)
             if recorded.method != "POST" or recorded.path.split("?")[0] != "/v1/messages":
                 return error(404, f"fake: no route {recorded.method} {recorded.path}")
-            if not self._queue:
-                return error(400, "fake: no scripted reply left")
-            return self._queue.popleft()
+            if self._queue:
+                return self._queue.popleft()
+            if self.respond is not None:
+                return self.respond(recorded.body)
+            return error(400, "fake: no scripted reply left")
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         fake = self
@@ -150,7 +159,17 @@ class FakeAnthropic:
                 except json.JSONDecodeError:
                     body = {"_raw": raw.decode("utf-8", "replace")}
                 headers = {k.lower(): v for k, v in self.headers.items()}
-                self._send(fake._next(Recorded(self.command, self.path, headers, body)))
+                with fake._lock:
+                    fake.in_flight += 1
+                    fake.peak_in_flight = max(fake.peak_in_flight, fake.in_flight)
+                try:
+                    if fake.latency_s:
+                        time.sleep(fake.latency_s)
+                    fake.gate.wait()
+                    self._send(fake._next(Recorded(self.command, self.path, headers, body)))
+                finally:
+                    with fake._lock:
+                        fake.in_flight -= 1
 
             do_GET = do_POST
 

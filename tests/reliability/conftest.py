@@ -66,7 +66,10 @@ CHANNEL = "C0RATCHET"
 
 
 def settings_env(home: Path, data_dir: Path, workspace: Path, **extra) -> dict:
-    """serve's environment for the fault tests: 1 s budget, 2 baseline repeats, no pruning."""
+    """serve's environment for the fault tests: 1 s budget, 2 baseline repeats, no pruning, new-seed confirmation
+    (one confirm run per passing change: the keep is decided when it is recorded; tests/test_hardware.py covers
+    paired confirmation)."""
+    extra.setdefault("RATCHET_CONFIRM", "seeds")
     return serve_env(home, data_dir, workspace, RATCHET_NOISE_REPEATS=2, RATCHET_BUDGET_S=BUDGET_S,
                      RATCHET_PRUNE="false", **extra)
 
@@ -212,7 +215,7 @@ def assert_posted_once_in_order(url: str, fake) -> None:
 
 
 def harness_alive(pid: int) -> bool:
-    from loop.runners.local import is_harness_process
+    from loop.runners.base import is_harness_process
 
     return bool(pid) and is_harness_process(pid)
 

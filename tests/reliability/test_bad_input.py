@@ -155,7 +155,7 @@ def test_a_hint_with_an_injection_is_data_inside_the_wrapper_only(setup, fake_an
     proposer = ClaudeProposer(make_client(api_key="test-key", base_url=fake_anthropic.url, max_retries=0))
     run = eng.get_run()
     source = eng.workspace.read_file(run.head_commit)
-    proposal = proposer.propose(source, run.head_commit, eng.history(run.id), eng.research_state(run))
+    proposal = proposer.propose(source, run.head_commit, eng.proposals.history(run), eng.proposals.research_state(run))
     assert "import os" not in proposal.source  # the proposal is what the model answered, nothing else
 
     body = fake_anthropic.bodies[0]

@@ -7,7 +7,7 @@ import signal
 import time
 
 from db.models import Event, Experiment
-from loop.engine import PROPOSAL_BACKOFF_S
+from loop.proposals import PROPOSAL_BACKOFF_S
 from loop.workspace import Workspace
 from tests.fakes.anthropic_api import FakeAnthropic, error, tool_answer
 from tests.fakes.slack_api import APP_TOKEN, BOT_TOKEN, FakeSlack

@@ -261,8 +261,10 @@ def train(ctx):
         depth, width, config.n_head, model.num_params() / 1e6, model.estimate_flops(),
         batch, ctx.seq_len, grad_accum, ctx.device)
 
+    # Several ranks (a multi-GPU scale): gradients are averaged across them; one rank is one device.
+    step_model = ctx.data_parallel(model)
     # bf16 autocast is for CUDA only: fp32 matmuls are far faster than bf16 on most CPUs.
-    step_model = torch.compile(model, dynamic=False) if on_cuda and COMPILE_CUDA else model
+    step_model = torch.compile(step_model, dynamic=False) if on_cuda and COMPILE_CUDA else step_model
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda)
     batches = ctx.train_batches(batch)
 
