@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from loop.runners.base import Job, Slot
-from loop.runners.local import STANDBY_NICE, LocalRunner, Standby
+from loop.runners.local import LocalRunner, Standby
 from trainer.result import STANDBY_FAILED
 from tests.conftest import REPO, TINY_TRAIN_PY
 
@@ -31,6 +31,24 @@ def run_job(runner: LocalRunner, job: Job):
     handle = runner.start(job, runner.slots()[0], done.set)
     assert done.wait(180), "the experiment did not finish"
     return handle, handle.outcome()
+
+
+def children(pid: int) -> list[int]:
+    """The direct children of `pid` (Linux /proc)."""
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def started_at(pid: int) -> float:
+    """When process `pid` started, epoch seconds, to a clock tick (/proc/PID/stat field 22: ticks after boot)."""
+    ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    return time.time() - (time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK"))
+
+
+def wait_until(cond, timeout: float = 120) -> None:
+    t0 = time.monotonic()
+    while not cond():
+        assert time.monotonic() - t0 < timeout, "timed out"
+        time.sleep(0.02)
 
 
 def wait_dead(proc: subprocess.Popen, timeout: float = 30) -> int:
@@ -50,13 +68,11 @@ def test_the_next_job_runs_on_the_slots_standby_and_its_files_land_in_its_direct
     assert first._standby_dir is None  # nothing was warm for the first job
     standby = runner._standbys["local:cpu"]
     assert standby.alive() and standby.dir.parent == tmp_path / "runs" / ".standby"
-    assert os.getpriority(os.PRIO_PROCESS, standby.proc.pid) == STANDBY_NICE  # it waits on spare CPU only
 
     source = TINY_TRAIN_PY.replace("LR = 0.02", "LR = 0.03")
     done = threading.Event()
     second = runner.start(make_job(tmp_path, data_dir, 2, source), runner.slots()[0], done.set)
-    # training runs at normal priority again where the service may raise it (root), and the next standby waits
-    assert os.getpriority(os.PRIO_PROCESS, second.pid) == (0 if os.geteuid() == 0 else STANDBY_NICE)
+    nxt = runner._standbys["local:cpu"]
     assert done.wait(180)
     out2 = second.outcome()
     r = out2.result
@@ -70,8 +86,11 @@ def test_the_next_job_runs_on_the_slots_standby_and_its_files_land_in_its_direct
     assert not standby.dir.exists()
     # the clock of a standby starts when the job arrives, not when its process started
     assert r.total_seconds < out2.wall_seconds + 1.0
-    # and the slot has its next standby, a different process
-    assert runner._standbys["local:cpu"].proc.pid != standby.proc.pid
+    # and the slot has its next standby, a different process, which on the CPU started its worker only once the
+    # second run's training was over (nothing of ours takes cores from a run being timed)
+    assert nxt.proc.pid != standby.proc.pid and runner._standbys["local:cpu"] is nxt
+    wait_until(lambda: children(nxt.proc.pid) != [])
+    assert min(started_at(c) for c in children(nxt.proc.pid)) >= (final / "training.done").stat().st_mtime - 0.02
 
 
 def test_a_standby_that_cannot_take_the_job_is_released_and_the_job_starts_cold(tmp_path, data_dir,

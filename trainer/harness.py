@@ -55,6 +55,9 @@ PEAK_BF16_FLOPS = {"H200": 989.5e12, "H100": 989.5e12, "A100": 312e12, "L40S": 3
                    "A10G": 70e12, "4090": 165e12, "3090": 71e12}
 MIN_FREE_BYTES = 64 << 10  # below this much free space where the experiment writes, the disk is full
 READY_TIMEOUT_S = 300.0  # a sandboxed process that has not started by then will not
+# Written in the run's directory once training is over (or result.json, when it failed first): a CPU standby
+# waits for it before it starts (trainer/run.py), so nothing of ours takes cores from a run being timed.
+TRAINING_DONE = "training.done"
 
 
 def overrun_s(budget_s: float) -> float:
@@ -436,6 +439,10 @@ def run(*, script: Path, data_dir: Path, budget_s: float, out: Path, device: str
             ready = launched.worker.wait_ready(READY_TIMEOUT_S)
         except RuntimeError as e:
             raise Outcome("crash", f"the sandboxed worker could not start: {e}") from None
+        try:  # before the clock starts: its start-up must not take cores from training, nor fail after it
+            launched.scorer.wait_ready(READY_TIMEOUT_S)
+        except RuntimeError as e:
+            raise Outcome("crash", f"the sandboxed scorer could not start: {e}") from None
         kind = str(ready.get("device", "cpu"))
         # the hardware class the rule compares within (loop/hardware.py): what trained, not what scored
         res.device, res.device_name = kind, clean_line(ready.get("device_name", ""), 120)
@@ -457,11 +464,8 @@ def run(*, script: Path, data_dir: Path, budget_s: float, out: Path, device: str
                           warmup=warmup, start_allowance=job["start_allowance_s"],
                           max_bytes=int(cfg.max_file_gb * sandbox.GIB))
         launched.worker.close()  # nothing of it may run while the artifact is read
+        (workdir / TRAINING_DONE).touch()
         res.steps = int(told.get("steps", 0))
-        try:
-            launched.scorer.wait_ready(READY_TIMEOUT_S)
-        except RuntimeError as e:
-            raise Outcome("crash", f"the sandboxed scorer could not start: {e}") from None
         tdata.verify_fingerprints(data_dir, manifest)  # again: nothing changed them while training ran
         scored = _score(launched.scorer, {"op": "score", "artifact": launched.artifact, "seq_len": T,
                                           "vocab_size": job["vocab_size"], "eval_batch": eval_batch,

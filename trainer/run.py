@@ -6,6 +6,9 @@ Prints the summary block and exits 0 for `ok`, 1 for `crash`, 3 for `timeout`, 5
 job is known: it starts the sandboxed worker and scorer (which import torch while they wait), then waits for one
 JSON line on stdin, {"argv": [...the options above...], "source": "<train.py>"}, writes the script and runs it.
 The local runner keeps one standby per slot so an experiment does not wait for interpreters and torch to start.
+With `--after DIR` (the directory of the run training on the slot now) a standby for the CPU first waits until
+that run's training is over (DIR/training.done or DIR/result.json, DIR gone, or its own job arriving), so its
+start-up never takes cores from a run being timed; on a GPU host it starts at once.
 End of input before a job: exit 0, nothing run. A start that fails (a full disk, say): exit 4 (STANDBY_FAILED)
 without reading the job, which the runner then starts afresh.
 """
@@ -15,11 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import select
 import sys
 import time
 from pathlib import Path
 
-from trainer.harness import launch, run
+from trainer.harness import TRAINING_DONE, launch, run, uses_cuda
 from trainer.result import STANDBY_FAILED, summary_block
 from trainer.sandbox import SandboxConfig
 
@@ -51,6 +55,7 @@ def _parser(standby: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--max-file-gb", type=float, default=d.max_file_gb)
     p.add_argument("--max-open-files", type=int, default=d.max_open_files)
     p.add_argument("--standby", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--after", type=Path, default=None, help=argparse.SUPPRESS)
     return p
 
 
@@ -81,6 +86,8 @@ def _run(a: argparse.Namespace, started: float | None = None, launched=None) -> 
 def standby(argv: list[str]) -> int:
     """Start the worker and scorer, wait for a job on stdin (see the module docstring), then run it."""
     s = _parser(standby=True).parse_args(argv)
+    if s.after is not None and not uses_cuda(s.device):
+        wait_for_training(s.after)
     launched = None
     try:
         launched = launch(s.data, Path.cwd(), s.device, sandbox_of(s), s.nproc, ahead=True)
@@ -111,6 +118,14 @@ def standby(argv: list[str]) -> int:
         launched = None
     a.script.write_text(source)
     return _run(a, started, launched)
+
+
+def wait_for_training(run_dir: Path, poll_s: float = 0.1) -> None:
+    """Return once the run in `run_dir` has stopped training (TRAINING_DONE or result.json there, or the directory
+    gone) or a line (or the end) is ready on stdin."""
+    while run_dir.is_dir() and not (run_dir / TRAINING_DONE).exists() and not (run_dir / "result.json").exists():
+        if select.select([sys.stdin], [], [], poll_s)[0]:
+            return
 
 
 def main(argv: list[str] | None = None) -> int:

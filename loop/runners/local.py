@@ -32,11 +32,6 @@ from trainer.sandbox import SandboxConfig, delegate_cgroup, describe, features
 
 log = logging.getLogger(__name__)
 
-# A standby starts while the slot's experiment trains: niced, it takes the CPU the experiment leaves idle
-# instead of slowing its steps (CFS weight 110 against 1024 at nice 0).
-STANDBY_NICE = 10
-
-
 def detect_slots(device: str = "auto", cpu_slots: int = 1) -> list[Slot]:
     """One slot per visible CUDA GPU (CUDA_VISIBLE_DEVICES pinned per slot), else `cpu_slots` CPU slots."""
     if device in ("auto", "cuda"):
@@ -77,21 +72,23 @@ class Standby:
     """A harness started before its job (`trainer.run --standby`) in its own directory.
 
     `key` says which jobs it can take: the same data directory and device (its scorer mounted that data at
-    launch). Dies when released, killed, or when the runner goes away (end of its stdin).
+    launch). `after`: the directory of the run training on the slot now; on the CPU the standby starts its
+    processes once that run's training is over (trainer/run.py), so it never slows a run being timed. Dies when
+    released, killed, or when the runner goes away (end of its stdin).
     """
 
     _ids = itertools.count()
 
-    def __init__(self, slot: Slot, root: Path, data_dir: Path, device: str, sandbox: SandboxConfig):
+    def __init__(self, slot: Slot, root: Path, data_dir: Path, device: str, sandbox: SandboxConfig,
+                 after: Optional[Path] = None):
         self.slot = slot
         self.key = (str(data_dir), device)
         self.sandbox = sandbox
         self.dir = root / f"{os.getpid()}-{slot.name.replace(':', '-')}-{next(self._ids)}"
         self.dir.mkdir(parents=True)
         cmd = [sys.executable, "-P", "-m", "trainer.run", "--standby", "--data", str(data_dir), "--device", device,
-               *sandbox.args()]
+               *sandbox.args(), *(["--after", str(after)] if after is not None else [])]
         self.proc = _spawn(cmd, self.dir, slot, stdin=subprocess.PIPE)
-        _renice(self.proc.pid, STANDBY_NICE)  # start-up takes what the running experiment leaves of the CPU
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -99,7 +96,6 @@ class Standby:
     def hand(self, job: Job) -> bool:
         """Give it the job; False when it is gone (then it must not be used)."""
         line = json.dumps({"argv": harness_args(job, self.sandbox), "source": job.source}) + "\n"
-        _renice(self.proc.pid, 0)  # back to normal priority to train (needs root; else it stays niced)
         try:
             self.proc.stdin.write(line.encode())
             self.proc.stdin.close()
@@ -116,14 +112,6 @@ class Standby:
             pass
         self.proc.wait()
         remove_tree(self.dir)
-
-
-def _renice(pgid: int, nice: int) -> None:
-    """Set the nice value of a whole process group (the harness and the sandboxed processes it starts)."""
-    try:
-        os.setpriority(os.PRIO_PGRP, pgid, nice)
-    except OSError:
-        pass  # lowering it again needs CAP_SYS_NICE; a group that is gone needs nothing
 
 
 def remove_tree(path: Path) -> None:
@@ -328,7 +316,8 @@ class LocalRunner(Runner):
             ready = None
         handle = LocalHandle(job, slot, on_done, self.sandbox, standby=ready)
         try:
-            nxt = Standby(slot, root, Path(job.data_dir), job.device, self.sandbox)
+            nxt = Standby(slot, root, Path(job.data_dir), job.device, self.sandbox,
+                          after=handle._standby_dir or Path(job.workdir))
         except OSError as e:  # no standby is no failure: the next job starts the slow way
             log.warning("could not start a standby harness on %s: %s", slot.name, e)
         else:
