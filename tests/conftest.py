@@ -112,3 +112,13 @@ def restore_environ():
     yield
     os.environ.clear()
     os.environ.update(saved)
+
+
+@pytest.fixture(scope="session")
+def measured(tmp_path_factory, data_dir) -> Path:
+    """A research repo whose noise floor is measured, made once per session (tests/reliability/conftest.py:
+    make_measured); tests copy it with `clone`."""
+    from tests.reliability.conftest import make_measured
+
+    return make_measured(tmp_path_factory.mktemp("measured"), data_dir)
+

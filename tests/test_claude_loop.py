@@ -1,5 +1,7 @@
 """The Claude proposer inside the loop: real anthropic client → fake Messages API on 127.0.0.1, real engine,
-real runner. Usage and USD reach the database and ledger; a rejected key pauses; an outage backs off."""
+real runner. Usage and USD reach the database and ledger; a rejected key pauses; an outage backs off. Each test
+starts from a copy of a home whose noise floor is measured (the `measured` fixture), so no test pays for its own
+baseline repeats."""
 
 from __future__ import annotations
 
@@ -10,33 +12,45 @@ import time
 from db.models import BudgetLedger, Event, Experiment, Run
 from loop.proposers.claude import ClaudeProposer, make_client
 from tests.fakes.anthropic_api import error, fake_anthropic, tool_answer, usage  # noqa: F401
-from tests.test_engine import make_engine_for, rows, tick_until
+from tests.reliability.conftest import clone, measured_settings, settings_env
+from tests.test_engine import rows, tick_until
 from tests.test_serve import REPO, db_rows, serve_env, start
 
+SMOOTHING = "SMOOTHING = 1.0  # add-k smoothing of the counts"
+BATCH = "BATCH_SIZE = 4  # sequences per batch"
 
-def measured_engine(tmp_path, data_dir, ws, fake, **kw):
+
+def measured_engine(tmp_path, data_dir, measured, fake, **kw):
+    """An Engine with the Claude proposer on a copy of the measured home (noise floor known, no training yet)."""
+    from db.session import make_engine
+    from loop.engine import Engine
+    from loop.runners.local import LocalRunner
+
+    home, ws = clone(measured, tmp_path / "m")
     client = make_client(api_key="test-key", base_url=fake.url, max_retries=kw.pop("max_retries", 1))
-    eng, db = make_engine_for(tmp_path, data_dir, ws, proposer=ClaudeProposer(client), **kw)
-    tick_until(eng, lambda: eng.get_run().noise_sigma is not None and not eng.handles)  # baseline repeats
+    settings = measured_settings(home, ws.path)
+    db = make_engine(settings.db_url)
+    eng = Engine(settings, db, ws, LocalRunner("cpu"), ClaudeProposer(client), home / "data" / data_dir.name)
+    eng.setup()
+    assert eng.get_run().noise_sigma is not None
     return eng, db
 
 
-def test_serve_with_claude_records_usage_and_cost(tmp_path, data_dir, tiny_workspace, fake_anthropic):
+def test_serve_with_claude_records_usage_and_cost(tmp_path, data_dir, measured, fake_anthropic):
     fake_anthropic.script(
-        tool_answer([("LR = 0.02  # AdamW learning rate", "LR = 0.03  # AdamW learning rate")], "LR 0.02 → 0.03",
-                    "faster convergence", usage_=usage(2000, 400, cache_creation_input_tokens=1500)),
-        tool_answer([("DIM = 32  # embedding width", "DIM = 48  # embedding width")], "DIM 32 → 48",
-                    "more capacity", usage_=usage(2000, 400, cache_read_input_tokens=1500)),
+        tool_answer([(SMOOTHING, SMOOTHING.replace("1.0", "2.0"))], "SMOOTHING 1.0 → 2.0",
+                    "smoother counts", usage_=usage(2000, 400, cache_creation_input_tokens=1500)),
+        tool_answer([(BATCH, BATCH.replace("4", "8"))], "BATCH_SIZE 4 → 8",
+                    "more tokens counted", usage_=usage(2000, 400, cache_read_input_tokens=1500)),
     )
-    home = tmp_path / "home"
+    home, ws = clone(measured, tmp_path / "m")
     out = tmp_path / "out.txt"
-    env = serve_env(home, data_dir, tiny_workspace.path, RATCHET_NOISE_REPEATS=2, ANTHROPIC_API_KEY="test-key",
-                    ANTHROPIC_BASE_URL=fake_anthropic.url)
-    proc = start(["--max-experiments", "2", "--budget-s", "1"], env, out)
+    env = settings_env(home, data_dir, ws.path, ANTHROPIC_API_KEY="test-key", ANTHROPIC_BASE_URL=fake_anthropic.url)
+    proc = start(["--max-experiments", "2"], env, out)
     assert proc.wait(timeout=300) == 0, out.read_text()[-3000:]
     assert "proposer claude" in out.read_text()
     search = [e for e in db_rows(home, Experiment) if e.kind == "experiment"]
-    assert [e.description for e in search] == ["LR 0.02 → 0.03", "DIM 32 → 48"]
+    assert [e.description for e in search] == ["SMOOTHING 1.0 → 2.0", "BATCH_SIZE 4 → 8"]
     assert all(e.proposer == "claude" and e.cost_usd > 0 for e in search)
     assert search[0].usage["cache_creation_input_tokens"] == 1500 and search[1].usage["cache_read_input_tokens"] == 1500
     assert search[1].cost_usd < search[0].cost_usd  # a cache read costs less than a cache write
@@ -45,9 +59,9 @@ def test_serve_with_claude_records_usage_and_cost(tmp_path, data_dir, tiny_works
     assert fake_anthropic.bodies[0]["system"][-1]["cache_control"] == {"type": "ephemeral"}
 
 
-def test_a_rejected_key_pauses_the_run(tmp_path, data_dir, tiny_workspace, fake_anthropic):
+def test_a_rejected_key_pauses_the_run(tmp_path, data_dir, measured, fake_anthropic):
     fake_anthropic.script(error(401, "invalid x-api-key", error_type="authentication_error"))
-    eng, db = measured_engine(tmp_path, data_dir, tiny_workspace, fake_anthropic)
+    eng, db = measured_engine(tmp_path, data_dir, measured, fake_anthropic)
     tick_until(eng, lambda: eng.get_run().state == "paused", timeout=30)
     run = rows(db, Run)[0]
     assert run.pause_reason == "Anthropic API key rejected"
@@ -59,9 +73,9 @@ def test_a_rejected_key_pauses_the_run(tmp_path, data_dir, tiny_workspace, fake_
     assert len(fake_anthropic.requests) == seen  # paused: no new request starts
 
 
-def test_an_api_outage_backs_off_without_a_busy_loop(tmp_path, data_dir, tiny_workspace, fake_anthropic):
+def test_an_api_outage_backs_off_without_a_busy_loop(tmp_path, data_dir, measured, fake_anthropic):
     fake_anthropic.script(*[error(529, "Overloaded", retry_after="0") for _ in range(10)])
-    eng, db = measured_engine(tmp_path, data_dir, tiny_workspace, fake_anthropic, max_retries=1)
+    eng, db = measured_engine(tmp_path, data_dir, measured, fake_anthropic, max_retries=1)
     tick_until(eng, lambda: any(ev.kind == "proposer_error" for ev in rows(db, Event)), timeout=30)
     seen = len(fake_anthropic.requests)
     assert seen == 2  # one try plus the SDK's one retry

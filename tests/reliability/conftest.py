@@ -74,24 +74,21 @@ def settings_env(home: Path, data_dir: Path, workspace: Path, **extra) -> dict:
                      RATCHET_PRUNE="false", **extra)
 
 
-@pytest.fixture(scope="session")
-def measured(tmp_path_factory, data_dir) -> Path:
-    """A directory with `home/` (SQLite, noise floor measured over 2 baseline runs, events not yet delivered) and
-    `workspace/` (PRIOR_TRAIN_PY), made once by the real engine and runner; tests copy it (`clone`)."""
+def make_measured(root: Path, data_dir: Path) -> Path:
+    """`root` with `home/` (SQLite, noise floor measured over 2 baseline runs, events not yet delivered) and
+    `workspace/` (PRIOR_TRAIN_PY), made by the real engine and runner; the session fixture `measured`
+    (tests/conftest.py) makes it once, and tests copy it (`clone`)."""
     from db.session import create_tables
-    from loop.config import Settings
     from loop.engine import Engine
     from loop.proposers.offline import OfflineProposer
     from loop.runners.local import LocalRunner
 
-    root = tmp_path_factory.mktemp("measured")
     (root / "workspace").mkdir()
     (root / "workspace" / "train.py").write_text(PRIOR_TRAIN_PY)
     ws = Workspace.init(root / "workspace", force=True)
     home = root / "home"
     serve_env(home, data_dir)  # links the prepared corpus into home/data
-    settings = Settings(home=home, workspace=ws.path, budget_s=BUDGET_S, noise_repeats=2, eval_tokens=4096,
-                        grace_s=60, device="cpu", prune=False)
+    settings = measured_settings(home, ws.path)
     db = make_engine(settings.db_url)
     create_tables(db)
     eng = Engine(settings, db, ws, LocalRunner("cpu"), OfflineProposer(seed=0), home / "data" / data_dir.name)
@@ -107,6 +104,14 @@ def measured(tmp_path_factory, data_dir) -> Path:
     eng.stop(kill=True)
     db.dispose()
     return root
+
+
+def measured_settings(home: Path, workspace: Path):
+    """The Settings the measured home was made with (an engine on a clone must match them)."""
+    from loop.config import Settings
+
+    return Settings(home=home, workspace=workspace, budget_s=BUDGET_S, noise_repeats=2, eval_tokens=4096,
+                    grace_s=60, device="cpu", prune=False)
 
 
 def clone(measured: Path, dest: Path) -> tuple[Path, Workspace]:
