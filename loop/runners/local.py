@@ -27,6 +27,7 @@ from typing import Callable, Optional
 from loop.runners.base import (BACKSTOP_S, KILL_WAIT_S, Handle, Job, Outcome, Runner, Slot, downsample_curve,
                                harness_args, harness_command, kill_group, last_curve_point, read_curve,
                                sandbox_config, tail)
+from trainer.harness import TRAINING_DONE
 from trainer.result import STANDBY_FAILED, Result, read_result
 from trainer.sandbox import SandboxConfig, delegate_cgroup, describe, features
 
@@ -139,7 +140,7 @@ class LocalHandle(Handle):
         self.started = time.time()
         final = Path(job.workdir)
         final.mkdir(parents=True, exist_ok=True)
-        for stale in ("result.json", "result.curve.jsonl", "log.txt", "train.py"):
+        for stale in ("result.json", "result.curve.jsonl", "log.txt", "train.py", TRAINING_DONE):
             (final / stale).unlink(missing_ok=True)
         self.sandbox = sandbox
         self._lock = threading.Lock()  # kill() against the switch from a failed standby to a fresh process
