@@ -8,6 +8,7 @@ import collections
 import difflib
 import functools
 import hashlib
+import re
 import threading
 from collections.abc import Container, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -145,10 +146,10 @@ def validate_proposal(
     except (RecursionError, MemoryError):  # the parser's own limits on nesting
         return Verdict(False, "does not parse: nested too deeply", "", diff)
     try:
-        structure = _check_train_def(tree) or _first_offence(tree)
-        ast_hash = _hash_tree(tree)  # after the scan: hashing strips docstrings in place
+        offence, ast_hash = _scan_and_hash(tree, new_source)
         reason = (
-            structure
+            _check_train_def(tree)
+            or offence
             or _check_size(changed, max_diff_lines)
             or _check_changed(old_source, new_source, ast_hash)
             or ("duplicate of an earlier experiment" if ast_hash in seen_hashes else "")
@@ -166,7 +167,7 @@ def normalised_ast_hash(source: str) -> str:
     (or ValueError for null bytes) when the source does not parse, RecursionError when it is
     nested too deeply to walk. Cached: every proposal on head compares its hash with head's.
     """
-    return _hash_tree(parse(source))
+    return _scan_and_hash(parse(source), source)[1]
 
 
 def apply_edits(source: str, edits: Sequence[tuple[str, str]]) -> str:
@@ -237,12 +238,91 @@ def _check_changed(old_source: str, new_source: str, ast_hash: str) -> str:
     return ""
 
 
-def _first_offence(tree: ast.Module) -> str:
-    offences = sorted(_Scanner(tree).scan())
-    if not offences:
-        return ""
-    line, _col, _end, what = offences[0]
-    return f"forbidden: {what} at line {line}"
+# ---- the scan and the hash, one top-level statement at a time ----
+
+@dataclass
+class _Facts:
+    """What one top-level statement contributes, a function of its text alone: its imports as (depth, order in
+    its breadth-first walk, local name, dotted module) for the file's aliases; its ast.dump with docstrings
+    stripped; its offences (line relative to the statement, col, end col, what) per set of the file's aliases."""
+
+    imports: list[tuple[int, int, str, str]]
+    dump: str
+    offences: dict[tuple, list[tuple[int, int, int, str]]]
+
+
+# (col, statement text) → _Facts. A proposal is head with a few lines changed, so nearly every statement of it was
+# scanned and dumped before: the full parse still decides where each statement starts and ends (an edit that
+# changes how the rest of the file parses changes those texts), and only new texts are walked. Bounded: cleared
+# when full.
+_FACTS: dict[tuple[int, bytes], _Facts] = {}
+_FACTS_MAX = 4096
+_NEWLINE = re.compile(rb"\r\n|\r|\n")  # the line ends ast counts (not \f)
+
+
+def _scan_and_hash(tree: ast.Module, source: str) -> tuple[str, str]:
+    """(the first offence as "forbidden: … at line N", or ""; the normalised AST hash) of a parsed file: equal to
+    sha256 of ast.dump of the whole tree without positions or docstrings. Strips docstrings from `tree` in place."""
+    data = source.encode("utf-8")
+    starts = [0] + [m.end() for m in _NEWLINE.finditer(data)]  # byte offset of each line
+    facts, firsts = [], []
+    for node in tree.body:
+        # A decorated def's own position is its `def` line: its decorators come before it.
+        first = node.decorator_list[0] if getattr(node, "decorator_list", None) else node
+        key = (first.col_offset, data[starts[first.lineno - 1] + first.col_offset:
+                                      starts[node.end_lineno - 1] + node.end_col_offset])
+        f = _FACTS.get(key)
+        if f is None:
+            f = _Facts(_imports(node), "", {})  # its offences and dump are filled in below
+            if len(_FACTS) >= _FACTS_MAX:
+                _FACTS.clear()
+            _FACTS[key] = f
+        facts.append((node, f))
+        firsts.append(first.lineno)
+    aliases = {"np": "numpy"}  # the usual spelling, even before its import is seen
+    for *_, name, dotted in sorted((d, top, i, name, dotted) for top, (_, f) in enumerate(facts)
+                                   for d, i, name, dotted in f.imports):  # in ast.walk's breadth-first order
+        aliases[name] = dotted
+    akey = tuple(sorted(aliases.items()))
+    offences = []
+    for (node, f), line in zip(facts, firsts):
+        if akey not in f.offences:
+            scanner = _Scanner(aliases)
+            scanner.visit(node)
+            f.offences[akey] = [(ln - line, col, end, what) for ln, col, end, what in scanner.found]
+        offences += [(line + dl, col, end, what) for dl, col, end, what in f.offences[akey]]
+        if not f.dump:
+            _strip_docstrings(node)
+            f.dump = ast.dump(node, annotate_fields=True, include_attributes=False)
+    body = [f.dump for _, f in facts]
+    first = tree.body[0] if tree.body else None
+    if (isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
+            and isinstance(first.value.value, str)):
+        body = body[1:]  # the module's docstring
+    dumped = f"Module(body=[{', '.join(body)}], type_ignores=[])"
+    offence = ""
+    if offences:
+        line, _col, _end, what = min(offences)
+        offence = f"forbidden: {what} at line {line}"
+    return offence, hashlib.sha256(dumped.encode("utf-8")).hexdigest()
+
+
+def _imports(node: ast.AST) -> list[tuple[int, int, str, str]]:
+    """(depth, order, local name, dotted module) of every import in `node`, breadth first (`np` → `numpy`)."""
+    found = []
+    todo = collections.deque([(0, node)])
+    i = 0
+    while todo:
+        depth, n = todo.popleft()
+        i += 1
+        if isinstance(n, ast.Import):
+            for alias in n.names:
+                top = alias.name.split(".")[0]
+                found.append((depth, i, alias.asname, alias.name) if alias.asname else (depth, i, top, top))
+        elif isinstance(n, ast.ImportFrom) and n.module and not n.level:
+            found += [(depth, i, a.asname or a.name, f"{n.module}.{a.name}") for a in n.names]
+        todo.extend((depth + 1, c) for c in ast.iter_child_nodes(n) if isinstance(c, _STATEMENTS))
+    return found
 
 
 class _Scanner(ast.NodeVisitor):
@@ -252,15 +332,10 @@ class _Scanner(ast.NodeVisitor):
     only forbidden where no enclosing function binds it as a parameter.
     """
 
-    def __init__(self, tree: ast.Module):
-        self.tree = tree
-        self.aliases = _import_aliases(tree)
+    def __init__(self, aliases: dict[str, str]):
+        self.aliases = aliases  # local name → dotted module, of the whole file
         self.params: list[frozenset[str]] = []
         self.found: list[tuple[int, int, int, str]] = []
-
-    def scan(self) -> list[tuple[int, int, int, str]]:
-        self.visit(self.tree)
-        return self.found
 
     def _add(self, node: ast.AST, what: str) -> None:
         # Nested attributes share a start: the one ending first is the one evaluated first.
@@ -372,23 +447,6 @@ class _Scanner(ast.NodeVisitor):
         return ".".join(reversed(parts))
 
 
-def _import_aliases(tree: ast.Module) -> dict[str, str]:
-    """Local name → dotted module path for every import in the file (`np` → `numpy`)."""
-    aliases = {"np": "numpy"}  # the usual spelling, even before its import is seen
-    for node in _statements(tree):
-        if isinstance(node, ast.Import):
-            for alias in node.names:
-                if alias.asname:
-                    aliases[alias.asname] = alias.name
-                else:
-                    top = alias.name.split(".")[0]
-                    aliases[top] = top
-        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-            for alias in node.names:
-                aliases[alias.asname or alias.name] = f"{node.module}.{alias.name}"
-    return aliases
-
-
 def _forbidden_api(dotted: str) -> str:
     for api in FORBIDDEN_APIS:
         if dotted == api or dotted.startswith(api + "."):
@@ -398,14 +456,8 @@ def _forbidden_api(dotted: str) -> str:
 
 # ---- hashing and helpers ----
 
-def _hash_tree(tree: ast.Module) -> str:
-    _strip_docstrings(tree)
-    dumped = ast.dump(tree, annotate_fields=True, include_attributes=False)
-    return hashlib.sha256(dumped.encode("utf-8")).hexdigest()
-
-
-def _strip_docstrings(tree: ast.Module) -> None:
-    """Drop the leading string expression of the module and of every def/class (in place)."""
+def _strip_docstrings(tree: ast.AST) -> None:
+    """Drop the leading string expression of `tree` and of every def/class in it (in place)."""
     for node in list(_with_bodies(tree)):
         body = node.body
         if (body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
@@ -417,8 +469,8 @@ _DEFS = (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
 _STATEMENTS = (ast.stmt, ast.excepthandler, ast.match_case)
 
 
-def _statements(tree: ast.Module) -> Iterator[ast.AST]:
-    """The module and every statement in it, in ast.walk's order (breadth first). Imports and defs are
+def _statements(tree: ast.AST) -> Iterator[ast.AST]:
+    """`tree` and every statement in it, in ast.walk's order (breadth first). Imports and defs are
     statements, so only statements are searched, never expressions: a small part of the tree."""
     todo = collections.deque([tree])
     while todo:
@@ -427,8 +479,8 @@ def _statements(tree: ast.Module) -> Iterator[ast.AST]:
         todo.extend(c for c in ast.iter_child_nodes(node) if isinstance(c, _STATEMENTS))
 
 
-def _with_bodies(tree: ast.Module) -> Iterator[ast.Module | ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef]:
-    """The module and every def / class in it."""
+def _with_bodies(tree: ast.AST) -> Iterator[ast.Module | ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef]:
+    """`tree` (a module, def or class) and every def / class in it."""
     return (node for node in _statements(tree) if isinstance(node, _DEFS))
 
 

@@ -501,3 +501,42 @@ def test_proposals_validate_from_several_threads_at_once():
         sys.setswitchinterval(interval)
         gc.set_threshold(*thresholds)
     assert errors == []
+
+
+# ---- the per-statement scan and hash (a statement seen before is not walked again) ----
+
+def test_the_hash_is_the_whole_tree_dump_without_positions_or_docstrings():
+    """Composed from per-statement parts, the hash still equals sha256 of ast.dump of the whole stripped tree
+    (so stored hashes of earlier experiments keep matching)."""
+    import ast
+    import hashlib
+
+    def whole(source):
+        tree = ast.parse(source)
+        for node in [tree, *(n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef)))]:
+            if node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant) \
+                    and isinstance(node.body[0].value.value, str):
+                node.body = node.body[1:]
+        return hashlib.sha256(ast.dump(tree).encode()).hexdigest()
+
+    for source in (TRAIN_PY, EDITED, "x = 1; y = 2\r\nz = 3\r\n", "@dec\nclass C:\n    'doc'\n    a = 1\n"):
+        assert normalised_ast_hash(source) == whole(source)
+        assert check(source).ast_hash in ("", whole(source))
+
+
+def test_a_statement_seen_before_is_scanned_again_under_other_imports():
+    """`q.load(...)` is harmless while q is `math` and forbidden once q is numpy: the cached scan of that
+    statement is per set of the file's imports."""
+    harmless = with_line("from dataclasses import dataclass", "import math as q\nSCALE = q.load if 0 else 1")
+    assert check(harmless).ok, check(harmless).reason
+    forbidden = harmless.replace("import math as q", "import numpy as q")
+    assert check(forbidden).reason == f"forbidden: `numpy.load` at line {lineno(forbidden, 'SCALE = q.load')}"
+
+
+def test_a_decorator_is_part_of_the_statement_it_decorates():
+    """A def seen before, now with a decorator, is a new statement (its decorators come before its position)."""
+    plain = with_line("from dataclasses import dataclass", "def helper(x):\n    return x")
+    assert check(plain).ok, check(plain).reason
+    bad = plain.replace("def helper(x):", "@eval\ndef helper(x):")
+    assert check(bad).reason == f"forbidden: `eval` at line {lineno(bad, '@eval')}"
+    assert normalised_ast_hash(bad) != normalised_ast_hash(plain)
