@@ -1,7 +1,7 @@
 """Budgets: GPU-hours and Claude USD per budget day and in total — spend from the ledger, caps from config
 and from `budget` commands, and which cap (if any) is reached.
 
-Reads the ledger and writes caps only; pausing is the engine's job.
+Reads the ledger and writes caps only; pausing on a cap is loop/pauses.py's job.
 """
 
 from __future__ import annotations

@@ -18,12 +18,12 @@ from sqlmodel import Session, select
 
 from db.models import Experiment, Run, utcnow
 from db.session import is_transient, retry_transient, session_scope
-from loop import budget, decision, events, faults, hardware, hosts, noise, placement, promotion, pruning, swarm
+from loop import decision, events, faults, hardware, hosts, noise, pauses, placement, promotion, pruning, recovery, swarm
 from loop.config import Settings
 from loop.proposals import Proposals, SeenHashes
 from loop.proposers.base import (ProposalAuthError, ProposalError, ProposalExhausted, ProposalRejected, Proposer,
                                  ResearchState, TriedEdit)
-from loop.runners.base import Handle, Job, Outcome, Runner, Slot, is_harness_process, kill_group
+from loop.runners.base import Handle, Job, Outcome, Runner, Slot, kill_group
 from loop.workspace import Workspace, WorkspaceError
 
 log = logging.getLogger("ratchet.engine")
@@ -125,40 +125,13 @@ class Engine:
                     .order_by(Experiment.id.desc()).limit(10_000)).all():
                 self.slot_class.setdefault(slot, cls)  # the latest result of each slot
         self.workspace.ensure_run_branch(run.name, run.baseline_commit)
-        if reconcile:
-            self.reconcile()
+        if reconcile:  # after a restart (loop/recovery.py)
+            recovery.reconcile(self.db, self.run_id, self.handles, self.runner, self.workspace)
             try:
                 self.check_health()
             except Exception:  # noqa: BLE001 - an unreachable fleet must not stop start-up; the job retries
                 log.exception("first host health check failed")
         return self.get_run()
-
-    def reconcile(self) -> None:
-        """After a restart: experiments found running are re-queued (their old process killed), and the
-        branch is moved to the head the database recorded (the database is written first)."""
-        with session_scope(self.db) as db:
-            run = db.get(Run, self.run_id)
-            stale = db.exec(select(Experiment).where(Experiment.run_id == run.id,
-                                                     Experiment.status.in_(("running", "proposed")))).all()
-            for exp in stale:
-                if exp.id in self.handles:
-                    continue
-                if exp.pid and is_harness_process(exp.pid):
-                    kill_group(exp.pid)
-                elif exp.host and exp.host != "local":
-                    try:  # a remote run left behind by the crash: stop it before it is re-run
-                        self.runner.reap(exp.id, exp.host)
-                    except Exception:  # noqa: BLE001 - an unreachable host is the health check's business
-                        log.warning("could not reap #%s on %s", exp.id, exp.host)
-                exp.status, exp.pid = "queued", None
-                exp.reason = "re-queued after a restart"
-                db.add(exp)
-            head = run.head_commit
-            name = run.name
-        tip = self.workspace.branch_tip(name)
-        if tip != head:
-            log.warning("branch %s at %s, database head %s: moving the branch", name, tip, head)
-            self.workspace.set_branch(name, head)
 
     # ---- thread ----
 
@@ -598,41 +571,27 @@ class Engine:
                 h.kill("promotion cancelled")
         self._cancels_done |= cancelled
 
-    # ---- budgets and pauses ----
+    # ---- pauses (loop/pauses.py) ----
 
     def _budget_reached(self, run: Run) -> bool:
-        """Pause the run when a GPU or Claude cap is reached (reason `budget: <which> …`); True if so."""
+        """Pause the run when a GPU or Claude cap is reached; True if so."""
         with session_scope(self.db) as db:
-            cap = budget.reached(db, run.id, self.settings)
-            if cap is None:
-                return False
-            self._pause(db, budget.pause_reason(cap), budget=cap.name)
-        return True
+            reached = pauses.pause_if_over_budget(db, run.id, self.settings)
+        if reached:
+            self.on_change()
+        return reached
 
     def rollover(self) -> bool:
-        """At the budget day's rollover: resume a run that only a daily budget had paused, if no cap is
-        reached now. Returns True when the run was resumed."""
+        """At the budget day's rollover: resume a run that only a daily budget had paused, if no cap is reached
+        now. Returns True when the run was resumed."""
         with self.lock, session_scope(self.db) as db:
-            run = db.get(Run, self.run_id)
-            if run.state != "paused" or not run.pause_reason.startswith("budget:"):
-                return False
-            if budget.reached(db, run.id, self.settings) is not None:
-                return False
-            was = run.pause_reason
-            run.state, run.pause_reason, run.pause_now, run.updated_at = "running", "", False, utcnow()
-            db.add(run)
-            db.add(events.run_event(run, "resumed", f"resumed by ratchet: new budget day (was: {was})",
-                                    by="ratchet", reason="budget rollover"))
-        self.wake()
-        self.on_change()
-        return True
+            resumed = pauses.resume_at_rollover(db, self.run_id, self.settings)
+        if resumed:
+            self.wake()
+            self.on_change()
+        return resumed
 
     def _pause(self, db: Session, reason: str, by: str = "ratchet", **payload) -> None:
         """Pause the run in the open transaction `db` (nothing new starts), with a `paused` event."""
-        run = db.get(Run, self.run_id)
-        if run.state == "paused":
-            return
-        run.state, run.pause_reason, run.pause_now, run.updated_at = "paused", reason, False, utcnow()
-        db.add(run)
-        db.add(events.run_event(run, "paused", f"paused by {by}: {reason}", by=by, reason=reason, **payload))
-        self.on_change()
+        if pauses.pause(db, self.run_id, reason, by, **payload):
+            self.on_change()
