@@ -251,7 +251,7 @@ def test_config_typo_names_the_key(home, tmp_path):
 
 
 def host_health(name, address, up, gpus=(), free_disk_bytes=None, error=""):
-    """A loop.runners.ssh.HostHealth look-alike (what health() returns)."""
+    """A loop.runners.ssh_host.HostHealth look-alike (what health() returns)."""
     return SimpleNamespace(name=name, address=address, up=up, gpus=list(gpus), cpus=None,
                            free_disk_bytes=free_disk_bytes, error=error)
 
