@@ -142,7 +142,8 @@ class SSHHandle(Handle):
         job = dataclasses.replace(self.job, data_dir=Path(f"{h.workdir}/data/{Path(self.job.data_dir).name}"))
         env = {**self.slot.env, "PYTHONPATH": f"{h.workdir}/lib", "PYTHONUNBUFFERED": "1"}
         # the harness sandboxes the proposal itself, with what the host offers (bubblewrap: deploy/gpu-host-bootstrap.sh)
-        cmd = " ".join(shlex.quote(str(c)) for c in harness_command(job, self.runner.sandbox, python=h.python))
+        argv = harness_command(job, self.runner.sandbox, python=h.python)
+        cmd = " ".join(shlex.quote(str(c)) for c in argv)
         inner = (f"echo $$ > pid.tmp && mv pid.tmp pid; "
                  f"{' '.join(f'{k}={shlex.quote(str(v))}' for k, v in env.items())} {cmd} > log.txt 2>&1 < /dev/null; "
                  f"echo $? > exit_code.tmp; mv exit_code.tmp exit_code")
