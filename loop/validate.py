@@ -146,9 +146,10 @@ def validate_proposal(
     except (RecursionError, MemoryError):  # the parser's own limits on nesting
         return Verdict(False, "does not parse: nested too deeply", "", diff)
     try:
-        offence, ast_hash = _scan_and_hash(tree, new_source)
+        structure = _check_train_def(tree)
+        offence, ast_hash = _scan_and_hash(tree, new_source)  # after: it may strip docstrings in place
         reason = (
-            _check_train_def(tree)
+            structure
             or offence
             or _check_size(changed, max_diff_lines)
             or _check_changed(old_source, new_source, ast_hash)
@@ -262,7 +263,8 @@ _NEWLINE = re.compile(rb"\r\n|\r|\n")  # the line ends ast counts (not \f)
 
 def _scan_and_hash(tree: ast.Module, source: str) -> tuple[str, str]:
     """(the first offence as "forbidden: … at line N", or ""; the normalised AST hash) of a parsed file: equal to
-    sha256 of ast.dump of the whole tree without positions or docstrings. Strips docstrings from `tree` in place."""
+    sha256 of ast.dump of the whole tree without positions or docstrings. May strip docstrings from `tree` in place
+    (from statements it has not seen before)."""
     data = source.encode("utf-8")
     starts = [0] + [m.end() for m in _NEWLINE.finditer(data)]  # byte offset of each line
     facts, firsts = [], []
@@ -310,18 +312,13 @@ def _scan_and_hash(tree: ast.Module, source: str) -> tuple[str, str]:
 def _imports(node: ast.AST) -> list[tuple[int, int, str, str]]:
     """(depth, order, local name, dotted module) of every import in `node`, breadth first (`np` → `numpy`)."""
     found = []
-    todo = collections.deque([(0, node)])
-    i = 0
-    while todo:
-        depth, n = todo.popleft()
-        i += 1
+    for i, (depth, n) in enumerate(_statements(node)):
         if isinstance(n, ast.Import):
             for alias in n.names:
                 top = alias.name.split(".")[0]
                 found.append((depth, i, alias.asname, alias.name) if alias.asname else (depth, i, top, top))
         elif isinstance(n, ast.ImportFrom) and n.module and not n.level:
             found += [(depth, i, a.asname or a.name, f"{n.module}.{a.name}") for a in n.names]
-        todo.extend((depth + 1, c) for c in ast.iter_child_nodes(n) if isinstance(c, _STATEMENTS))
     return found
 
 
@@ -469,19 +466,19 @@ _DEFS = (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
 _STATEMENTS = (ast.stmt, ast.excepthandler, ast.match_case)
 
 
-def _statements(tree: ast.AST) -> Iterator[ast.AST]:
-    """`tree` and every statement in it, in ast.walk's order (breadth first). Imports and defs are
-    statements, so only statements are searched, never expressions: a small part of the tree."""
-    todo = collections.deque([tree])
+def _statements(tree: ast.AST) -> Iterator[tuple[int, ast.AST]]:
+    """(depth, node) for `tree` (depth 0) and every statement in it, in ast.walk's order (breadth first). Imports
+    and defs are statements, so only statements are searched, never expressions: a small part of the tree."""
+    todo = collections.deque([(0, tree)])
     while todo:
-        node = todo.popleft()
-        yield node
-        todo.extend(c for c in ast.iter_child_nodes(node) if isinstance(c, _STATEMENTS))
+        depth, node = todo.popleft()
+        yield depth, node
+        todo.extend((depth + 1, c) for c in ast.iter_child_nodes(node) if isinstance(c, _STATEMENTS))
 
 
 def _with_bodies(tree: ast.AST) -> Iterator[ast.Module | ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef]:
     """`tree` (a module, def or class) and every def / class in it."""
-    return (node for node in _statements(tree) if isinstance(node, _DEFS))
+    return (node for _, node in _statements(tree) if isinstance(node, _DEFS))
 
 
 def _count_overlapping(text: str, needle: str) -> int:
