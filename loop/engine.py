@@ -1,5 +1,5 @@
-"""The engine: one thread that keeps every free slot training — baseline repeats first, then promotion and
-confirmation runs, then validated proposals — and hands every result to the keep policy (loop/decision.py).
+"""The engine: one thread that keeps every free slot training — what a slot takes next is loop/picker.py's
+choice — and hands every result to the keep policy (loop/decision.py).
 
 The database is the source of truth (a restart resumes from it); the branch follows the database.
 """
@@ -18,11 +18,11 @@ from sqlmodel import Session, select
 
 from db.models import Experiment, Run, utcnow
 from db.session import is_transient, retry_transient, session_scope
-from loop import decision, events, faults, hardware, hosts, noise, pauses, placement, promotion, pruning, recovery, swarm
+from loop import (decision, events, faults, hardware, hosts, pauses, picker, placement, promotion, pruning, recovery,
+                  swarm)
 from loop.config import Settings
 from loop.proposals import Proposals, SeenHashes
-from loop.proposers.base import (ProposalAuthError, ProposalError, ProposalExhausted, ProposalRejected, Proposer,
-                                 ResearchState, TriedEdit)
+from loop.proposers.base import Proposer
 from loop.runners.base import Handle, Job, Outcome, Runner, Slot, kill_group
 from loop.workspace import Workspace, WorkspaceError
 
@@ -32,7 +32,6 @@ TICK_S = 1.0  # the engine also wakes at once on a result, a ready proposal or a
 # A round of filling free slots stops after this long and the next tick goes on with it: a command waiting for
 # the engine's lock (pause, revert) is not held up behind a large fleet's first round.
 ROUND_S = 1.0
-FAST_RETRIES = 8  # invalid proposals in a row a fast proposer may make before a slot waits for the next tick
 
 
 @dataclass
@@ -49,19 +48,6 @@ class Running:
     loss: Optional[float]
     wall_s: float
     slots: tuple[str, ...] = ()  # the single slots it holds (several for a multi-GPU scale)
-
-
-@dataclass
-class Round:
-    """What one round of filling free slots reads once: the run as the tick read it (head and state do not
-    change while it fills), the queue, and for a fast proposer the history and research state it is shown
-    (the round's own proposals appended to that history)."""
-
-    run: Run
-    queued: list[Experiment]
-    history: Optional[list[TriedEdit]] = None
-    state: Optional[ResearchState] = None
-    no_proposal: bool = False  # the proposer had nothing for a slot: the round's other slots only take the queue
 
 
 class Engine:
@@ -186,6 +172,11 @@ class Engine:
         with self.lock:
             return self.reached_max() and not self.handles
 
+    def finished_invalid(self) -> None:
+        """An invalid proposal is finished: it counts towards max_experiments."""
+        self.finished_here += 1
+        self.on_change()
+
     def idle(self) -> bool:
         """Nothing is training and nothing more will start without a command (a change waiting for its
         confirmation runs still has them to train). Taken under the engine's lock (see finished)."""
@@ -260,11 +251,12 @@ class Engine:
         for kind, text in self.proposals.drain():
             if kind == "stored":
                 if text != "queued":
-                    self.finished_here += 1  # an invalid proposal is finished: it counts towards max_experiments
-                self.on_change()
+                    self.finished_invalid()
+                else:
+                    self.on_change()
             elif kind == "auth":
                 with session_scope(self.db) as db:
-                    self._pause(db, text)
+                    self.pause_in(db, text)
             elif kind == "exhausted":
                 self.proposals.wait(TICK_S)
             elif kind in ("error", "throttled"):
@@ -277,7 +269,7 @@ class Engine:
                     self.on_change()
 
     def _fill(self, run: Run) -> int:
-        """Start experiments on free slots, the next experiment for each slot first (see _next_experiment). A slot
+        """Start experiments on free slots, what each slot takes is loop/picker.py's choice. A slot
         outside the run's hardware pin takes nothing (one whose class is not known yet may: its first result
         tells, and is re-queued when it is outside). One at a scale of N > 1 GPUs takes N free slots of one host
         together (loop/placement.py); while no host has N free it is held and the host closest to N free is
@@ -288,7 +280,7 @@ class Engine:
                 and hardware.allowed(self.settings.hardware, self.slot_class.get(slot.name), slot.host) is not False]
         if not free:
             return 0
-        rnd, until = Round(run, self._queued(run)), time.monotonic() + ROUND_S
+        rnd, until = picker.Round(run, picker.queued(self.db, run)), time.monotonic() + ROUND_S
         drained: set[str] = set()
         passed: set[str] = set()  # slots nothing queued fits (their class) this round
         while True:
@@ -298,7 +290,7 @@ class Engine:
             if time.monotonic() > until:
                 self.wake()
                 break
-            exp = self._next_experiment(rnd, open_slots[0])
+            exp = picker.next_experiment(self, rnd, open_slots[0])
             if exp is None:
                 rnd.no_proposal = True
                 if rnd.queued or rnd.run.noise_sigma is None:
@@ -359,103 +351,6 @@ class Engine:
                 self.run_wall.add(time.time() - h.started)
         if first is not None:
             raise first
-
-    def _queued(self, run: Run) -> list[Experiment]:
-        """The run's queued experiments: promotion runs (a person asked for them) and confirmation runs (a change
-        that passed waits on them) first, then re-queued or rebased experiments; oldest first in each."""
-        with Session(self.db, expire_on_commit=False) as db:
-            return list(db.exec(select(Experiment).where(
-                Experiment.run_id == run.id, Experiment.status == "queued", Experiment.kind != "baseline")
-                .order_by(Experiment.kind == "experiment", Experiment.id)).all())
-
-    def _next_experiment(self, rnd: Round, slot: Slot) -> Optional[Experiment]:
-        """What the free `slot` trains next: baseline repeats first; then the queue (see _queued) — a run that
-        must train on one hardware class only on a slot of that class — experiments only until max_experiments
-        is reached; then fresh proposals."""
-        new_allowed = not self.reached_max()
-        cls = self.slot_class.get(slot.name)
-        if rnd.run.noise_sigma is None:
-            return self._next_baseline(rnd.run, cls) if new_allowed else None
-        i = 0
-        while i < len(rnd.queued):
-            exp = rnd.queued[i]
-            if exp.id in self.handles or not (new_allowed or exp.kind != "experiment"):
-                rnd.queued.pop(i)
-                continue
-            if not hardware.fits(exp.hardware, cls):
-                i += 1  # another slot's class
-                continue
-            rnd.queued.pop(i)
-            if exp.kind == "experiment" and exp.attempts == 0 and exp.parent_commit != rnd.run.head_commit:
-                exp = self.proposals.restack(rnd.run, exp)  # made for an older head: onto this one, or invalid
-                if exp is None:
-                    self.finished_here += 1
-                    self.on_change()
-                    new_allowed = not self.reached_max()
-                    continue
-            return exp
-        return self._propose(rnd) if new_allowed and self.proposer.fast and not rnd.no_proposal else None
-
-    def _next_baseline(self, run: Run, cls: Optional[str]) -> Optional[Experiment]:
-        """The next baseline repeat for a slot of class `cls` (loop/noise.py), stored; None when there is none
-        now. Pauses the run when the baseline failed or no class ran it often enough."""
-        with session_scope(self.db) as db:
-            exp = noise.next_repeat(db, run, self.settings, cls, self.handles, self.workspace)
-            if isinstance(exp, str):
-                self._pause(db, exp)
-                return None
-            return exp
-
-    def _propose(self, rnd: Round) -> Optional[Experiment]:
-        """A fast proposer's fresh validated proposal stored `queued`, or None. One whose proposal was invalid (a
-        duplicate, say) is asked again at once, a few times, so one invalid proposal does not leave the free
-        slots of this round waiting for the next tick. (A slow proposer's answers are stored as they land.)"""
-        run = rnd.run
-        for _ in range(FAST_RETRIES):
-            if self.proposals.waiting():
-                return None
-            if rnd.history is None:
-                rnd.history, rnd.state = self.proposals.history(run), self.proposals.research_state(run)
-            try:
-                taken = self.proposals.take(run, rnd.history, rnd.state)
-            except ProposalExhausted as e:
-                if self.handles or self._has_queued(run):
-                    self.proposals.wait(TICK_S)  # queued and running work first; ask again later
-                else:
-                    with session_scope(self.db) as db:
-                        self._pause(db, f"proposer has nothing left to try: {e}")
-                return None
-            except ProposalAuthError as e:
-                with session_scope(self.db) as db:
-                    self._pause(db, f"{e}")
-                return None
-            except ProposalRejected as e:
-                self.proposals.succeeded()
-                self.proposals.store_rejected(run, e)
-            except ProposalError as e:
-                if self.proposals.failed():
-                    with session_scope(self.db) as db:
-                        db.add(events.run_event(run, "proposer_error",
-                                                f"proposer failed: {e}; retrying with back-off"))
-                    self.on_change()
-                return None
-            else:
-                if taken is None:
-                    return None
-                self.proposals.succeeded()
-                exp = self.proposals.store(run, *taken)
-                if exp.status == "queued":
-                    return exp
-            self.finished_here += 1  # an invalid proposal is finished: it counts towards max_experiments
-            self.on_change()
-            if self.reached_max():
-                return None
-        return None
-
-    def _has_queued(self, run: Run) -> bool:
-        with Session(self.db) as db:
-            return db.exec(select(Experiment.id).where(Experiment.run_id == run.id,
-                                                       Experiment.status == "queued")).first() is not None
 
     def _start(self, run: Run, exp: Experiment, slot: Slot) -> None:
         """Mark the experiment running on the slot, then hand it to the runner. One that cannot start is recorded
@@ -532,7 +427,7 @@ class Engine:
                                    disk_full=disk_full, pruned=self.pruner.pruned.get(exp_id), gpus=gpus)
             if done is not None:
                 if done.pause:
-                    self._pause(db, done.pause)
+                    self.pause_in(db, done.pause)
                 db.flush()
                 faults.point("decision.before_commit", done.status)
             return done
@@ -591,7 +486,7 @@ class Engine:
             self.on_change()
         return resumed
 
-    def _pause(self, db: Session, reason: str, by: str = "ratchet", **payload) -> None:
+    def pause_in(self, db: Session, reason: str, by: str = "ratchet", **payload) -> None:
         """Pause the run in the open transaction `db` (nothing new starts), with a `paused` event."""
         if pauses.pause(db, self.run_id, reason, by, **payload):
             self.on_change()

@@ -85,8 +85,7 @@ class Proposals:
         self.requests = self.throttles = self.peak_in_flight = 0
         self._failures = 0
         self._retry_at = 0.0
-        if hasattr(proposer, "on_throttle"):
-            proposer.on_throttle = self.throttled
+        proposer.on_throttle = self.throttled
 
     # ---- what the proposer is shown ----
 
@@ -267,8 +266,7 @@ class Proposals:
                              .order_by(Experiment.id.desc()).limit(20)).all()
         if recent:
             return max(recent)
-        estimate = getattr(self.proposer, "estimate_usd", None)
-        return float(estimate()) if callable(estimate) else 0.0
+        return float(self.proposer.estimate_usd())
 
     def throttled(self, status: int) -> None:
         """A 429 / 529 was seen (the SDK may retry it): halve the limit on requests in flight, one event per

@@ -121,6 +121,12 @@ class Proposer:
     # Proposes in microseconds with no network: the engine asks it when a slot is free, instead of in the
     # background while slots train.
     fast: bool = False
+    # callable(status) for each HTTP 429 / 529 the proposer sees; the engine's Proposals sets it (loop/swarm.py)
+    on_throttle = None
+
+    def estimate_usd(self) -> float:
+        """What one request is expected to cost (USD) before any has been paid for; 0 for a free proposer."""
+        return 0.0
 
     def propose(self, head_source: str, parent: str, history: Sequence[TriedEdit],
                 state: ResearchState | None = None) -> Proposal:

@@ -115,7 +115,6 @@ class ClaudeProposer(Proposer):
         # Every HTTP attempt passes this middleware, the SDK's own retries included, so a 429 / 529 the SDK
         # retried still lowers the number of requests in flight (loop/swarm.py Aimd via on_throttle).
         self.client = client.with_options(middleware=[*client.middleware, self._watch])
-        self.on_throttle = None  # callable(status): set by the engine's Proposals
         self.model, self.max_tokens, self.repair_turns = model, max_tokens, repair_turns
         self.prices = {**PRICES, **(prices or {})}
         self.history_rows = history_rows
