@@ -20,8 +20,9 @@ import pytest
 from loop.config import HostConfig
 from loop.runners.base import Job
 from loop.runners.ssh import SSHRunner
-from loop.runners.ssh_host import (BootstrapError, HostUnreachable, expand_home, kill_script, package_hash,
-                                   parse_nvidia_smi, run_dir_name)
+from loop.runners.ssh_bootstrap import package_hash
+from loop.runners.ssh_host import (BootstrapError, HostUnreachable, expand_home, kill_script, parse_nvidia_smi,
+                                   run_dir_name)
 from tests.conftest import TINY_TRAIN_PY
 from tests.sshd import Sshd, ensure_sshd
 

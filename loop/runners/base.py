@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from trainer.result import Result
+from trainer.result import Result, read_result
 from trainer.sandbox import SandboxConfig
 from trainer.untrusted import clean_lines
 
@@ -107,19 +109,23 @@ class Handle:
 
     exp_id: int
     slot: Slot
+    job: Job
     pid: Optional[int] = None  # its process group on this machine; None for remote runs (reaped by experiment id)
     started: float = 0.0  # time.time() when it started
     kind: str = "experiment"
     description: str = ""
     promotion_id: Optional[int] = None
     confirms_id: Optional[int] = None
+    curve_path: Optional[Path] = None  # the loss curve as it grows, in the job's local workdir
+    _outcome: Optional[Outcome] = None
+    _aborted: str = ""  # why it was killed on purpose
 
     def done(self) -> bool:
-        raise NotImplementedError
+        return self._outcome is not None
 
     def outcome(self) -> Optional[Outcome]:
         """The outcome once done(), else None."""
-        raise NotImplementedError
+        return self._outcome
 
     def kill(self, reason: str) -> None:
         """Stop it; its outcome then carries `aborted=reason`."""
@@ -127,7 +133,13 @@ class Handle:
 
     def progress(self) -> Optional[dict]:
         """{step, elapsed_s, loss} of the latest curve point, or None before the first."""
-        return None
+        return last_curve_point(self.curve_path) if self.curve_path else None
+
+    def _make_outcome(self, result: Result, **fields) -> Outcome:
+        """An Outcome of this run (its slot, the slot's host unless `host` is given, wall seconds since it
+        started); `fields`: the other Outcome fields."""
+        fields.setdefault("host", self.slot.host)
+        return Outcome(result=result, slot=self.slot.name, wall_seconds=round(time.time() - self.started, 3), **fields)
 
 
 class Runner:
@@ -161,17 +173,19 @@ class Runner:
         """Release what the runner holds (connections, standby processes)."""
 
 
+def read_end(path: Path, limit: int) -> str:
+    """The last `limit` bytes of a file as text ("" when it cannot be read)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, 2) - limit))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def last_curve_point(curve: Path) -> Optional[dict]:
     """The last complete JSON line of a curve file ({step, elapsed_s, loss}), or None."""
-    try:
-        with open(curve, "rb") as f:
-            f.seek(0, 2)
-            size = f.tell()
-            f.seek(max(0, size - 4096))
-            lines = f.read().decode(errors="replace").splitlines()
-    except OSError:
-        return None
-    for line in reversed(lines):
+    for line in reversed(read_end(curve, 4096).splitlines()):
         try:
             return json.loads(line)
         except ValueError:
@@ -208,13 +222,43 @@ def downsample_curve(points: list[dict], n: int = 200) -> list[list[float]]:
 def tail(path: Path, n: int = 20) -> list[str]:
     """The last n lines of a run's log (empty if missing), cleaned: the log holds the proposal's own output,
     which is untrusted text (truncated, secrets redacted: trainer/untrusted.py)."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, 2)
-            f.seek(max(0, f.tell() - 16384))
-            return clean_lines(f.read().decode(errors="replace"), n)
-    except OSError:
-        return []
+    return clean_lines(read_end(path, 16384), n)
+
+
+def fresh_workdir(job: Job, *also: str) -> Path:
+    """The job's local directory, created, without the files (and `also`) an earlier run of it left."""
+    wd = Path(job.workdir)
+    wd.mkdir(parents=True, exist_ok=True)
+    for stale in ("result.json", "result.curve.jsonl", "log.txt", "train.py", *also):
+        (wd / stale).unlink(missing_ok=True)
+    return wd
+
+
+def run_result(job: Job, *, aborted: str = "", error: str = "", result: Optional[Path] = None,
+               timed_out: bool = False, returncode: Optional[int] = None, backstop_s: float = BACKSTOP_S,
+               note: str = "") -> Result:
+    """The result of a finished run, first that applies: killed on purpose (`aborted`: why); the runner's own
+    `error`; the harness's result.json (`result`: its path, read when it exists); a timeout (the runner killed it
+    past budget + grace + backstop_s; `note` added); else a crash saying how the harness ended (`returncode`:
+    negative for a signal, None when its process group vanished)."""
+    if aborted or error:
+        return Result(status="crash", error=f"aborted: {aborted}" if aborted else error, seed=job.seed)
+    if result is not None and result.exists():
+        try:
+            return read_result(result)
+        except (OSError, ValueError, TypeError) as e:
+            return Result(status="crash", error=f"unreadable result.json ({e})", seed=job.seed)
+    if timed_out:
+        return Result(status="timeout", error=f"killed after budget + grace + {backstop_s:.0f} s"
+                      + (f" ({note})" if note else ""), seed=job.seed)
+    why = ("was killed (its process group is gone)" if returncode is None else
+           f"killed by signal {-returncode}" if returncode < 0 else f"exited with code {returncode}")
+    return Result(status="crash", error=f"harness {why} without a result", seed=job.seed)
+
+
+def first_line(e: BaseException) -> str:
+    """The first non-empty line of an exception's message ("" when it has none)."""
+    return next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
 
 
 # ---- the harness and its processes ----
@@ -254,6 +298,14 @@ def sandbox_config(settings=None) -> SandboxConfig:
     return SandboxConfig(enabled=settings.sandbox, user=settings.sandbox_user, memory_gb=settings.sandbox_memory_gb,
                          max_processes=settings.sandbox_max_processes, max_file_gb=settings.sandbox_max_file_gb,
                          max_open_files=settings.sandbox_max_open_files)
+
+
+def spawn(cmd: list[str], wd: Path, env: dict, stdin=subprocess.DEVNULL) -> subprocess.Popen:
+    """Start `cmd` in `wd` in a session (process group) of its own, with `env` added to this process's environment
+    and its output to wd/log.txt. Raises OSError when it cannot be started."""
+    with open(wd / "log.txt", "wb") as log:
+        return subprocess.Popen(cmd, cwd=wd, stdout=log, stderr=subprocess.STDOUT, stdin=stdin,
+                                env={**os.environ, **env, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
 
 
 def kill_group(pgid: int, sig: int = signal.SIGKILL) -> bool:

@@ -25,13 +25,14 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from loop.runners.base import (BACKSTOP_S, KILL_WAIT_S, Handle, Job, Outcome, Runner, Slot, downsample_curve,
-                               harness_args, harness_command, kill_group, last_curve_point, read_curve,
-                               sandbox_config, tail)
+                               fresh_workdir, harness_args, harness_command, kill_group, read_curve, run_result,
+                               sandbox_config, spawn, tail)
 from trainer.harness import TRAINING_DONE
-from trainer.result import STANDBY_FAILED, Result, read_result
+from trainer.result import STANDBY_FAILED
 from trainer.sandbox import SandboxConfig, delegate_cgroup, describe, features
 
 log = logging.getLogger(__name__)
+
 
 def detect_slots(device: str = "auto", cpu_slots: int = 1) -> list[Slot]:
     """One slot per visible CUDA GPU (CUDA_VISIBLE_DEVICES pinned per slot), else `cpu_slots` CPU slots."""
@@ -59,16 +60,6 @@ def check_sandbox(cfg: SandboxConfig) -> dict:
     return f
 
 
-
-
-def _spawn(cmd: list[str], wd: Path, slot: Slot, *, stdin) -> subprocess.Popen:
-    """Start `cmd` in `wd` in its own session (process group), output to wd/log.txt."""
-    env = {**os.environ, **slot.env, "PYTHONUNBUFFERED": "1"}
-    with open(wd / "log.txt", "wb") as log:
-        return subprocess.Popen(cmd, cwd=wd, stdout=log, stderr=subprocess.STDOUT, stdin=stdin, env=env,
-                                start_new_session=True)
-
-
 class Standby:
     """A harness started before its job (`trainer.run --standby`) in its own directory.
 
@@ -89,7 +80,7 @@ class Standby:
         self.dir.mkdir(parents=True)
         cmd = [sys.executable, "-P", "-m", "trainer.run", "--standby", "--data", str(data_dir), "--device", device,
                *sandbox.args(), *(["--after", str(after)] if after is not None else [])]
-        self.proc = _spawn(cmd, self.dir, slot, stdin=subprocess.PIPE)
+        self.proc = spawn(cmd, self.dir, slot.env, stdin=subprocess.PIPE)
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -133,15 +124,10 @@ class LocalHandle(Handle):
         self.slot = slot
         self.job = job
         self._on_done = on_done
-        self._outcome: Optional[Outcome] = None
-        self._aborted = ""
         self._timed_out = False
         self._infra_error = ""
         self.started = time.time()
-        final = Path(job.workdir)
-        final.mkdir(parents=True, exist_ok=True)
-        for stale in ("result.json", "result.curve.jsonl", "log.txt", "train.py", TRAINING_DONE):
-            (final / stale).unlink(missing_ok=True)
+        fresh_workdir(job, TRAINING_DONE)
         self.sandbox = sandbox
         self._lock = threading.Lock()  # kill() against the switch from a failed standby to a fresh process
         self._standby_dir: Optional[Path] = None
@@ -159,7 +145,7 @@ class LocalHandle(Handle):
         """Start the harness the slow way, in the experiment's own directory (sets proc, log_path, curve_path)."""
         wd = Path(self.job.workdir)
         (wd / "train.py").write_text(self.job.source)
-        self.proc = _spawn(harness_command(self.job, self.sandbox), wd, self.slot, stdin=subprocess.DEVNULL)
+        self.proc = spawn(harness_command(self.job, self.sandbox), wd, self.slot.env)
         self.log_path, self.curve_path = wd / "log.txt", wd / "result.curve.jsonl"
 
     def _wait(self) -> None:
@@ -217,38 +203,11 @@ class LocalHandle(Handle):
         self.curve_path = final / "result.curve.jsonl"
 
     def _read_outcome(self) -> Outcome:
-        wall = time.time() - self.started
-        log_tail = tail(self.log_path)
-        result_path = Path(self.job.workdir) / "result.json"
-        if self._aborted:
-            res = Result(status="crash", error=f"aborted: {self._aborted}", seed=self.job.seed)
-        elif self._infra_error:
-            res = Result(status="crash", error=self._infra_error, seed=self.job.seed)
-        elif result_path.exists():
-            try:
-                res = read_result(result_path)
-            except (OSError, ValueError) as e:
-                res = Result(status="crash", error=f"unreadable result.json ({e})", seed=self.job.seed)
-        elif self._timed_out:
-            res = Result(status="timeout", error=f"killed after budget + grace + {BACKSTOP_S:.0f} s",
-                         seed=self.job.seed)
-        else:
-            res = Result(status="crash", error=self._no_result_error(log_tail), seed=self.job.seed)
-        return Outcome(result=res, slot=self.slot.name, host=self.slot.host, wall_seconds=round(wall, 3),
-                       log_tail=log_tail, aborted=self._aborted, curve=downsample_curve(read_curve(self.curve_path)),
-                       infra_failed=bool(self._infra_error))
-
-    def _no_result_error(self, log_tail: list[str]) -> str:
-        """Why the harness (trusted: it always writes a result) left none: how its process ended."""
-        code = self.proc.returncode
-        why = f"killed by signal {-code}" if code and code < 0 else f"exited with code {code}"
-        return f"harness {why} without a result"
-
-    def done(self) -> bool:
-        return self._outcome is not None
-
-    def outcome(self) -> Optional[Outcome]:
-        return self._outcome
+        res = run_result(self.job, aborted=self._aborted, error=self._infra_error, timed_out=self._timed_out,
+                         result=Path(self.job.workdir) / "result.json", returncode=self.proc.returncode)
+        return self._make_outcome(res, log_tail=tail(self.log_path), aborted=self._aborted,
+                                  curve=downsample_curve(read_curve(self.curve_path)),
+                                  infra_failed=bool(self._infra_error))
 
     def kill(self, reason: str) -> None:
         """Stop the experiment (its whole process group): SIGTERM, then SIGKILL after KILL_WAIT_S."""
@@ -259,10 +218,6 @@ class LocalHandle(Handle):
                 self.proc.wait(timeout=KILL_WAIT_S)
             except subprocess.TimeoutExpired:
                 kill_group(self.pid)
-
-    def progress(self) -> Optional[dict]:
-        """{step, elapsed_s, loss} of the latest curve point, or None before the first step."""
-        return last_curve_point(self.curve_path)
 
 
 class LocalRunner(Runner):

@@ -25,7 +25,7 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the install
     raise ImportError("the Ray runner needs Ray: pip install 'ratchet[ray]'") from e
 
-from loop.runners.base import BACKSTOP_S, Job, harness_command, kill_group, last_curve_point
+from loop.runners.base import BACKSTOP_S, Job, harness_command, kill_group, last_curve_point, read_end, spawn
 from trainer.sandbox import SandboxConfig
 
 REPORT_S = 0.25  # how often a task sends its latest curve point to the progress board
@@ -170,16 +170,6 @@ def sweep_runs(runs: Path, min_age_s: float = 60.0) -> None:
             os.close(fd)
 
 
-def _read_tail(path: Path, limit: int) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, 2)
-            f.seek(max(0, f.tell() - limit))
-            return f.read().decode(errors="replace")
-    except OSError:
-        return ""
-
-
 def run_experiment(key: str, job: Job, want: dict, shipped: Optional[dict], board, node_dir: Optional[str],
                    always_ship: bool, env: dict, sandbox: Optional[SandboxConfig] = None) -> dict:
     """Body of the Ray task: run the harness on this node and return what it wrote.
@@ -211,8 +201,7 @@ def run_experiment(key: str, job: Job, want: dict, shipped: Optional[dict], boar
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)
         info["workdir"] = str(wd)
-        return _train_here(job, Path(data_dir), wd, {**os.environ, **env}, info, report,
-                           sandbox or SandboxConfig())
+        return _train_here(job, Path(data_dir), wd, env, info, report, sandbox or SandboxConfig())
     finally:
         shutil.rmtree(wd, ignore_errors=True)
         os.close(lock)
@@ -220,13 +209,11 @@ def run_experiment(key: str, job: Job, want: dict, shipped: Optional[dict], boar
 
 def _train_here(job: Job, data_dir: Path, wd: Path, env: dict, info: dict, report, sandbox: SandboxConfig) -> dict:
     """Run the harness in `wd` until it exits (or budget + grace + BACKSTOP_S), reporting curve points. The harness
-    sandboxes the proposal itself, with what the node offers."""
+    sandboxes the proposal itself, with what the node offers; `env` is added to the worker's (where Ray has set
+    CUDA_VISIBLE_DEVICES for GPU tasks)."""
     (wd / "train.py").write_text(job.source)
     log_path, curve_path = wd / "log.txt", wd / "result.curve.jsonl"
-    with open(log_path, "wb") as out:  # Ray has set CUDA_VISIBLE_DEVICES in env for GPU tasks
-        proc = subprocess.Popen(harness_command(replace(job, data_dir=data_dir), sandbox, sys.executable), cwd=wd,
-                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env={**env, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+    proc = spawn(harness_command(replace(job, data_dir=data_dir), sandbox), wd, env)
     timed_out, last = False, None
     deadline = time.time() + job.budget_s + job.grace + BACKSTOP_S
     try:
@@ -254,7 +241,7 @@ def _train_here(job: Job, data_dir: Path, wd: Path, env: dict, info: dict, repor
             proc.wait()
     result_path = wd / "result.json"
     return {"result_json": result_path.read_text() if result_path.exists() else None,
-            "curve": _read_tail(curve_path, 1 << 26), "log": _read_tail(log_path, LOG_RETURN_BYTES),
+            "curve": read_end(curve_path, 1 << 26), "log": read_end(log_path, LOG_RETURN_BYTES),
             "returncode": proc.returncode, "timed_out": timed_out, "node": info["node"], "data": info["data"]}
 
 

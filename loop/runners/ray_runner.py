@@ -7,7 +7,6 @@ infrastructure failure (re-queue), never the idea's fault, and a handle never wa
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -21,19 +20,17 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the install
     raise ImportError("the Ray runner needs Ray: pip install 'ratchet[ray]'") from e
 
-from loop.runners.base import (BACKSTOP_S, Handle, Job, Outcome, Runner, Slot, downsample_curve, read_curve,
-                               sandbox_config)
+from loop.runners.base import (BACKSTOP_S, Handle, Job, Outcome, Runner, Slot, downsample_curve, first_line,
+                               fresh_workdir, read_curve, run_result, sandbox_config)
 from loop.runners.ray_node import ProgressBoard, content_hash, remote_run
 from trainer.sandbox import SandboxConfig
 from trainer.untrusted import clean_lines
-from trainer.result import Result
 
 log = logging.getLogger(__name__)
 
 POLL_S = 0.25  # how often the monitor looks for finished tasks and fresh curve points
 ANSWER_MARGIN_S = 60.0  # past the task's own backstop, a silent node is declared lost
 SLOTS_TTL_S = 10.0  # cluster resources are re-read at most this often
-
 
 
 class RayHandle(Handle):
@@ -57,21 +54,13 @@ class RayHandle(Handle):
         self._key = f"{job.exp_id}:{uuid.uuid4().hex[:12]}"
         self._ref = None
         self._shipping = False
-        self._outcome: Optional[Outcome] = None
-        self._aborted = ""
         self._progress: Optional[dict] = None
         self._seen: list[dict] = []  # curve points polled while it ran: the curve of a run that never returns
         self._lock = threading.Lock()
-        self._submitted = self._phase_since = time.time()
+        self._phase_since = time.time()
         self._phase = "queued"  # queued → preparing (task started) → training (harness started)
 
     # -- engine-facing --
-
-    def done(self) -> bool:
-        return self._outcome is not None
-
-    def outcome(self) -> Optional[Outcome]:
-        return self._outcome
 
     def progress(self) -> Optional[dict]:
         """{step, elapsed_s, loss} of the latest curve point reported through Ray, or None before one."""
@@ -107,7 +96,7 @@ class RayHandle(Handle):
                                                  r.ship_data == "always", self.slot.env, r.sandbox)
         with self._lock:
             self._ref, self._shipping = ref, False
-            self._submitted = self._phase_since = time.time()
+            self._phase_since = time.time()
             self._phase = "queued"
             aborted = self._aborted
         if aborted:
@@ -133,10 +122,7 @@ class RayHandle(Handle):
         try:
             payload = ray.get(ref, timeout=30)
         except Exception as e:  # noqa: BLE001 - every Ray failure becomes an outcome
-            if self._aborted:
-                self._finish(self._aborted_outcome())
-            else:
-                self._finish_infra(describe_ray_error(e))
+            self._fail(describe_ray_error(e))
             return
         if "need_data" in payload:
             if self._aborted:
@@ -182,50 +168,34 @@ class RayHandle(Handle):
             ray.cancel(self._ref, force=True)
         except Exception:  # noqa: BLE001
             pass
+        self._fail(f"{why} within {limit:.0f} s")
+
+    def _aborted_outcome(self) -> Outcome:
+        return self._make_outcome(run_result(self.job, aborted=self._aborted), aborted=self._aborted,
+                                  host=self.info.get("node", self.slot.host), curve=downsample_curve(self._seen))
+
+    def _fail(self, error: str) -> None:
+        """Finish as aborted when it was killed on purpose, else as infra_failed with `error`."""
         if self._aborted:
             self._finish(self._aborted_outcome())
         else:
-            self._finish_infra(f"{why} within {limit:.0f} s")
-
-    def _aborted_outcome(self) -> Outcome:
-        res = Result(status="crash", error=f"aborted: {self._aborted}", seed=self.job.seed)
-        return Outcome(result=res, slot=self.slot.name, host=self.info.get("node", self.slot.host),
-                       wall_seconds=round(time.time() - self.started, 3), aborted=self._aborted,
-                       curve=downsample_curve(self._seen))
+            self._finish_infra(error)
 
     def _finish_infra(self, error: str) -> None:
-        res = Result(status="crash", error=error, seed=self.job.seed)
-        self._finish(Outcome(result=res, slot=self.slot.name, host=self.info.get("node", self.slot.host),
-                             wall_seconds=round(time.time() - self.started, 3), infra_failed=True,
-                             curve=downsample_curve(self._seen)))
+        self._finish(self._make_outcome(run_result(self.job, error=error), host=self.info.get("node", self.slot.host),
+                                        infra_failed=True, curve=downsample_curve(self._seen)))
 
     def _outcome_from(self, p: dict) -> Outcome:
-        """Mirror of the local runner: the harness's result.json, else a result the runner writes."""
+        """The files the task brought back written to the job's workdir, and the outcome they make."""
         wd = Path(self.job.workdir)
         (wd / "log.txt").write_text(p["log"])
         (wd / "result.curve.jsonl").write_text(p["curve"])
         if p["result_json"] is not None:
             (wd / "result.json").write_text(p["result_json"])
-        log_tail = clean_lines(p["log"], 20)
-        curve = downsample_curve(read_curve(wd / "result.curve.jsonl"))
-        if self._aborted:
-            return Outcome(result=Result(status="crash", error=f"aborted: {self._aborted}", seed=self.job.seed),
-                           slot=self.slot.name, host=p["node"], wall_seconds=round(time.time() - self.started, 3),
-                           log_tail=log_tail, aborted=self._aborted, curve=curve)
-        if p["result_json"] is not None:
-            try:
-                res = Result.from_dict(json.loads(p["result_json"]))
-            except (ValueError, TypeError) as e:
-                res = Result(status="crash", error=f"unreadable result.json ({e})", seed=self.job.seed)
-        elif p["timed_out"]:
-            res = Result(status="timeout", error=f"killed after budget + grace + {BACKSTOP_S:.0f} s",
-                         seed=self.job.seed)
-        else:
-            code = p["returncode"]
-            why = f"killed by signal {-code}" if code and code < 0 else f"exited with code {code}"
-            res = Result(status="crash", error=f"harness {why} without a result", seed=self.job.seed)
-        return Outcome(result=res, slot=self.slot.name, host=p["node"], wall_seconds=round(time.time() - self.started, 3),
-                       log_tail=log_tail, curve=curve)
+        res = run_result(self.job, aborted=self._aborted, result=wd / "result.json", timed_out=p["timed_out"],
+                         returncode=p["returncode"])
+        return self._make_outcome(res, host=p["node"], log_tail=clean_lines(p["log"], 20), aborted=self._aborted,
+                                  curve=downsample_curve(read_curve(wd / "result.curve.jsonl")))
 
     def _finish(self, outcome: Outcome) -> None:
         with self._lock:
@@ -243,8 +213,7 @@ def describe_ray_error(e: BaseException) -> str:
     """One line naming a Ray failure: `WorkerCrashedError: …`, or the task's own exception for RayTaskError."""
     if isinstance(e, RayTaskError) and getattr(e, "cause", None) is not None:
         e = e.cause
-    text = str(e).strip()
-    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    first = first_line(e)
     if isinstance(e, TaskCancelledError):
         first = first or "the task was cancelled"
     return f"ray: {type(e).__name__}: {first}" if first else f"ray: {type(e).__name__}"
@@ -390,11 +359,7 @@ class RayRunner(Runner):
             raise ConnectionError("the Ray runner is closed")
         from trainer.data import load_manifest
 
-        wd = Path(job.workdir)
-        wd.mkdir(parents=True, exist_ok=True)
-        for stale in ("result.json", "result.curve.jsonl", "log.txt"):
-            (wd / stale).unlink(missing_ok=True)
-        (wd / "train.py").write_text(job.source)
+        (fresh_workdir(job) / "train.py").write_text(job.source)
         manifest = load_manifest(Path(job.data_dir))
         h = RayHandle(self, job, slot, on_done,
                       {"fingerprints": manifest["fingerprints"], "train_shards": manifest["train_shards"]})

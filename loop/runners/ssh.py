@@ -21,11 +21,10 @@ import asyncssh
 import trainer
 from loop.config import HostConfig, default_home
 from loop.runners.base import (BACKSTOP_S, KILL_WAIT_S, Handle, Job, Outcome, Runner, Slot, downsample_curve,
-                               harness_command, last_curve_point, read_curve, sandbox_config, tail)
-from trainer.result import Result, read_result
-from loop.runners.ssh_host import (GROUP_ALIVE, READ_CHUNK, BootstrapReport, HostHealth, RemoteCommandError, SSHHost,
-                                   SSHRunnerError, kill_script, last_line, run_dir_name)
-from trainer.data import sha256_file
+                               fresh_workdir, harness_command, read_curve, run_result, sandbox_config, tail)
+from loop.runners.ssh_bootstrap import BootstrapReport, ensure_ready
+from loop.runners.ssh_host import (GROUP_ALIVE, READ_CHUNK, HostHealth, RemoteCommandError, SSHHost, SSHRunnerError,
+                                   kill_script, last_line, run_dir_name)
 from trainer.sandbox import SandboxConfig
 
 log = logging.getLogger(__name__)
@@ -52,8 +51,6 @@ class SSHHandle(Handle):
         self.host = host
         self.runner = runner
         self._on_done = on_done
-        self._outcome: Optional[Outcome] = None
-        self._aborted = ""
         self._timed_out = False
         self._kill_started: Optional[float] = None
         self._wake: Optional[asyncio.Event] = None
@@ -61,23 +58,11 @@ class SSHHandle(Handle):
         self.pgid: Optional[int] = None  # the remote process group, once launched
         self.remote_dir = ""  # <workdir>/runs/exp-NNNNNN on the host, once launched
         self.launched = 0.0
-        wd = Path(job.workdir)
-        wd.mkdir(parents=True, exist_ok=True)
-        for stale in ("result.json", "result.curve.jsonl", "log.txt"):
-            (wd / stale).unlink(missing_ok=True)
+        wd = fresh_workdir(job)
         (wd / "train.py").write_text(job.source)
-        self.log_path = wd / "log.txt"
-        self.curve_path = wd / "result.curve.jsonl"
+        self.log_path, self.curve_path = wd / "log.txt", wd / "result.curve.jsonl"
         self._offsets = {"log.txt": 0, "result.curve.jsonl": 0}
         self.future = runner._loop.submit(self._main())
-
-    # ---- the public, synchronous side ----
-
-    def done(self) -> bool:
-        return self._outcome is not None
-
-    def outcome(self) -> Optional[Outcome]:
-        return self._outcome
 
     def kill(self, reason: str) -> None:
         """Stop the experiment: its remote process group gets SIGTERM, then SIGKILL after KILL_WAIT_S.
@@ -94,10 +79,6 @@ class SSHHandle(Handle):
             fut.result(timeout=KILL_WAIT_S + 5)
         except (concurrent.futures.TimeoutError, OSError):
             pass
-
-    def progress(self) -> Optional[dict]:
-        """{step, elapsed_s, loss} of the latest curve point mirrored from the host, or None before the first."""
-        return last_curve_point(self.curve_path)
 
     # ---- the loop side ----
 
@@ -121,7 +102,7 @@ class SSHHandle(Handle):
     async def _execute(self) -> Outcome:
         h = self.host
         try:
-            await h.ensure_ready(self.job.data_dir)
+            await ensure_ready(h, self.job.data_dir)
         except SSHRunnerError as e:
             h.mark_down(str(e))
             return self._infra(str(e))
@@ -141,9 +122,9 @@ class SSHHandle(Handle):
         h.orphans.discard(rd)
         job = dataclasses.replace(self.job, data_dir=Path(f"{h.workdir}/data/{Path(self.job.data_dir).name}"))
         env = {**self.slot.env, "PYTHONPATH": f"{h.workdir}/lib", "PYTHONUNBUFFERED": "1"}
-        # the harness sandboxes the proposal itself, with what the host offers (bubblewrap: deploy/gpu-host-bootstrap.sh)
+        # the harness sandboxes the proposal itself with what the host offers (bubblewrap: deploy/bootstrap-gpu-host.sh)
         argv = harness_command(job, self.runner.sandbox, python=h.python)
-        cmd = " ".join(shlex.quote(str(c)) for c in argv)
+        cmd = shlex.join(argv)
         inner = (f"echo $$ > pid.tmp && mv pid.tmp pid; "
                  f"{' '.join(f'{k}={shlex.quote(str(v))}' for k, v in env.items())} {cmd} > log.txt 2>&1 < /dev/null; "
                  f"echo $? > exit_code.tmp; mv exit_code.tmp exit_code")
@@ -250,40 +231,21 @@ class SSHHandle(Handle):
         return self._final(data, exit_code=exit_code)
 
     def _final(self, result_json: Optional[bytes], exit_code: Optional[int] = None, note: str = "") -> Outcome:
-        """The outcome from what came back, with the local runner's precedence: aborted, result, timeout, crash."""
-        wall = time.time() - self.started
+        """The outcome from what came back (`exit_code`: the harness's shell status, 128 + N for signal N)."""
         result_path = Path(self.job.workdir) / "result.json"
-        seed = self.job.seed
         if result_json is not None:
             tmp = result_path.with_name("result.json.tmp")
             tmp.write_bytes(result_json)
             os.replace(tmp, result_path)
-        if self._aborted:
-            res = Result(status="crash", error=f"aborted: {self._aborted}", seed=seed)
-        elif result_json is not None:
-            try:
-                res = read_result(result_path)
-            except (OSError, ValueError) as e:
-                res = Result(status="crash", error=f"unreadable result.json ({e})", seed=seed)
-        elif self._timed_out:
-            res = Result(status="timeout", error=f"killed after budget + grace + {self.runner.backstop_s:.0f} s"
-                         + (f" ({note})" if note else ""), seed=seed)
-        else:
-            if exit_code is None:
-                why = "was killed (its process group is gone)"
-            elif exit_code > 128:
-                why = f"killed by signal {exit_code - 128}"
-            else:
-                why = f"exited with code {exit_code}"
-            res = Result(status="crash", error=f"harness {why} without a result", seed=seed)
-        return Outcome(result=res, slot=self.slot.name, host=self.slot.host, wall_seconds=round(wall, 3),
-                       log_tail=tail(self.log_path), aborted=self._aborted,
-                       curve=downsample_curve(read_curve(self.curve_path)))
+        code = 128 - exit_code if exit_code is not None and exit_code > 128 else exit_code
+        res = run_result(self.job, aborted=self._aborted, result=result_path, timed_out=self._timed_out,
+                         returncode=code, backstop_s=self.runner.backstop_s, note=note)
+        return self._make_outcome(res, log_tail=tail(self.log_path), aborted=self._aborted,
+                                  curve=downsample_curve(read_curve(self.curve_path)))
 
     def _infra(self, error: str) -> Outcome:
-        return Outcome(result=Result(status="crash", error=error, seed=self.job.seed), slot=self.slot.name,
-                       host=self.slot.host, wall_seconds=round(time.time() - self.started, 3),
-                       log_tail=tail(self.log_path), infra_failed=True, aborted=self._aborted)
+        return self._make_outcome(run_result(self.job, error=error), log_tail=tail(self.log_path),
+                                  infra_failed=True, aborted=self._aborted)
 
 
 # ---- The runner ----
@@ -348,17 +310,13 @@ class SSHRunner(Runner):
         self.reconnect_s, self.backstop_s, self.health_interval_s = reconnect_s, backstop_s, health_interval_s
         self.sandbox = sandbox or sandbox_config()
         self._cfgs = list(hosts)
-        self._local_hashes: dict[tuple, str] = {}
-        self._hash_lock = threading.Lock()
         self._handles: dict[int, SSHHandle] = {}
         self._tasks: set[asyncio.Task] = set()  # ours, cancelled by close()
         self._closed = False
         self._loop = _LoopThread()
-        self._hosts: dict[str, SSHHost] = self._loop.call(self._make_hosts(), 10)
-        self._health_task = (self._loop.submit(self._health_loop()) if health_interval_s else None)
-
-    async def _make_hosts(self) -> dict[str, SSHHost]:
-        return {c.name: SSHHost(c, self) for c in self._cfgs}
+        self._hosts = {c.name: SSHHost(c, self) for c in self._cfgs}
+        if health_interval_s:
+            self._loop.submit(self._health_loop())
 
     @staticmethod
     def _host_slots(cfg: HostConfig) -> list[Slot]:
@@ -400,7 +358,7 @@ class SSHRunner(Runner):
 
         async def go() -> BootstrapReport:
             try:
-                return await h.ensure_ready(Path(data_dir) if data_dir else None)
+                return await ensure_ready(h, Path(data_dir) if data_dir else None)
             except SSHRunnerError as e:
                 h.mark_down(str(e))
                 raise
@@ -477,23 +435,6 @@ class SSHRunner(Runner):
         self._loop.stop()
 
     # ---- internals ----
-
-    def local_hashes(self, data_dir: Path) -> dict[str, str]:
-        """sha256 of every file of a local data dir (relative posix path → hex), cached by (size, mtime)."""
-        out = {}
-        for p in sorted(Path(data_dir).rglob("*")):
-            if not p.is_file() or p.name.startswith(".") or ".tmp" in p.name:
-                continue
-            st = p.stat()
-            key = (str(p), st.st_size, st.st_mtime_ns)
-            with self._hash_lock:
-                got = self._local_hashes.get(key)
-            if got is None:
-                got = sha256_file(p)
-                with self._hash_lock:
-                    self._local_hashes[key] = got
-            out[p.relative_to(data_dir).as_posix()] = got
-        return out
 
     async def _check_all(self, timeout: float) -> list[HostHealth]:
         async def one(h: SSHHost) -> HostHealth:

@@ -1,6 +1,6 @@
-"""One SSH host of the SSH runner: its connection (asyncssh, host keys checked, reconnects), bootstrap (a Python
-with torch, the trainer package and the data, each sent only when it changed), health (GPUs, disk) and control of the
-remote process groups it runs (run directories, kill, reaping what a crash left behind).
+"""One SSH host of the SSH runner: its connection (asyncssh, host keys checked, reconnects), commands and files,
+health (GPUs, disk, a Python that imports torch) and control of the remote process groups it runs (run directories,
+kill, reaping what a crash left behind). Preparing the host is loop/runners/ssh_bootstrap.py.
 
 Never logs keys, never disables host-key checking.
 """
@@ -8,9 +8,6 @@ Never logs keys, never disables host-key checking.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import hashlib
-import json
 import logging
 import posixpath
 import shlex
@@ -22,8 +19,7 @@ from typing import TYPE_CHECKING, Optional
 import asyncssh
 
 from loop.config import HostConfig
-from loop.runners.base import KILL_WAIT_S
-from trainer.data import sha256_file
+from loop.runners.base import KILL_WAIT_S, first_line
 
 if TYPE_CHECKING:
     from loop.runners.ssh import SSHRunner
@@ -33,8 +29,7 @@ log = logging.getLogger(__name__)
 BOOTSTRAP_HINT = "run deploy/bootstrap-gpu-host.sh on the host (see README, GPU hosts over SSH)"
 MAX_CHANNELS = 8  # concurrent exec channels per connection; OpenSSH's MaxSessions defaults to 10
 READ_CHUNK = 4 << 20  # bytes of log / curve mirrored per poll
-SYNC_CACHE = ".ratchet-sha256.json"  # on the host, beside the data: (size, mtime_ns, sha256) of each file
-TRAINER_STAMP = ".ratchet-hash"  # on the host, in lib/trainer: the content hash of the uploaded package
+NVIDIA_SMI = "nvidia-smi --query-gpu=index,name,memory.used,memory.total --format=csv,noheader,nounits"
 
 
 class SSHRunnerError(OSError):
@@ -51,20 +46,6 @@ class BootstrapError(SSHRunnerError):
 
 class RemoteCommandError(SSHRunnerError):
     """A command on the host exited non-zero."""
-
-
-@dataclass
-class BootstrapReport:
-    """What preparing a host did. Sizes in bytes, times in seconds."""
-
-    host: str
-    workdir: str  # absolute, on the host
-    python: str  # the interpreter the harness runs with
-    trainer_uploaded: bool  # False when the host already had this trainer package
-    data_dir: str = ""  # absolute, on the host
-    uploaded_files: list[str] = field(default_factory=list)  # data files sent (relative to the data dir)
-    uploaded_bytes: int = 0
-    seconds: float = 0.0
 
 
 @dataclass
@@ -89,22 +70,6 @@ def _q(s: str) -> str:
     return shlex.quote(str(s))
 
 
-def package_files(pkg: Path) -> list[Path]:
-    """The files of a Python package that are shipped to hosts (sources and templates, no caches), sorted."""
-    pkg = Path(pkg)
-    return sorted(p for p in pkg.rglob("*") if p.is_file() and "__pycache__" not in p.parts
-                  and p.suffix not in (".pyc", ".pyo") and not p.name.startswith("."))
-
-
-def package_hash(pkg: Path) -> str:
-    """sha256 over the relative paths and contents of `package_files(pkg)`: changes when any file does."""
-    h = hashlib.sha256()
-    for p in package_files(pkg):
-        h.update(p.relative_to(pkg).as_posix().encode() + b"\0")
-        h.update(p.read_bytes() + b"\0")
-    return h.hexdigest()
-
-
 def expand_home(path: str, home: str) -> str:
     """A host path with `~` expanded against the host's $HOME; relative paths are taken from $HOME."""
     if path == "~":
@@ -117,6 +82,28 @@ def expand_home(path: str, home: str) -> str:
 def run_dir_name(exp_id: int) -> str:
     """The experiment's directory under `<workdir>/runs/` on a host."""
     return f"exp-{exp_id:06d}"
+
+
+def parse_nvidia_smi(text: str) -> list[dict]:
+    """Rows of NVIDIA_SMI's output → [{index, name, memory_used_mib, memory_total_mib}]. Raises ValueError."""
+    gpus = []
+    for line in text.strip().splitlines():
+        parts = [x.strip() for x in line.split(",")]
+        if len(parts) < 4:
+            raise ValueError(f"unexpected nvidia-smi line {line!r}")
+        gpus.append({"index": int(parts[0]), "name": ",".join(parts[1:-2]), "memory_used_mib": float(parts[-2]),
+                     "memory_total_mib": float(parts[-1])})
+    return gpus
+
+
+def last_line(out: str) -> str:
+    """The last non-empty line of a command's output (a login shell may print banners before it)."""
+    lines = [x for x in out.strip().splitlines() if x.strip()]
+    return lines[-1].strip() if lines else ""
+
+
+def describe_error(e: BaseException) -> str:
+    return "timed out" if isinstance(e, asyncio.TimeoutError) else first_line(e)[:300] or type(e).__name__
 
 
 # Shell: is any process of group $1 alive? Zombies do not count (a host's init may be slow to reap them).
@@ -150,42 +137,6 @@ def kill_script(run_dir: str, wait_s: float = KILL_WAIT_S) -> str:
             f"sleep 0.1; i=$((i+1)); done\n"
             f"kill -KILL -- -$pg 2>/dev/null; echo killed\n")
 
-
-# On the host, with its own python: sha256 of the listed files of a directory, cached by (size, mtime_ns)
-# for files not marked `full`. Reads {"dir", "files": [[rel, full], ...]} on stdin, prints {rel: sha256}.
-_REMOTE_HASH = r'''
-import hashlib, json, os, sys
-req = json.load(sys.stdin)
-d = req["dir"]
-cache_path = os.path.join(d, "%s")
-try:
-    cache = json.load(open(cache_path))
-except Exception:
-    cache = {}
-out = {}
-for rel, full in req["files"]:
-    p = os.path.join(d, rel)
-    try:
-        st = os.stat(p)
-    except OSError:
-        continue
-    key = [st.st_size, st.st_mtime_ns]
-    c = cache.get(rel)
-    if not full and c and c[:2] == key:
-        out[rel] = c[2]
-        continue
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for b in iter(lambda: f.read(1 << 20), b""):
-            h.update(b)
-    out[rel] = h.hexdigest()
-    cache[rel] = key + [out[rel]]
-if os.path.isdir(d):
-    with open(cache_path + ".tmp", "w") as f:
-        json.dump(cache, f)
-    os.replace(cache_path + ".tmp", cache_path)
-print(json.dumps(out))
-''' % SYNC_CACHE
 
 _DEPS_CHECK = (
     "import sys; assert sys.version_info >= (3, 11), 'Python %s is too old (3.11+ needed)' % sys.version.split()[0]\n"
@@ -229,19 +180,15 @@ class SSHHost:
         self.connect_lock = asyncio.Lock()
         self.bootstrap_lock = asyncio.Lock()
         self.sftp_lock = asyncio.Lock()
+        self.python_lock = asyncio.Lock()
         self.channels = asyncio.Semaphore(MAX_CHANNELS)
         self.connects = 0  # connections made (reconnects included)
-        self.home = ""
-        self.workdir = ""
-        self.python = ""
-        self.python_lock = asyncio.Lock()
+        self.home = self.workdir = self.python = ""
         self.pending_reaps: set[int] = set()  # experiments to reap once the workdir is known
-        self.ready_conn: Optional[asyncssh.SSHClientConnection] = None  # what is verified holds for this connection
         self.deps_conn: Optional[asyncssh.SSHClientConnection] = None  # health's import check passed on it
-        self.trainer_ok = False
-        self.python_ok = False
-        self.trainer_uploaded = False
-        self.data_ready: dict[str, BootstrapReport] = {}  # manifest sha256 → report
+        self.ready_conn: Optional[asyncssh.SSHClientConnection] = None  # what ssh_bootstrap verified holds for it:
+        self.trainer_ok = self.python_ok = self.trainer_uploaded = False
+        self.data_ready: dict = {}  # manifest sha256 → BootstrapReport (ssh_bootstrap.py)
         self.orphans: set[str] = set()  # run dirs whose process group may have outlived a lost connection
         self.health = HostHealth(name=cfg.name, address=cfg.address, slots=[s.name for s in runner._host_slots(cfg)])
 
@@ -269,8 +216,7 @@ class SSHHost:
                 self.orphans |= {f"{self.workdir}/runs/{run_dir_name(i)}" for i in self.pending_reaps}
                 self.pending_reaps.clear()
                 for run_dir in sorted(self.orphans):
-                    out = await self._exec(conn, kill_script(run_dir))
-                    if "killed" in out:
+                    if "killed" in await self._exec(conn, kill_script(run_dir)):
                         log.warning("%s: killed the leftover process group of %s", self.name, run_dir)
                     self.orphans.discard(run_dir)
             except BaseException:
@@ -280,8 +226,7 @@ class SSHHost:
             return conn
 
     async def _connect(self) -> asyncssh.SSHClientConnection:
-        r = self.runner
-        cfg = self.cfg
+        r, cfg = self.runner, self.cfg
         strict = cfg.known_hosts is not None
         kh = Path(cfg.known_hosts).expanduser() if strict else r.known_hosts_file
         if strict and not kh.is_file():
@@ -311,8 +256,7 @@ class SSHHost:
         except (OSError, asyncssh.Error, asyncio.TimeoutError) as e:
             raise HostUnreachable(f"{self.name}: cannot connect to {self.where()}: {describe_error(e)}") from None
         if client.new_key is not None:
-            port = "" if cfg.port == 22 else f":{cfg.port}"
-            pattern = f"[{cfg.address}]{port}" if port else cfg.address
+            pattern = cfg.address if cfg.port == 22 else f"[{cfg.address}]:{cfg.port}"
             line = client.new_key.export_public_key("openssh").decode().split()[:2]
             with open(kh, "a") as f:
                 f.write(f"{pattern} {' '.join(line)}\n")
@@ -329,23 +273,25 @@ class SSHHost:
         c.close()
         log.info("%s: connection dropped: %s", self.name, reason)
 
-    def mark_down(self, error: str) -> None:
-        self.health.up = False
-        self.health.error = error
-        self.health.checked_at = time.time()
+    def lost(self, e: BaseException, what: str = "", conn=None) -> HostUnreachable:
+        """Drop the connection after the network error `e` (see drop); the HostUnreachable to raise."""
+        self.drop(describe_error(e), conn)
+        return HostUnreachable(f"{self.name}: {what}{describe_error(e)}")
 
-    # ---- commands ----
+    def mark_down(self, error: str) -> None:
+        self.health.up, self.health.error, self.health.checked_at = False, error, time.time()
+
+    # ---- commands and files ----
 
     async def _exec(self, conn: asyncssh.SSHClientConnection, cmd: str, *, input: Optional[str] = None,
                     timeout: Optional[float] = None, check: bool = True) -> str:
         """Run `cmd` in the login shell; stdout. Raises RemoteCommandError (non-zero) or HostUnreachable."""
-        timeout = timeout or self.runner.op_timeout_s
         try:
             async with self.channels:
-                res = await asyncio.wait_for(conn.run(cmd, input=input, check=False), timeout)
+                res = await asyncio.wait_for(conn.run(cmd, input=input, check=False),
+                                             timeout or self.runner.op_timeout_s)
         except (OSError, asyncssh.Error, asyncio.TimeoutError) as e:
-            self.drop(describe_error(e), conn)
-            raise HostUnreachable(f"{self.name}: {describe_error(e)}") from None
+            raise self.lost(e, conn=conn) from None
         if check and res.exit_status != 0:
             err = (str(res.stderr or "") + str(res.stdout or "")).strip().splitlines()[-3:]
             first = cmd.strip().splitlines()[0][:60]
@@ -362,8 +308,7 @@ class SSHHost:
                 try:
                     self.sftp = await asyncio.wait_for(conn.start_sftp_client(), self.runner.op_timeout_s)
                 except (OSError, asyncssh.Error, asyncio.TimeoutError) as e:
-                    self.drop(describe_error(e))
-                    raise HostUnreachable(f"{self.name}: sftp: {describe_error(e)}") from None
+                    raise self.lost(e, "sftp: ") from None
             return self.sftp
 
     async def read_from(self, path: str, offset: int, size: int = READ_CHUNK) -> Optional[bytes]:
@@ -377,54 +322,24 @@ class SSHHost:
         except asyncssh.SFTPNoSuchFile:
             return None
         except (OSError, asyncssh.Error, asyncio.TimeoutError) as e:
-            self.drop(describe_error(e))
-            raise HostUnreachable(f"{self.name}: reading {path}: {describe_error(e)}") from None
+            raise self.lost(e, f"reading {path}: ") from None
 
-    # ---- bootstrap ----
-
-    async def ensure_ready(self, data_dir: Optional[Path]) -> BootstrapReport:
-        """Connect; upload the trainer when its hash changed; check the Python; sync and verify `data_dir`.
-
-        Work already verified on the current connection is skipped. Raises HostUnreachable, BootstrapError.
-        """
-        async with self.bootstrap_lock:
-            t0 = time.time()
-            await self.ensure_python(await self.connection())
-            report = BootstrapReport(self.name, self.workdir, self.python, self.trainer_uploaded)
-            if data_dir is not None:
-                key = await asyncio.get_running_loop().run_in_executor(
-                    None, sha256_file, Path(data_dir) / "manifest.json")
-                if key not in self.data_ready:
-                    self.data_ready[key] = await self._sync_data(Path(data_dir), report)
-                report = self.data_ready[key]
-            report.seconds = round(time.time() - t0, 3)
-            return report
-
-    async def _sync_trainer(self) -> bool:
-        pkg = self.runner.local_python_pkg
-        want = await asyncio.get_running_loop().run_in_executor(None, package_hash, pkg)
-        dest = f"{self.workdir}/lib/trainer"
-        have = await self.read_from(f"{dest}/{TRAINER_STAMP}", 0)
-        if have is not None and have.decode(errors="replace").strip() == want:
-            return False
-        tmp = f"{dest}.new-{want[:12]}"
-        await self.run(f"rm -rf {_q(tmp)} && mkdir -p {_q(tmp)}")
+    async def put(self, src: Path, dest: str, rels: list[str], what: str, part: bool = False) -> None:
+        """Upload the files `rels` of local directory `src` into host directory `dest` (when `part`, each through
+        `<file>.part` and a rename). Raises HostUnreachable."""
         sftp = await self.sftp_client()
         try:
-            for p in package_files(pkg):
-                rel = p.relative_to(pkg).as_posix()
+            for rel in rels:
                 if "/" in rel:
-                    await sftp.makedirs(f"{tmp}/{posixpath.dirname(rel)}", exist_ok=True)
-                await sftp.put(str(p), f"{tmp}/{rel}")
-            async with sftp.open(f"{tmp}/{TRAINER_STAMP}", "w") as f:
-                await f.write(want + "\n")
+                    await sftp.makedirs(f"{dest}/{posixpath.dirname(rel)}", exist_ok=True)
+                to = f"{dest}/{rel}" + (".part" if part else "")
+                await sftp.put(str(src / rel), to)
+                if part:
+                    await sftp.posix_rename(to, f"{dest}/{rel}")
         except (OSError, asyncssh.Error) as e:
-            self.drop(describe_error(e))
-            raise HostUnreachable(f"{self.name}: uploading the trainer package: {describe_error(e)}") from None
-        await self.run(f"rm -rf {_q(dest)}.old; if [ -d {_q(dest)} ]; then mv {_q(dest)} {_q(dest)}.old; fi; "
-                       f"mv {_q(tmp)} {_q(dest)} && rm -rf {_q(dest)}.old")
-        log.info("%s: trainer package uploaded (%s)", self.name, want[:12])
-        return True
+            raise self.lost(e, f"uploading {what}: ") from None
+
+    # ---- the Python ----
 
     async def resolve_python(self) -> str:
         """`python` from the config when set there; else `<workdir>/venv/bin/python` (made by
@@ -436,35 +351,16 @@ class SSHHost:
         venv = f"{self.workdir}/venv/bin/python"
         return last_line(await self.run(f"if [ -x {_q(venv)} ]; then echo {_q(venv)}; else echo {_q(py)}; fi"))
 
-    async def ensure_python(self, conn: asyncssh.SSHClientConnection) -> None:
-        """The trainer package is current on the host and its Python can run the harness (once per connection).
-
-        Raises BootstrapError naming the fix, HostUnreachable."""
-        async with self.python_lock:
-            if self.ready_conn is not conn:
-                self.trainer_ok = self.python_ok = False
-                self.data_ready = {}
-                self.ready_conn = conn
-            if not self.trainer_ok:
-                wd = self.workdir
-                self.workdir = last_line(await self.run(
-                    f"mkdir -p {_q(wd)}/lib {_q(wd)}/data {_q(wd)}/runs && cd {_q(wd)} && pwd -P"))
-                self.trainer_uploaded = await self._sync_trainer()
-                self.trainer_ok = True
-            if not self.python_ok:
-                await self._check_python(with_trainer=True)
-                self.python_ok = True
-
     async def check_deps(self, conn: asyncssh.SSHClientConnection) -> None:
         """The host's Python imports torch, numpy and tokenizers (once per connection); writes nothing there.
         Raises BootstrapError naming the fix, HostUnreachable."""
         async with self.python_lock:
             if self.ready_conn is conn and self.python_ok or self.deps_conn is conn:
                 return
-            await self._check_python(with_trainer=False)
+            await self.check_python(with_trainer=False)
             self.deps_conn = conn
 
-    async def _check_python(self, with_trainer: bool) -> None:
+    async def check_python(self, with_trainer: bool) -> None:
         """Run _DEPS_CHECK, or _TRAINER_CHECK with our uploaded trainer on the path. Raises BootstrapError."""
         self.python = await self.resolve_python()
         check = _TRAINER_CHECK if with_trainer else _DEPS_CHECK
@@ -479,49 +375,6 @@ class SSHHost:
             if not where.startswith(self.workdir + "/lib/trainer/"):
                 raise BootstrapError(f"{self.name}: {self.python} imports another trainer package ({where}), not "
                                      f"{self.workdir}/lib/trainer; remove it from that environment")
-
-    async def _remote_hashes(self, remote: str, files: list[tuple[str, bool]]) -> dict[str, str]:
-        out = await self.run(f"mkdir -p {_q(remote)} && {_q(self.python)} -c {_q(_REMOTE_HASH)}",
-                             input=json.dumps({"dir": remote, "files": files}),
-                             timeout=max(self.runner.op_timeout_s, 600.0))
-        return json.loads(out.strip().splitlines()[-1])
-
-    async def _sync_data(self, data_dir: Path, report: BootstrapReport) -> BootstrapReport:
-        """Send the files whose sha256 differs on the host (the manifest last), then verify the fingerprints there."""
-        loop = asyncio.get_running_loop()
-        manifest = json.loads((data_dir / "manifest.json").read_text())
-        fingerprinted = set(manifest.get("fingerprints", {}))
-        local = await loop.run_in_executor(None, self.runner.local_hashes, data_dir)
-        remote = f"{self.workdir}/data/{data_dir.name}"
-        report = dataclasses.replace(report, data_dir=remote, uploaded_files=[], uploaded_bytes=0)
-        rels = sorted(local, key=lambda r: (r == "manifest.json", r))
-        have = await self._remote_hashes(remote, [(r, r in fingerprinted or r == "manifest.json") for r in rels])
-        todo = [r for r in rels if have.get(r) != local[r]]
-        if todo:
-            sftp = await self.sftp_client()
-            try:
-                for rel in todo:
-                    if "/" in rel:
-                        await sftp.makedirs(f"{remote}/{posixpath.dirname(rel)}", exist_ok=True)
-                    await sftp.put(str(data_dir / rel), f"{remote}/{rel}.part")
-                    await sftp.posix_rename(f"{remote}/{rel}.part", f"{remote}/{rel}")
-                    report.uploaded_files.append(rel)
-                    report.uploaded_bytes += (data_dir / rel).stat().st_size
-            except (OSError, asyncssh.Error) as e:
-                self.drop(describe_error(e))
-                raise HostUnreachable(f"{self.name}: uploading data: {describe_error(e)}") from None
-            check = await self._remote_hashes(remote, [(r, True) for r in todo])
-            bad = [r for r in todo if check.get(r) != local[r]]
-            if bad:
-                raise BootstrapError(f"{self.name}: data files arrived corrupted on the host: {', '.join(bad)}")
-            log.info("%s: sent %d data files (%d bytes) to %s", self.name, len(todo), report.uploaded_bytes, remote)
-        verify = (f"from trainer.data import verify_fingerprints; verify_fingerprints({remote!r}); print('ok')")
-        try:
-            await self.run(f"PYTHONPATH={_q(self.workdir + '/lib')} {_q(self.python)} -P -c {_q(verify)}",
-                           timeout=max(self.runner.op_timeout_s, 600.0))
-        except RemoteCommandError as e:
-            raise BootstrapError(f"{self.name}: data on the host refused: {e}") from None
-        return report
 
     # ---- health ----
 
@@ -553,30 +406,3 @@ class SSHHost:
         return h
 
 
-NVIDIA_SMI = "nvidia-smi --query-gpu=index,name,memory.used,memory.total --format=csv,noheader,nounits"
-
-
-def parse_nvidia_smi(text: str) -> list[dict]:
-    """Rows of NVIDIA_SMI's output → [{index, name, memory_used_mib, memory_total_mib}]. Raises ValueError."""
-    gpus = []
-    for line in text.strip().splitlines():
-        parts = [x.strip() for x in line.split(",")]
-        if len(parts) < 4:
-            raise ValueError(f"unexpected nvidia-smi line {line!r}")
-        idx, used, total = parts[0], parts[-2], parts[-1]
-        gpus.append({"index": int(idx), "name": ",".join(parts[1:-2]), "memory_used_mib": float(used),
-                     "memory_total_mib": float(total)})
-    return gpus
-
-
-def last_line(out: str) -> str:
-    """The last non-empty line of a command's output (a login shell may print banners before it)."""
-    lines = [x for x in out.strip().splitlines() if x.strip()]
-    return lines[-1].strip() if lines else ""
-
-
-def describe_error(e: BaseException) -> str:
-    if isinstance(e, asyncio.TimeoutError):
-        return "timed out"
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:300]
