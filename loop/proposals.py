@@ -85,7 +85,8 @@ class Proposals:
         self.requests = self.throttles = self.peak_in_flight = 0
         self._failures = 0
         self._retry_at = 0.0
-        proposer.on_throttle = self.throttled
+        if proposer is not None:  # None: an engine that only reads and steers (tools, tests), never proposes
+            proposer.on_throttle = self.throttled
 
     # ---- what the proposer is shown ----
 

@@ -19,7 +19,7 @@ from typing import Optional
 
 import asyncssh
 
-from loop.runners.ssh_host import BootstrapError, RemoteCommandError, SSHHost, _q, last_line
+from loop.runners.ssh_host import BootstrapError, RemoteCommandError, SSHHost, last_line, q
 from trainer.data import sha256_file
 
 log = logging.getLogger(__name__)
@@ -140,7 +140,7 @@ async def ensure_python(h: SSHHost, conn: asyncssh.SSHClientConnection) -> None:
         if not h.trainer_ok:
             wd = h.workdir
             h.workdir = last_line(await h.run(
-                f"mkdir -p {_q(wd)}/lib {_q(wd)}/data {_q(wd)}/runs && cd {_q(wd)} && pwd -P"))
+                f"mkdir -p {q(wd)}/lib {q(wd)}/data {q(wd)}/runs && cd {q(wd)} && pwd -P"))
             h.trainer_uploaded = await _sync_trainer(h)
             h.trainer_ok = True
         if not h.python_ok:
@@ -156,17 +156,17 @@ async def _sync_trainer(h: SSHHost) -> bool:
     if have is not None and have.decode(errors="replace").strip() == want:
         return False
     tmp = f"{dest}.new-{want[:12]}"
-    await h.run(f"rm -rf {_q(tmp)} && mkdir -p {_q(tmp)}")
+    await h.run(f"rm -rf {q(tmp)} && mkdir -p {q(tmp)}")
     await h.put(pkg, tmp, [p.relative_to(pkg).as_posix() for p in package_files(pkg)], "the trainer package")
-    await h.run(f"echo {want} > {_q(tmp)}/{TRAINER_STAMP} && rm -rf {_q(dest)}.old; "
-                f"if [ -d {_q(dest)} ]; then mv {_q(dest)} {_q(dest)}.old; fi; "
-                f"mv {_q(tmp)} {_q(dest)} && rm -rf {_q(dest)}.old")
+    await h.run(f"echo {want} > {q(tmp)}/{TRAINER_STAMP} && rm -rf {q(dest)}.old; "
+                f"if [ -d {q(dest)} ]; then mv {q(dest)} {q(dest)}.old; fi; "
+                f"mv {q(tmp)} {q(dest)} && rm -rf {q(dest)}.old")
     log.info("%s: trainer package uploaded (%s)", h.name, want[:12])
     return True
 
 
 async def _remote_hashes(h: SSHHost, remote: str, files: list[tuple[str, bool]]) -> dict[str, str]:
-    out = await h.run(f"mkdir -p {_q(remote)} && {_q(h.python)} -c {_q(_REMOTE_HASH)}",
+    out = await h.run(f"mkdir -p {q(remote)} && {q(h.python)} -c {q(_REMOTE_HASH)}",
                       input=json.dumps({"dir": remote, "files": files}), timeout=max(h.runner.op_timeout_s, 600.0))
     return json.loads(out.strip().splitlines()[-1])
 
@@ -191,7 +191,7 @@ async def _sync_data(h: SSHHost, data_dir: Path, report: BootstrapReport) -> Boo
         log.info("%s: sent %d data files (%d bytes) to %s", h.name, len(todo), report.uploaded_bytes, remote)
     verify = f"from trainer.data import verify_fingerprints; verify_fingerprints({remote!r}); print('ok')"
     try:
-        await h.run(f"PYTHONPATH={_q(h.workdir + '/lib')} {_q(h.python)} -P -c {_q(verify)}",
+        await h.run(f"PYTHONPATH={q(h.workdir + '/lib')} {q(h.python)} -P -c {q(verify)}",
                     timeout=max(h.runner.op_timeout_s, 600.0))
     except RemoteCommandError as e:
         raise BootstrapError(f"{h.name}: data on the host refused: {e}") from None

@@ -66,7 +66,8 @@ class HostHealth:
 # ---- Helpers ----
 
 
-def _q(s: str) -> str:
+def q(s) -> str:
+    """`s` (a path, a number) quoted for a remote POSIX shell."""
     return shlex.quote(str(s))
 
 
@@ -125,7 +126,7 @@ def kill_script(run_dir: str, wait_s: float = KILL_WAIT_S) -> str:
     Refuses when the pid's process runs elsewhere (a reused pid); prints `killed` when a group was signalled.
     A process-group id cannot be reused while any member lives, so a surviving group is always ours.
     """
-    r = _q(run_dir)
+    r = q(run_dir)
     n = max(1, int(wait_s * 10))
     return (GROUP_ALIVE +
             f"pg=$(cat {r}/pid 2>/dev/null) || exit 0\n"
@@ -212,7 +213,7 @@ class SSHHost:
                 self.home = last_line(await self._exec(conn, 'printf "\\n%s\\n" "$HOME"'))
                 wd = expand_home(self.cfg.workdir, self.home)
                 # resolved without creating it (health checks write nothing); ensure_ready creates it
-                self.workdir = last_line(await self._exec(conn, f"cd {_q(wd)} 2>/dev/null && pwd -P || echo {_q(wd)}"))
+                self.workdir = last_line(await self._exec(conn, f"cd {q(wd)} 2>/dev/null && pwd -P || echo {q(wd)}"))
                 self.orphans |= {f"{self.workdir}/runs/{run_dir_name(i)}" for i in self.pending_reaps}
                 self.pending_reaps.clear()
                 for run_dir in sorted(self.orphans):
@@ -349,7 +350,7 @@ class SSHHost:
         if "python" in cfg.model_fields_set:
             return py
         venv = f"{self.workdir}/venv/bin/python"
-        return last_line(await self.run(f"if [ -x {_q(venv)} ]; then echo {_q(venv)}; else echo {_q(py)}; fi"))
+        return last_line(await self.run(f"if [ -x {q(venv)} ]; then echo {q(venv)}; else echo {q(py)}; fi"))
 
     async def check_deps(self, conn: asyncssh.SSHClientConnection) -> None:
         """The host's Python imports torch, numpy and tokenizers (once per connection); writes nothing there.
@@ -364,9 +365,9 @@ class SSHHost:
         """Run _DEPS_CHECK, or _TRAINER_CHECK with our uploaded trainer on the path. Raises BootstrapError."""
         self.python = await self.resolve_python()
         check = _TRAINER_CHECK if with_trainer else _DEPS_CHECK
-        path = f"cd {_q(self.workdir)} && PYTHONPATH={_q(self.workdir + '/lib')} " if with_trainer else ""
+        path = f"cd {q(self.workdir)} && PYTHONPATH={q(self.workdir + '/lib')} " if with_trainer else ""
         try:
-            out = await self.run(f"{path}{_q(self.python)} -P -c {_q(check)}",
+            out = await self.run(f"{path}{q(self.python)} -P -c {q(check)}",
                                  timeout=max(self.runner.op_timeout_s, 120.0))
         except RemoteCommandError as e:
             raise BootstrapError(f"{self.name}: {self.python} cannot run the harness ({e}); {BOOTSTRAP_HINT}") from None
@@ -392,7 +393,7 @@ class SSHHost:
                 except RemoteCommandError as e:
                     raise RemoteCommandError(f"{self.name}: nvidia-smi failed (no driver, or not a GPU host? set "
                                              f"cpu_only = true for a CPU host): {e}") from None
-            df = last_line(await self.run(f"d={_q(self.workdir)}; while [ ! -e \"$d\" ]; do d=$(dirname \"$d\"); "
+            df = last_line(await self.run(f"d={q(self.workdir)}; while [ ! -e \"$d\" ]; do d=$(dirname \"$d\"); "
                                            f"done; df -Pk \"$d\" | tail -n 1")).split()
             h.free_disk_bytes = int(df[3]) * 1024
             await self.check_deps(conn)
