@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Optional
 from zoneinfo import ZoneInfo
 
@@ -54,13 +54,6 @@ def budget_day(now: Optional[datetime] = None, tz: str = "UTC") -> str:
     if now.tzinfo is None:
         now = now.replace(tzinfo=timezone.utc)
     return now.astimezone(ZoneInfo(tz)).date().isoformat()
-
-
-def next_rollover(now: datetime, tz: str = "UTC") -> datetime:
-    """The next local midnight after `now` in `tz`, as an aware datetime."""
-    local = now.astimezone(ZoneInfo(tz))
-    midnight = (local + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
-    return midnight
 
 
 _AMOUNT = re.compile(r"^(?P<usd>\$)?(?P<num>\d+(?:\.\d+)?)(?P<unit>h|hr|hrs|hours?|m|min|s|usd)?$", re.I)
