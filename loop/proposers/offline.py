@@ -94,22 +94,6 @@ class OfflineProposer(Proposer):
         self.device = device
         self.factors = tuple(factors)
         self._rng = random.Random(seed)
-        # (history list, parent, entries read, tried edit keys, net kept directions): see _read
-        self._seen: tuple = (None, "", 0, set(), {})
-        self._follow: tuple = (None, (), [])  # (candidates, kept directions, follow-up candidates): see _choose
-
-    def _read(self, parent: str, history: Sequence[TriedEdit]) -> tuple[set[str], dict[str, int]]:
-        """(edit keys tried from `parent`, kept_directions(history)). The engine appends to one history list
-        while it fills a fleet's slots (thousands of entries), so a list seen before is read only from where
-        it was left."""
-        seen_list, seen_parent, n, tried, net = self._seen
-        if seen_list is not history or seen_parent != parent or len(history) < n:
-            n, tried, net = 0, set(), {}
-        new = history[n:]
-        tried.update(t.edit_key for t in new if t.parent == parent)
-        _add_kept(new, net)
-        self._seen = (history, parent, len(history), tried, net)  # holding the list keeps `is` meaningful
-        return tried, _directions(net)
 
     def propose(self, head_source: str, parent: str, history: Sequence[TriedEdit],
                 state: ResearchState | None = None) -> Proposal:
@@ -124,7 +108,8 @@ class OfflineProposer(Proposer):
             every = _all_candidates(head_source, self.device, self.factors)
         except SyntaxError as exc:
             raise ProposalError(f"head train.py does not parse: line {exc.lineno}: {exc.msg}") from exc
-        tried, kept = self._read(parent, history)
+        tried = {t.edit_key for t in history if t.parent == parent}
+        kept = kept_directions(history)
         mutation = self._choose(every, _edit_keys(head_source, self.device, self.factors), tried, kept)
         if mutation is None:
             raise ProposalExhausted(
@@ -145,10 +130,8 @@ class OfflineProposer(Proposer):
         ones are not listed while most are untried: drawing uniformly from all and skipping tried ones (up to
         REJECTION_TRIES draws) is a uniform draw from the untried ones."""
         if kept:
-            if self._follow[0] is not every or self._follow[1] != tuple(kept.items()):
-                follow = [m for m in every if m.direction and kept.get(m.constant.name) == m.direction]
-                self._follow = (every, tuple(kept.items()), follow)
-            follow_ups = [m for m in self._follow[2] if m.edit_key not in tried]
+            follow_ups = [m for m in every if m.direction and kept.get(m.constant.name) == m.direction
+                          and m.edit_key not in tried]
             if follow_ups and self._rng.random() < FOLLOW_UP_PROB:
                 return self._rng.choice(follow_ups)
         if 2 * len(tried) < len(every):
@@ -365,13 +348,7 @@ def kept_directions(history: Sequence[TriedEdit]) -> dict[str, int]:
 
     Reads descriptions written by this proposer ("NAME old → new"); others are ignored.
     """
-    net: dict[str, int] = {}
-    _add_kept(history, net)
-    return _directions(net)
-
-
-def _add_kept(history: Sequence[TriedEdit], net: dict[str, int]) -> None:
-    """Add the kept numeric edits of `history` to `net` (constant name → kept ups minus kept downs)."""
+    net: dict[str, int] = {}  # constant name → kept ups minus kept downs
     for tried in history:
         if tried.status != "keep":
             continue
@@ -384,9 +361,6 @@ def _add_kept(history: Sequence[TriedEdit], net: dict[str, int]) -> None:
             continue
         if _is_number(old) and _is_number(new) and old != new:
             net[match["name"]] = net.get(match["name"], 0) + (1 if new > old else -1)
-
-
-def _directions(net: dict[str, int]) -> dict[str, int]:
     return {name: (1 if n > 0 else -1) for name, n in net.items() if n}
 
 
