@@ -17,6 +17,19 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+# Pydantic reads a default_factory's signature each time a row is built: a builtin's (`list`, `dict`) is parsed from
+# its text signature (an ast.parse and a new class, left as cyclic garbage, per field per row); a Python function's
+# is read directly. The engine builds a few rows per experiment.
+def empty_list() -> list:
+    """A new empty list (a default_factory)."""
+    return []
+
+
+def empty_dict() -> dict:
+    """A new empty dict (a default_factory)."""
+    return {}
+
+
 RUN_STATES = ("running", "paused")
 EXPERIMENT_STATUSES = ("proposed", "queued", "running", "confirming", "keep", "discard", "crash", "timeout",
                        "refused", "pruned", "invalid", "aborted", "infra_failed")
@@ -35,9 +48,9 @@ class Run(SQLModel, table=True):
     baseline_commit: str
     head_commit: str
     head_val_bpb: Optional[float] = None  # mean of head's runs
-    head_runs: list = Field(default_factory=list, sa_column=Column(JSON))  # val_bpb of each run of head
+    head_runs: list = Field(default_factory=empty_list, sa_column=Column(JSON))  # val_bpb of each run of head
     noise_sigma: Optional[float] = None  # σ pooled over every hardware class (shown; the rule uses class_sigma)
-    class_sigma: dict = Field(default_factory=dict, sa_column=Column(JSON))  # hardware class → its σ
+    class_sigma: dict = Field(default_factory=empty_dict, sa_column=Column(JSON))  # hardware class → its σ
     promoted_commit: str = ""  # the last commit whose gain was shown to transfer to a larger scale
     budget_s: float
     device: str = "cpu"
@@ -70,7 +83,7 @@ class Experiment(SQLModel, table=True):
     confirms_id: Optional[int] = Field(default=None, foreign_key="experiments.id", index=True)
     promotion_id: Optional[int] = Field(default=None, foreign_key="promotions.id", index=True)
     scale: str = ""  # scale name for promotion runs ("" = the loop's own)
-    scale_overrides: dict = Field(default_factory=dict, sa_column=Column(JSON))  # passed to ctx.scale
+    scale_overrides: dict = Field(default_factory=empty_dict, sa_column=Column(JSON))  # passed to ctx.scale
     budget_s: Optional[float] = None  # this experiment's budget when not the run's (promotions)
     status: str = Field(default="proposed", index=True)
     reason: str = Field(default="", sa_column=Column(Text))  # why invalid / crashed / aborted
@@ -100,10 +113,10 @@ class Experiment(SQLModel, table=True):
     # the hardware class it must train on ("" any): a paired control or confirmation, a promotion's second side
     hardware: str = ""
     cost_usd: float = 0.0  # proposer spend for this proposal
-    usage: dict = Field(default_factory=dict, sa_column=Column(JSON))  # proposer token accounting
-    decision: dict = Field(default_factory=dict, sa_column=Column(JSON))  # ratchet rule inputs and verdict
+    usage: dict = Field(default_factory=empty_dict, sa_column=Column(JSON))  # proposer token accounting
+    decision: dict = Field(default_factory=empty_dict, sa_column=Column(JSON))  # ratchet rule inputs and verdict
     log_tail: str = Field(default="", sa_column=Column(Text))
-    curve: list = Field(default_factory=list, sa_column=Column(JSON))  # [[elapsed_s, loss], …], ≤ 200 points
+    curve: list = Field(default_factory=empty_list, sa_column=Column(JSON))  # [[elapsed_s, loss], …], ≤ 200 points
     attempts: int = 0  # starts, re-runs after a restart or a dead host included
     pid: Optional[int] = None  # local runner: the process group, to clean up after a crash of serve
     workdir: str = ""
@@ -122,12 +135,12 @@ class Promotion(SQLModel, table=True):
     candidate_commit: str
     reference_commit: str  # the run's baseline, or the last promoted commit
     scale: str  # name in the scale ladder
-    scale_overrides: dict = Field(default_factory=dict, sa_column=Column(JSON))
+    scale_overrides: dict = Field(default_factory=empty_dict, sa_column=Column(JSON))
     budget_s: float
     seeds: int = 2
     status: str = "queued"  # queued | running | done | cancelled | failed
     verdict: str = ""  # transfers | does_not_transfer | inconclusive | scale_ignored
-    result: dict = Field(default_factory=dict, sa_column=Column(JSON))  # deltas, σ, runs, params per side
+    result: dict = Field(default_factory=empty_dict, sa_column=Column(JSON))  # deltas, σ, runs, params per side
     requested_by: str = ""
     created_at: datetime = Field(default_factory=utcnow)
     finished_at: Optional[datetime] = None
@@ -142,7 +155,7 @@ class Event(SQLModel, table=True):
     experiment_id: Optional[int] = Field(default=None, foreign_key="experiments.id")
     kind: str  # kept | discarded | crashed | invalid | aborted | baseline | paused | resumed | ...
     text: str = Field(sa_column=Column(Text))  # one readable line
-    payload: dict = Field(default_factory=dict, sa_column=Column(JSON))
+    payload: dict = Field(default_factory=empty_dict, sa_column=Column(JSON))
     created_at: datetime = Field(default_factory=utcnow)
     delivered_at: Optional[datetime] = Field(default=None, index=True)
     delivery_ref: str = ""  # e.g. the Slack message ts, so a restart never posts twice
