@@ -91,15 +91,15 @@ class Proposals:
     # ---- what the proposer is shown ----
 
     def history(self, run: Run) -> list[TriedEdit]:
-        """Earlier experiments, oldest first, with Δ val_bpb vs their parent: every one tried on head, every keep,
-        and the HISTORY_RECENT most recent (bounded, however long the run)."""
+        """Earlier experiments, oldest first, with Δ val_bpb vs their parent: every keep and the HISTORY_RECENT most
+        recent (bounded, however long head stands still; what was tried on head is research_state's
+        tried_on_head)."""
         with Session(self.db) as db:
             oldest_recent = db.exec(select(Experiment.id).where(Experiment.run_id == run.id)
                                     .order_by(Experiment.id.desc()).offset(HISTORY_RECENT - 1).limit(1)).first() or 0
-            # A union of three indexed reads: with OR in one WHERE, SQLite scans every experiment of the run.
+            # A union of two indexed reads: with OR in one WHERE, SQLite scans every experiment of the run.
             ids = union(*(select(Experiment.id).where(Experiment.run_id == run.id, cond) for cond in (
-                Experiment.parent_commit == run.head_commit, Experiment.status == "keep",
-                Experiment.id >= oldest_recent)))
+                Experiment.status == "keep", Experiment.id >= oldest_recent)))
             # The columns used below, not whole rows: diffs, curves and logs are most of a row's bytes.
             rows = db.exec(select(Experiment.id, Experiment.kind, Experiment.status, Experiment.commit,
                                   Experiment.parent_commit, Experiment.val_bpb, Experiment.edit_key,
@@ -125,7 +125,8 @@ class Proposals:
         return out
 
     def research_state(self, run: Run) -> ResearchState:
-        """The run as a proposer sees it: head, noise floor, threshold, hints, program.md, seen hashes."""
+        """The run as a proposer sees it: head, noise floor, threshold, hints, program.md, seen hashes, the edit
+        keys tried on head."""
         with Session(self.db) as db:
             hints = db.exec(select(Hint).where(Hint.run_id == run.id, Hint.closed_at.is_(None))
                             .order_by(Hint.id)).all()
@@ -139,6 +140,9 @@ class Proposals:
                 select(Experiment.id, Experiment.description, Experiment.direction).where(
                     Experiment.run_id == run.id, Experiment.kind == "experiment",
                     Experiment.status.in_(("queued", "running", "confirming"))).order_by(Experiment.id)).all())
+            tried = frozenset(db.exec(select(Experiment.edit_key).where(
+                Experiment.run_id == run.id, Experiment.kind == "experiment",
+                Experiment.parent_commit == run.head_commit)).all())
             kept = db.exec(select(Experiment.id, Experiment.description, Experiment.diff).where(
                 Experiment.run_id == run.id, Experiment.kind == "experiment", Experiment.status == "keep")
                 .order_by(Experiment.id.desc()).limit(KEPT_DIFFS)).all()
@@ -154,7 +158,7 @@ class Proposals:
             keep_threshold=None if sigma is None else max(s.min_delta, s.noise_z * sigma),
             budget_s=run.budget_s, device=self.device, program=program,
             hints=tuple((h.author, h.text) for h in hints), seen_hashes=SeenHashes(self.db, run.id),
-            not_transferred=not_transferred, in_progress=in_progress, kept_diffs=kept_diffs)
+            not_transferred=not_transferred, in_progress=in_progress, kept_diffs=kept_diffs, tried_on_head=tried)
 
     # ---- asking ----
 

@@ -452,3 +452,25 @@ def test_seen_hashes_answers_from_the_run_s_experiments(db_url):
     assert not any(h(i) in seen for i in range(2000, 2030))
     store(run_id, h(4000))
     assert h(4000) in seen
+
+
+def test_a_long_plateau_shows_the_recent_history_and_every_edit_tried_on_head(tmp_path, data_dir, tiny_workspace):
+    """Thousands of experiments on one head: what the proposer is shown stays bounded (every keep and the
+    HISTORY_RECENT most recent), and research_state still names every edit key tried on head."""
+    from db.session import session_scope
+    from loop.proposals import HISTORY_RECENT
+
+    eng, db = make_engine_for(tmp_path, data_dir, tiny_workspace)
+    run = eng.get_run()
+    n = HISTORY_RECENT + 150
+    with session_scope(db) as s:
+        s.add(Experiment(run_id=run.id, kind="experiment", status="keep", parent_commit="0" * 40,
+                         commit=run.head_commit, edit_key="OLD 1 → 2", val_bpb=1.0))
+        for i in range(n):
+            s.add(Experiment(run_id=run.id, kind="experiment", status="discard", parent_commit=run.head_commit,
+                             commit=f"{i:040x}", edit_key=f"K{i}", val_bpb=1.1))
+    history = eng.proposals.history(run)
+    assert len(history) == HISTORY_RECENT + 1  # the keep, then the most recent ones
+    assert history[0].edit_key == "OLD 1 → 2" and [t.edit_key for t in history[1:]] == [
+        f"K{i}" for i in range(n - HISTORY_RECENT, n)]
+    assert eng.proposals.research_state(run).tried_on_head == {f"K{i}" for i in range(n)}

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from loop.proposers.base import Proposal, ProposalError, ProposalExhausted, Proposer, TriedEdit
+from loop.proposers.base import Proposal, ProposalError, ProposalExhausted, Proposer, ResearchState, TriedEdit
 from loop.proposers.offline import (
     OfflineProposer,
     candidate_mutations,
@@ -171,6 +171,16 @@ def test_any_status_counts_as_tried():
     history = [TriedEdit(PARENT, k, statuses[i % len(statuses)]) for i, k in enumerate(keys)]
     with pytest.raises(ProposalExhausted):
         OfflineProposer(seed=5).propose(TRAIN_PY, PARENT, history)
+
+
+def test_edits_tried_on_head_that_the_history_no_longer_shows_count_as_tried():
+    """On a long plateau the history holds only the recent experiments; research_state's tried_on_head holds
+    every edit key tried on head, and those are never proposed again."""
+    keys = [p.edit_key for p in exhaust(OfflineProposer(seed=5))]
+    state = ResearchState(tried_on_head=frozenset(keys[:-1]))
+    assert OfflineProposer(seed=6).propose(TRAIN_PY, PARENT, [], state).edit_key == keys[-1]
+    with pytest.raises(ProposalExhausted):
+        OfflineProposer(seed=6).propose(TRAIN_PY, PARENT, [], ResearchState(tried_on_head=frozenset(keys)))
 
 
 def test_unparsable_head_is_a_proposal_error_not_exhaustion():

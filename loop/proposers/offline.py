@@ -108,7 +108,7 @@ class OfflineProposer(Proposer):
             every = _all_candidates(head_source, self.device, self.factors)
         except SyntaxError as exc:
             raise ProposalError(f"head train.py does not parse: line {exc.lineno}: {exc.msg}") from exc
-        tried = {t.edit_key for t in history if t.parent == parent}
+        tried = {t.edit_key for t in history if t.parent == parent} | (state.tried_on_head if state else set())
         kept = kept_directions(history)
         mutation = self._choose(every, _edit_keys(head_source, self.device, self.factors), tried, kept)
         if mutation is None:
