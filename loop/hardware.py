@@ -7,7 +7,6 @@ class of its own. Queries on the run's experiments and pure helpers; no verdicts
 from __future__ import annotations
 
 import fnmatch
-import statistics
 from typing import Optional
 
 from sqlmodel import Session, select
@@ -86,10 +85,6 @@ def sigma_for(run: Run, cls: str) -> float:
     if run.noise_sigma is None:
         raise ValueError("no noise floor yet")
     return run.noise_sigma
-
-
-def mean(values) -> float:
-    return statistics.fmean(values)
 
 
 def allowed(pin: str, cls: Optional[str], host: str) -> Optional[bool]:

@@ -27,16 +27,6 @@ class Decision:
         return asdict(self)
 
 
-def noise_floor(values: Sequence[float]) -> float:
-    """σ: the sample standard deviation (n−1) of val_bpb over repeated runs of the same code.
-
-    Raises ValueError for fewer than two values.
-    """
-    if len(values) < 2:
-        raise ValueError("the noise floor needs at least two runs")
-    return statistics.stdev(values)
-
-
 def pooled_sigma(groups: Sequence[Sequence[float]], outlier_ratio: float = 5.0) -> float:
     """σ pooled over groups of runs of the same code: sqrt(Σ_g Σ_i (x_gi − x̄_g)² / Σ_g (n_g − 1)).
 

@@ -349,17 +349,6 @@ class Workspace:
 
     # ---- merging ----
 
-    def rebase_source(self, source_parent: str, source_commit: str, new_parent: str,
-                      path: str = "train.py") -> str | None:
-        """Re-apply the change source_parent→source_commit to new_parent's `path` (3-way merge).
-
-        Returns the merged text, or None when the change does not apply cleanly (conflicts).
-        Raises WorkspaceError when a commit or the file is missing or git fails.
-        """
-        ours, base, theirs = (self._git("cat-file", "blob", f"{c}:{path}").stdout
-                              for c in (new_parent, source_parent, source_commit))
-        return self.merge_text(base, ours, theirs)
-
     def merge_text(self, base: str | bytes, ours: str | bytes, theirs: str | bytes) -> str | None:
         """3-way merge of file texts with `git merge-file`: the change base→theirs applied to ours.
 

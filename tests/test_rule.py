@@ -2,13 +2,7 @@
 
 import pytest
 
-from loop.rule import decide, noise_floor, pooled_sigma
-
-
-def test_noise_floor_is_the_sample_std():
-    assert noise_floor([1.0, 1.2, 1.4]) == pytest.approx(0.2)
-    with pytest.raises(ValueError):
-        noise_floor([1.0])
+from loop.rule import decide, pooled_sigma
 
 
 def test_keep_needs_to_beat_head_by_the_noise_margin():

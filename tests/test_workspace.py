@@ -162,17 +162,22 @@ def test_diff(ws):
     assert ws.diff(c1, c1) == ""
 
 
+def rebase_source(ws, parent, change, new_head):
+    """The change parent → change re-applied to new_head's train.py, as the keep policy rebases a result."""
+    return ws.merge_text(ws.read_file(parent), ws.read_file(new_head), ws.read_file(change))
+
+
 def test_rebase_source(ws):
     base = ws.head_commit()
     p = ws.commit_experiment(1, base, SCRIPT, "parent")
     change = ws.commit_experiment(2, p, edit(SCRIPT, "A = 1", "A = 10"), "A 1 → 10")
     new_head = ws.commit_experiment(3, p, edit(SCRIPT, "C = 3", "C = 30"), "C 3 → 30")
-    merged = ws.rebase_source(p, change, new_head)
+    merged = rebase_source(ws, p, change, new_head)
     assert merged == SCRIPT.replace("A = 1", "A = 10").replace("C = 3", "C = 30")
     clash = ws.commit_experiment(4, p, edit(SCRIPT, "A = 1", "A = 20"), "A 1 → 20")
-    assert ws.rebase_source(p, change, clash) is None
+    assert rebase_source(ws, p, change, clash) is None
     with pytest.raises(WorkspaceError):
-        ws.rebase_source(p, "0" * 40, new_head)
+        rebase_source(ws, p, "0" * 40, new_head)
 
 
 def test_user_edits_survive(ws):
@@ -190,7 +195,7 @@ def test_user_edits_survive(ws):
     c2 = ws.commit_experiment(2, c1, edit(SCRIPT, "B = 2", "B = 7"), "two")
     ws.set_branch("r", c2)
     ws.diff(c1, c2)
-    ws.rebase_source(c1, c2, c1)
+    rebase_source(ws, c1, c2, c1)
     Workspace.init(ws.path)
 
     assert (ws.path / "train.py").read_text() == mine
