@@ -15,7 +15,7 @@ from apscheduler.jobstores.memory import MemoryJobStore
 from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
-from sqlmodel import Session, select
+from sqlmodel import select
 
 from db.models import Event, Run, utcnow
 from db.session import session_scope
@@ -171,14 +171,3 @@ def next_digest(settings, now: Optional[datetime] = None) -> datetime:
     """When the next digest fires after `now` (aware)."""
     now = now or utcnow()
     return digest_trigger(settings).get_next_fire_time(None, now)
-
-
-def digest_events(db_engine, run_name: str) -> list[Event]:
-    """The run's digest events, oldest first."""
-    with Session(db_engine) as db:
-        run = db.exec(select(Run).where(Run.name == run_name)).first()
-        if run is None:
-            return []
-        return list(db.exec(select(Event).where(Event.run_id == run.id, Event.kind == "digest")
-                            .order_by(Event.id)).all())
-

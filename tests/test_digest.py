@@ -15,11 +15,21 @@ from sqlmodel import Session, select
 
 from bench.digest import fill
 from bot.digest import digest_text, plot_series, render_plot
-from db.models import Experiment, Run
+from db.models import Event, Experiment, Run
 from db.session import create_tables, make_engine
 from loop.config import Settings
 from loop.digest import build_digest
-from loop.scheduler import digest_events, make_scheduler, next_digest, request_digest
+from loop.scheduler import make_scheduler, next_digest, request_digest
+
+
+def digest_events(db_engine, run_name: str) -> list[Event]:
+    """The run's digest events, oldest first."""
+    with Session(db_engine) as db:
+        run = db.exec(select(Run).where(Run.name == run_name)).first()
+        if run is None:
+            return []
+        return list(db.exec(select(Event).where(Event.run_id == run.id, Event.kind == "digest")
+                            .order_by(Event.id)).all())
 
 
 def test_digest_fires_at_the_cron_time_in_a_non_utc_timezone():
