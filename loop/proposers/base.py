@@ -113,8 +113,9 @@ class Proposer:
     """Writes the next proposal for a run.
 
     `propose(head_source, parent, history, state)`: `head_source` is head's train.py text,
-    `parent` head's commit, `history` the earlier experiments of the run (any parent, oldest
-    first), `state` the rest of what the run knows (noise floor, hints, program.md).
+    `parent` head's commit, `history` earlier experiments of the run (every keep and the most recent, any
+    parent, oldest first), `state` the rest of what the run knows (noise floor, hints, program.md, the edit
+    keys tried on head).
     Raises ProposalError: ProposalExhausted when nothing is left to try, ProposalAuthError when
     credentials are rejected, ProposalRejected when an answer could not be used.
     """

@@ -97,7 +97,8 @@ class OfflineProposer(Proposer):
 
     def propose(self, head_source: str, parent: str, history: Sequence[TriedEdit],
                 state: ResearchState | None = None) -> Proposal:
-        """Mutate one constant of `head_source`; never an edit_key already tried from `parent`.
+        """Mutate one constant of `head_source`; never an edit_key already tried from `parent` (in `history`
+        or in state.tried_on_head).
 
         Choice: with probability FOLLOW_UP_PROB, among the untried candidates that continue
         a direction kept before (a kept "LR 0.02 → 0.04" makes "LR up" a follow-up), else
