@@ -347,13 +347,6 @@ def resolve_waiters(db: Session, run: Run, control: Experiment, settings: Settin
 # ---- a result whose parent is no longer head ----
 
 
-def commit_val_bpb(db: Session, run: Run, commit: str) -> Optional[float]:
-    """Mean val_bpb of the accepted runs of `commit` (its keep and confirmations, or its baseline repeats)."""
-    vals = [v for v in db.exec(select(Experiment.val_bpb).where(
-        Experiment.run_id == run.id, Experiment.commit == commit, Experiment.status == "keep")).all() if v is not None]
-    return statistics.fmean(vals) if vals else None
-
-
 def rebase_or_discard(db: Session, run: Run, exp: Experiment, settings: Settings, workspace: Workspace,
                       seen_hashes, val_bpb: Optional[float] = None, d: Optional[Decision] = None, **extra) -> None:
     """A result whose parent is no longer head (another slot kept meanwhile). If it beat its own parent by the
@@ -366,7 +359,7 @@ def rebase_or_discard(db: Session, run: Run, exp: Experiment, settings: Settings
     Raises WorkspaceError when git fails."""
     cls = exp.device_name
     on_class = hardware.runs_on(db, run.id, exp.parent_commit, cls)
-    parent_bpb = statistics.fmean(on_class) if on_class else commit_val_bpb(db, run, exp.parent_commit)
+    parent_bpb = statistics.fmean(on_class) if on_class else promotion.commit_stats(db, run.id, exp.parent_commit)[0]
     if d is None:
         d = decide(exp.val_bpb if val_bpb is None else val_bpb,
                    parent_bpb if parent_bpb is not None else run.head_val_bpb, hardware.sigma_for(run, cls),
@@ -406,13 +399,13 @@ def rebase_or_discard(db: Session, run: Run, exp: Experiment, settings: Settings
 
 def revert(db: Session, run: Run, exp: Experiment, user: str) -> str:
     """Undo the keep of `exp`, head's experiment: head moves back to its parent, whose val_bpb becomes the mean
-    of the parent's recorded runs; `exp` becomes `discard` (reason and decision["reverted"] say who and when),
-    with a "reverted" event. Returns the announcement line. Raises ValueError when the parent has no recorded
-    val_bpb."""
+    of the parent's recorded runs at the loop's own scale (promotion runs, at a larger one, left out); `exp`
+    becomes `discard` (reason and decision["reverted"] say who and when), with a "reverted" event. Returns the
+    announcement line. Raises ValueError when the parent has no recorded val_bpb."""
     parent = exp.parent_commit
     runs = [v for v in db.exec(select(Experiment.val_bpb).where(
         Experiment.run_id == run.id, Experiment.commit == parent, Experiment.id != exp.id,
-        Experiment.val_bpb.is_not(None))).all()]
+        Experiment.kind != "promotion", Experiment.val_bpb.is_not(None))).all()]
     if not runs:
         raise ValueError(f"#{exp.id}'s parent {parent[:10]} has no recorded val_bpb; cannot revert")
     before = run.head_val_bpb

@@ -68,6 +68,9 @@ def test_revert_walks_head_back_one_keep_at_a_time(measured):
     assert (run.head_commit, run.head_val_bpb, run.head_runs) == (a.commit, 2.20, [2.20])
     assert ws.branch_tip("main") == a.commit
 
+    with session_scope(eng.db) as s:  # a promotion run of the baseline, at a larger scale: not a run of head's
+        s.add(Experiment(run_id=eng.run_id, kind="promotion", status="keep", commit=base, parent_commit=base,
+                         scale="s1", val_bpb=1.50))
     control.revert("dana", a.id)
     run = run_row(control)
     assert run.head_commit == base and run.head_val_bpb == pytest.approx(2.32) and len(run.head_runs) == 3
