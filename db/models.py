@@ -70,9 +70,10 @@ class Experiment(SQLModel, table=True):
     # round: without these, SQLite answers both by scanning every experiment of the run (its run_id index).
     __table_args__ = (Index("ix_experiments_run_id_ast_hash", "run_id", "ast_hash"),
                       Index("ix_experiments_run_id_status", "run_id", "status"),
-                      # a commit's accepted runs (each stale result asks about its parent), what was tried on
-                      # head (the proposer's history): without them, scans of every keep or every experiment
-                      Index("ix_experiments_run_id_commit", "run_id", "commit"),
+                      # a commit's accepted runs on a class (each result asks about its parent), what was
+                      # tried on head: without them, scans of every keep or every experiment. device_name is
+                      # third so that SQLite prefers this index to the class's one below for the first.
+                      Index("ix_experiments_run_id_commit_device_name", "run_id", "commit", "device_name"),
                       Index("ix_experiments_run_id_parent_commit", "run_id", "parent_commit"),
                       # σ of one hardware class pools the runs of that class (loop/hardware.py)
                       Index("ix_experiments_run_id_device_name", "run_id", "device_name"))

@@ -30,11 +30,12 @@ WAIT_S = 1.0  # how long a proposer with nothing left on head is not asked again
 @dataclass
 class Round:
     """What one round of filling free slots reads once: the run as the tick read it (head and state do not
-    change while it fills), the queue (see `queued`), and for a fast proposer the history and research state it
-    is shown (the round's own proposals appended to that history)."""
+    change while it fills), the queue (see `queued`), and for a fast proposer head's train.py and the history
+    and research state it is shown (the round's own proposals appended to that history)."""
 
     run: Run
     queued: list[Experiment]
+    head_source: str = ""
     history: Optional[list[TriedEdit]] = None
     state: Optional[ResearchState] = None
     no_proposal: bool = False  # the proposer had nothing for a slot: the round's other slots only take the queue
@@ -96,8 +97,9 @@ def _propose(eng: Engine, rnd: Round) -> Optional[Experiment]:
             return None
         if rnd.history is None:
             rnd.history, rnd.state = proposals.history(run), proposals.research_state(run)
+            rnd.head_source = eng.workspace.read_file(run.head_commit)
         try:
-            taken = proposals.take(run, rnd.history, rnd.state)
+            proposal = proposals.take(run, rnd.head_source, rnd.history, rnd.state)
         except ProposalExhausted as e:
             if eng.handles or _has_queued(eng.db, run):
                 proposals.wait(WAIT_S)  # queued and running work first; ask again later
@@ -119,10 +121,8 @@ def _propose(eng: Engine, rnd: Round) -> Optional[Experiment]:
                 eng.on_change()
             return None
         else:
-            if taken is None:
-                return None
             proposals.succeeded()
-            exp = proposals.store(run, *taken)
+            exp = proposals.store(run, rnd.head_source, proposal)
             if exp.status == "queued":
                 return exp
         eng.finished_invalid()

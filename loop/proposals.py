@@ -126,7 +126,11 @@ class Proposals:
 
     def research_state(self, run: Run) -> ResearchState:
         """The run as a proposer sees it: head, noise floor, threshold, hints, program.md, seen hashes, the edit
-        keys tried on head."""
+        keys tried on head; for a slow proposer also the swarm's part of its prompt, what is queued or training
+        (in_progress) and the last kept diffs. A fast proposer is asked inline, one proposal at a time, once or
+        more per round: what is queued or training on head is in tried_on_head, and listing it every round
+        (thousands of rows on a large fleet) would cost more than the rest of the round's reads."""
+        swarm_prompt = self.proposer is None or not self.proposer.fast
         with Session(self.db) as db:
             hints = db.exec(select(Hint).where(Hint.run_id == run.id, Hint.closed_at.is_(None))
                             .order_by(Hint.id)).all()
@@ -136,16 +140,18 @@ class Proposals:
                 Promotion.run_id == run.id, Promotion.verdict == "does_not_transfer")).all() if pid]
             not_transferred = tuple(f"#{e.id} {e.description}" for e in db.exec(
                 select(Experiment).where(Experiment.id.in_(failed_ids))).all()) if failed_ids else ()
-            in_progress = tuple(f"#{i} {d}" + (f" [{dr}]" if dr else "") for i, d, dr in db.exec(
+            # Sorted here: with ORDER BY id, SQLite reads every experiment of the run in id order instead of
+            # the (run_id, status) index.
+            in_progress = tuple(f"#{i} {d}" + (f" [{dr}]" if dr else "") for i, d, dr in sorted(db.exec(
                 select(Experiment.id, Experiment.description, Experiment.direction).where(
                     Experiment.run_id == run.id, Experiment.kind == "experiment",
-                    Experiment.status.in_(("queued", "running", "confirming"))).order_by(Experiment.id)).all())
+                    Experiment.status.in_(("queued", "running", "confirming")))).all())) if swarm_prompt else ()
             tried = frozenset(db.exec(select(Experiment.edit_key).where(
                 Experiment.run_id == run.id, Experiment.kind == "experiment",
                 Experiment.parent_commit == run.head_commit)).all())
             kept = db.exec(select(Experiment.id, Experiment.description, Experiment.diff).where(
                 Experiment.run_id == run.id, Experiment.kind == "experiment", Experiment.status == "keep")
-                .order_by(Experiment.id.desc()).limit(KEPT_DIFFS)).all()
+                .order_by(Experiment.id.desc()).limit(KEPT_DIFFS)).all() if swarm_prompt else ()
         kept_diffs = tuple((f"#{i} {d}", short_diff(diff)) for i, d, diff in kept)
         try:
             program = self.workspace.read_file(run.head_commit, "program.md")
@@ -400,13 +406,11 @@ class Proposals:
 
             return retry_transient(once, what=f"moving #{exp.id} onto the new head")
 
-    def take(self, run: Run, history: Optional[list[TriedEdit]] = None,
-             state: Optional[ResearchState] = None) -> Optional[tuple[str, Proposal]]:
-        """A fast proposer's proposal on head, asked now with `history` and `state`: (head's train.py,
-        proposal); the proposal is appended to `history` as `queued`. Raises ProposalError (what the proposer
+    def take(self, run: Run, head_source: str, history: list[TriedEdit], state: ResearchState) -> Proposal:
+        """A fast proposer's proposal on head (whose train.py is `head_source`), asked now with `history` and
+        `state`; the proposal is appended to `history` as `queued`. Raises ProposalError (what the proposer
         raised; a proposer bug as ProposalError too). A slow proposer's answers are stored as they arrive
         (fill), never taken here."""
-        head_source = self.workspace.read_file(run.head_commit)
         try:
             proposal = self.proposer.propose(head_source, run.head_commit, history, state)
         except ProposalError:
@@ -414,9 +418,8 @@ class Proposals:
         except Exception as e:  # a proposer bug must not stop the loop: treat it as a failed proposal
             log.exception("proposer raised")
             raise ProposalError(f"{type(e).__name__}: {e}") from e
-        if history is not None:
-            history.append(TriedEdit(run.head_commit, proposal.edit_key, "queued", None, proposal.description))
-        return head_source, proposal
+        history.append(TriedEdit(run.head_commit, proposal.edit_key, "queued", None, proposal.description))
+        return proposal
 
     # ---- storing ----
 

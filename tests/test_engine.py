@@ -474,3 +474,26 @@ def test_a_long_plateau_shows_the_recent_history_and_every_edit_tried_on_head(tm
     assert history[0].edit_key == "OLD 1 → 2" and [t.edit_key for t in history[1:]] == [
         f"K{i}" for i in range(n - HISTORY_RECENT, n)]
     assert eng.proposals.research_state(run).tried_on_head == {f"K{i}" for i in range(n)}
+
+
+def test_only_a_slow_proposer_is_shown_what_is_queued_or_training(tmp_path, data_dir, tiny_workspace):
+    """The swarm's part of the prompt (in_progress, the last kept diffs) is read for a slow proposer; a fast one,
+    asked inline every round, sees what is queued or training on head through tried_on_head instead."""
+    from db.session import session_scope
+
+    eng, db = make_engine_for(tmp_path, data_dir, tiny_workspace)
+    run = eng.get_run()
+    with session_scope(db) as s:
+        s.add(Experiment(run_id=run.id, kind="experiment", status="keep", parent_commit="0" * 40, commit="1" * 40,
+                         edit_key="OLD 1 → 2", description="old keep", diff="-A = 1\n+A = 2\n", val_bpb=1.0))
+        for i, status in enumerate(("running", "queued", "confirming", "discard")):
+            s.add(Experiment(run_id=run.id, kind="experiment", status=status, parent_commit=run.head_commit,
+                             commit=f"{i:040x}", edit_key=f"K{i}", description=f"idea {i}", val_bpb=1.1))
+    fast = eng.proposals.research_state(run)
+    assert fast.in_progress == () and fast.kept_diffs == ()
+    assert fast.tried_on_head == {"K0", "K1", "K2", "K3"}
+    eng.proposals.proposer.fast = False
+    slow = eng.proposals.research_state(run)
+    assert [line.split(" ", 1)[1] for line in slow.in_progress] == ["idea 0", "idea 1", "idea 2"]
+    assert len(slow.kept_diffs) == 1 and slow.kept_diffs[0][0].endswith(" old keep")
+    assert slow.tried_on_head == fast.tried_on_head

@@ -168,13 +168,16 @@ def test_downgrade_upgrade_round_trip_with_data(db_url):
         s.add(Experiment(run_id=1, kind="confirm", confirms_id=1, status="keep", val_bpb=2.1))
     indexes = {i["name"] for i in inspect(eng).get_indexes("experiments")}
     assert {"ix_experiments_run_id_ast_hash", "ix_experiments_run_id_status"} <= indexes  # 0004's
-    assert {"ix_experiments_run_id_commit", "ix_experiments_run_id_parent_commit"} <= indexes  # 0005's
+    assert "ix_experiments_run_id_parent_commit" in indexes  # 0005's
+    assert "ix_experiments_run_id_commit_device_name" in indexes and "ix_experiments_run_id_commit" not in indexes
     with Session(eng) as s:  # 0007's column, on rows that existed before it
         assert {e.direction for e in s.exec(select(Experiment)).all()} == {""}
     assert "ix_experiments_run_id_device_name" in indexes  # 0006's
     with session_scope(eng) as s:  # 0006's columns: a result's hardware class and the per-class σ
         s.add(Experiment(run_id=1, kind="experiment", status="keep", val_bpb=2.0, device_name="NVIDIA H100 x1"))
         s.get(Run, 1).class_sigma = {"NVIDIA H100 x1": 0.002}
+    assert migrate.downgrade(eng, "-1") == "0007"  # 0008: the two-column commit index again
+    assert "ix_experiments_run_id_commit" in {i["name"] for i in inspect(eng).get_indexes("experiments")}
     assert migrate.downgrade(eng, "-1") == "0006"
     assert "direction" not in {c["name"] for c in inspect(eng).get_columns("experiments")}
     assert migrate.downgrade(eng, "-1") == "0005"

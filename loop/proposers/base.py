@@ -75,7 +75,7 @@ class ResearchState:
     not_transferred: tuple[str, ...] = ()  # kept changes whose gain did not transfer to a larger scale
     # the swarm (many requests in flight): what is queued or training right now (descriptions), the
     # directions other requests in flight were asked for, this request's direction (name, what it covers),
-    # and the last kept changes as (description, short diff), newest first
+    # and the last kept changes as (description, short diff), newest first; all empty for a fast proposer
     in_progress: tuple[str, ...] = ()
     being_proposed: tuple[str, ...] = ()
     direction: str = ""

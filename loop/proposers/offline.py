@@ -130,10 +130,10 @@ class OfflineProposer(Proposer):
         A large fleet proposes thousands of times on one head from thousands of candidates, so the untried
         ones are not listed while most are untried: drawing uniformly from all and skipping tried ones (up to
         REJECTION_TRIES draws) is a uniform draw from the untried ones."""
-        if kept:
+        if kept and self._rng.random() < FOLLOW_UP_PROB:  # drawn first: listing every candidate is the cost
             follow_ups = [m for m in every if m.direction and kept.get(m.constant.name) == m.direction
                           and m.edit_key not in tried]
-            if follow_ups and self._rng.random() < FOLLOW_UP_PROB:
+            if follow_ups:
                 return self._rng.choice(follow_ups)
         if 2 * len(tried) < len(every):
             for _ in range(REJECTION_TRIES):

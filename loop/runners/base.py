@@ -37,7 +37,7 @@ class Slot:
     @property
     def names(self) -> tuple[str, ...]:
         """The names of the single slots it holds: busy for every other experiment while it trains."""
-        return tuple(m.name for m in self.members) or (self.name,)
+        return (self.name,) if not self.members else tuple(m.name for m in self.members)
 
     @property
     def gpus(self) -> int:
