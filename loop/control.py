@@ -5,16 +5,19 @@ State lives in the database, so a restart comes back in the same state. Front en
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
 
 from sqlmodel import Session, func, select
 
-from db.models import CommandLog, Event, Experiment, Hint, Run, utcnow
+from db.models import CommandLog, Event, Experiment, Hint, Host, Promotion, Run, utcnow
 from db.session import session_scope
-from loop import decision, events, faults
+from loop import budget, decision, events, faults, promotion
+from loop.config import Settings
+from loop.digest import build_digest
+from loop.workspace import Workspace, WorkspaceError
 
 log = logging.getLogger("ratchet.control")
 
@@ -85,8 +88,6 @@ class Control:
         return run
 
     def _locked(self):
-        import contextlib
-
         return self.engine.lock if self.engine is not None else contextlib.nullcontext()
 
     def _wake(self) -> None:
@@ -102,7 +103,7 @@ class Control:
             run = self._run(db)
             rows = db.exec(select(Experiment.kind, Experiment.status, func.count()).where(Experiment.run_id == run.id)
                            .group_by(Experiment.kind, Experiment.status)).all()
-            counts = Counter({st: n for kind, st, n in rows if kind == "experiment"})
+            counts = {st: n for kind, st, n in rows if kind == "experiment"}
             baseline_runs = sum(n for kind, st, n in rows if kind == "baseline" and st == "keep")
             hints = db.exec(select(func.count()).select_from(Hint).where(Hint.run_id == run.id,
                                                                           Hint.closed_at.is_(None))).one()
@@ -114,7 +115,7 @@ class Control:
                 base = sum(vals) / len(vals) if vals else None
             st = Status(run=run.name, state=run.state, pause_reason=run.pause_reason, baseline_val_bpb=base,
                         head_val_bpb=run.head_val_bpb, head_commit=run.head_commit, noise_sigma=run.noise_sigma,
-                        budget_s=run.budget_s, counts=dict(counts), baseline_runs=baseline_runs, open_hints=hints)
+                        budget_s=run.budget_s, counts=counts, baseline_runs=baseline_runs, open_hints=hints)
         if self.engine is not None:
             st.running = self.engine.running()
             if not self.engine.proposer.fast:
@@ -224,8 +225,6 @@ class Control:
         announcement line.
         Raises ControlError when the experiment is unknown, was not kept, or is no longer head.
         """
-        from loop.workspace import Workspace, WorkspaceError
-
         with self._locked():
             with session_scope(self.db) as db:
                 run = self._run(db)
@@ -263,24 +262,16 @@ class Control:
 
     # ---- budgets and the digest ----
 
-    def _settings(self):
-        if self.engine is not None:
-            return self.engine.settings
-        from loop.config import Settings
-
-        return Settings()
+    def _settings(self) -> Settings:
+        return self.engine.settings if self.engine is not None else Settings()
 
     def budget(self) -> list:
         """Every budget line (loop.budget.Cap): GPU-seconds / USD used today and in total, and the caps."""
-        from loop import budget
-
         with Session(self.db) as db:
             return budget.caps(db, self._run(db).id, self._settings())
 
     def set_budget(self, user: str, resource: str, period: str, limit: Optional[float]) -> str:
         """Set a cap (GPU-seconds or USD; None removes it). Returns the announcement line."""
-        from loop import budget
-
         with self._locked(), session_scope(self.db) as db:
             run = self._run(db)
             budget.set_limit(db, run.id, resource, period, limit, user)
@@ -292,8 +283,6 @@ class Control:
 
     def digest(self, until=None, hours: float = 24.0):
         """The digest numbers (loop.digest.Digest) for the `hours` before `until` (default now)."""
-        from loop.digest import build_digest
-
         return build_digest(self.db, self.run_name, self._settings(), now=until, hours=hours)
 
     def request_digest(self, user: str) -> Optional[int]:
@@ -312,8 +301,6 @@ class Control:
         Hosts come from the hosts table (kept by the engine's health checks); slots and what they run
         from the engine when it lives in this process.
         """
-        from db.models import Host
-
         with Session(self.db) as db:
             hosts = {h.name: h for h in db.exec(select(Host).order_by(Host.name)).all()}
         rows = []
@@ -339,8 +326,6 @@ class Control:
 
         Queues a promotion the engine runs on free slots. Returns the announcement; raises ControlError.
         """
-        from loop import promotion
-
         with self._locked(), session_scope(self.db) as db:
             run = self._run(db)
             if exp_id is not None and _get(db, Experiment, exp_id) is None:
@@ -360,8 +345,6 @@ class Control:
 
     def cancel_promotion(self, user: str, promotion_id: int) -> str:
         """Cancel a queued or running promotion: its runs are aborted. Raises ControlError."""
-        from db.models import Promotion
-
         with self._locked(), session_scope(self.db) as db:
             run = self._run(db)
             p = _get(db, Promotion, promotion_id)
@@ -378,8 +361,6 @@ class Control:
 
     def promotions(self, active_only: bool = False) -> list:
         """The run's promotions, newest first (db.models.Promotion rows)."""
-        from db.models import Promotion
-
         with Session(self.db) as db:
             run = self._run(db)
             q = select(Promotion).where(Promotion.run_id == run.id)

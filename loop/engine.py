@@ -493,7 +493,7 @@ class Engine:
             self.on_change()
         return resumed
 
-    def pause_in(self, db: Session, reason: str, by: str = "ratchet", **payload) -> None:
-        """Pause the run in the open transaction `db` (nothing new starts), with a `paused` event."""
-        if pauses.pause(db, self.run_id, reason, by, **payload):
+    def pause_in(self, db: Session, reason: str) -> None:
+        """Pause the run in the open transaction `db` (nothing new starts), with a `paused` event by ratchet."""
+        if pauses.pause(db, self.run_id, reason):
             self.on_change()

@@ -44,16 +44,7 @@ def experiment_event(exp: Experiment, run: Run, head_before: float | None = None
     elif exp.status in ("crash", "timeout", "refused"):  # refused: the scorer would not score it (README: Trust model)
         kind = "crashed"
         text = f"{exp.status} #{exp.id} {what}: {exp.reason}"
-    elif exp.status == "invalid":
-        kind = "invalid"
-        text = f"invalid #{exp.id} {what}: {exp.reason}"
-    elif exp.status == "pruned":
-        kind = "pruned"
-        text = f"pruned #{exp.id} {what}: {exp.reason}"
-    elif exp.status == "aborted":
-        kind = "aborted"
-        text = f"aborted #{exp.id} {what}: {exp.reason}"
-    else:
+    else:  # invalid, pruned, aborted: the status names the event
         kind = exp.status
         text = f"{exp.status} #{exp.id} {what}: {exp.reason}"
     if exp.device_name and kind in ("baseline_run", "kept", "discarded"):

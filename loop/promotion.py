@@ -19,9 +19,6 @@ from loop import events
 
 log = logging.getLogger("ratchet.promotion")
 
-VERDICTS = ("transfers", "does_not_transfer", "inconclusive", "scale_ignored")
-
-
 class PromotionError(ValueError):
     """A promotion that cannot be made as asked (unknown scale or experiment, nothing to compare)."""
 

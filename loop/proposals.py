@@ -40,13 +40,10 @@ STORE_RETRY_S = STALE_LOCK_S + 10
 
 @dataclass
 class Flight:
-    """A request in flight: the head it was asked about, its research direction, its expected cost (USD) and
-    when it started (monotonic seconds)."""
+    """A request in flight: its research direction and its expected cost (USD)."""
 
-    parent: str
     direction: str
     expected_usd: float
-    started: float
 
 
 class SeenHashes:
@@ -249,7 +246,7 @@ class Proposals:
                 others = tuple(f.direction or "any" for f in self._flights.values())
                 self._next_id += 1
                 fid = self._next_id
-                self._flights[fid] = Flight(parent, direction, expected, time.monotonic())
+                self._flights[fid] = Flight(direction, expected)
                 self.peak_in_flight = max(self.peak_in_flight, len(self._flights))
                 self.requests += 1
             asked = replace(state, direction=direction, direction_text=text.get(direction, ""), being_proposed=others)

@@ -20,16 +20,14 @@ PRUNE_CHECKS = 3  # consecutive points seen behind head by the margin before a r
 MAX_POINTS = 200  # points kept of a run's curve: only the last window is ever read
 
 
-def head_curves(db: Session, run: Run, cls: Optional[str] = None) -> list[list[list[float]]]:
-    """Head's loss curves: those of its accepted runs (the kept run and its confirm runs, or the baseline
-    repeats), the most recent five; with `cls`, only those on that hardware class (a loss at an elapsed time
-    depends on the hardware's speed, so a run is compared with head on its own class only)."""
-    q = select(Experiment.curve).where(
-        Experiment.run_id == run.id, Experiment.commit == run.head_commit, Experiment.status == "keep",
-        Experiment.kind != "promotion")
-    if cls is not None:
-        q = q.where(Experiment.device_name == cls)
-    return [c for c in db.exec(q.order_by(Experiment.id.desc()).limit(5)).all() if c]
+def head_curves(db: Session, run: Run, cls: str) -> list[list[list[float]]]:
+    """Head's loss curves on hardware class `cls`: those of its accepted runs there (the kept run and its
+    confirm runs, or the baseline repeats), the most recent five (a loss at an elapsed time depends on the
+    hardware's speed, so a run is compared with head on its own class only)."""
+    curves = db.exec(select(Experiment.curve).where(
+        Experiment.run_id == run.id, Experiment.commit == run.head_commit, Experiment.device_name == cls,
+        Experiment.status == "keep", Experiment.kind != "promotion").order_by(Experiment.id.desc()).limit(5)).all()
+    return [c for c in curves if c]
 
 
 def curve_loss_at(curve: list, t: float, window_s: float) -> Optional[float]:

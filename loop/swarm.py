@@ -13,6 +13,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Optional, Sequence
 
+from loop.validate import DUPLICATE
+
 MAX_CONCURRENCY = 64  # a sane bound on requests in flight, whatever the fleet's size
 DEFAULT_LATENCY_S = 30.0  # assumed answer time until the first answers are measured (a large model, long prompt)
 LATENCY_WINDOW = 20  # recent answers the median latency is taken over
@@ -136,9 +138,6 @@ def pick_direction(directions: Sequence[Direction], active: Mapping[str, int], t
     return min(order, key=lambda n: (active.get(n, 0), tried.get(n, 0), order[n]))
 
 
-DUPLICATE_REASON = "duplicate of an earlier experiment"  # loop.validate's reason
-
-
 def duplicate_rate(proposals: Iterable[tuple[Optional[dict], str]]) -> Optional[float]:
     """The share of proposals whose idea was a duplicate of one already tried, queued or in flight (same
     normalised AST): an answer the proposer had to repair for it (usage["duplicate_turns"]) or one stored
@@ -146,5 +145,5 @@ def duplicate_rate(proposals: Iterable[tuple[Optional[dict], str]]) -> Optional[
     n = dup = 0
     for usage, reason in proposals:
         n += 1
-        dup += bool((usage or {}).get("duplicate_turns")) or DUPLICATE_REASON in (reason or "")
+        dup += bool((usage or {}).get("duplicate_turns")) or DUPLICATE in (reason or "")
     return dup / n if n else None

@@ -14,6 +14,7 @@ from collections.abc import Container, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 TRAIN_PATH = "train.py"
+DUPLICATE = "duplicate of an earlier experiment"  # the reason for a proposal whose normalised AST was seen
 
 # CPython 3.11 keeps the AST constructor's recursion depth in interpreter-wide state, so two threads parsing at
 # once (the swarm's proposers; also inspect.signature inside pydantic) can fail with the spurious "SystemError:
@@ -151,9 +152,9 @@ def validate_proposal(
         reason = (
             structure
             or offence
-            or _check_size(changed, max_diff_lines)
+            or (f"diff too large: {changed} changed lines (max {max_diff_lines})" if changed > max_diff_lines else "")
             or _check_changed(old_source, new_source, ast_hash)
-            or ("duplicate of an earlier experiment" if ast_hash in seen_hashes else "")
+            or (DUPLICATE if ast_hash in seen_hashes else "")
         )
     except RecursionError:  # a tree that parses but is too deep to walk (e.g. 1+1+...+1)
         return Verdict(False, "code nested too deeply to check", "", diff)
@@ -220,12 +221,6 @@ def _check_train_def(tree: ast.Module) -> str:
     required += [a for a, d in zip(args.kwonlyargs, args.kw_defaults) if d is None]
     if required:
         return f"`train` must be callable as train(ctx): `{required[0].arg}` has no default"
-    return ""
-
-
-def _check_size(changed: int, max_diff_lines: int) -> str:
-    if changed > max_diff_lines:
-        return f"diff too large: {changed} changed lines (max {max_diff_lines})"
     return ""
 
 
@@ -445,10 +440,7 @@ class _Scanner(ast.NodeVisitor):
 
 
 def _forbidden_api(dotted: str) -> str:
-    for api in FORBIDDEN_APIS:
-        if dotted == api or dotted.startswith(api + "."):
-            return api
-    return ""
+    return next((api for api in FORBIDDEN_APIS if dotted == api or dotted.startswith(api + ".")), "")
 
 
 # ---- hashing and helpers ----

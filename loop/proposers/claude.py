@@ -16,7 +16,8 @@ import anthropic
 from loop.pricing import PRICES, cost_usd
 from loop.proposers.base import (Proposal, ProposalAuthError, ProposalError, ProposalRejected, Proposer,
                                  ResearchState, TriedEdit)
-from loop.validate import FORBIDDEN_APIS, FORBIDDEN_MODULES, FORBIDDEN_NAMES, apply_edits, validate_proposal
+from loop.validate import (DUPLICATE, FORBIDDEN_APIS, FORBIDDEN_MODULES, FORBIDDEN_NAMES, apply_edits,
+                           validate_proposal)
 
 # The strongest generally available model the installed SDK (anthropic 2.15) lists: Claude Fable 5.2 (Mythos
 # 5.2, as capable, is by invitation only). A proposal costs cents, the experiment it starts GPU-minutes. It thinks
@@ -25,7 +26,6 @@ from loop.validate import FORBIDDEN_APIS, FORBIDDEN_MODULES, FORBIDDEN_NAMES, ap
 DEFAULT_MODEL = "claude-fable-5-2"
 DEFAULT_MAX_TOKENS = 16_000  # thinking counts against max_tokens; above ~21 000 the SDK requires streaming
 TOOL_NAME = "propose_change"
-DUPLICATE = "duplicate of an earlier experiment"  # loop.validate's reason for a normalised-AST duplicate
 TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
 
 PROPOSE_TOOL = {

@@ -120,6 +120,10 @@ class Handle:
     _outcome: Optional[Outcome] = None
     _aborted: str = ""  # why it was killed on purpose
 
+    def __init__(self, job: Job, slot: Slot, on_done: Callable[[], None]):
+        self.exp_id, self.slot, self.job, self._on_done = job.exp_id, slot, job, on_done
+        self.started = time.time()
+
     def done(self) -> bool:
         return self._outcome is not None
 

@@ -20,7 +20,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -120,13 +119,9 @@ class LocalHandle(Handle):
 
     def __init__(self, job: Job, slot: Slot, on_done: Callable[[], None], sandbox: SandboxConfig,
                  standby: Optional[Standby] = None):
-        self.exp_id = job.exp_id
-        self.slot = slot
-        self.job = job
-        self._on_done = on_done
+        super().__init__(job, slot, on_done)
         self._timed_out = False
         self._infra_error = ""
-        self.started = time.time()
         fresh_workdir(job, TRAINING_DONE)
         self.sandbox = sandbox
         self._lock = threading.Lock()  # kill() against the switch from a failed standby to a fresh process

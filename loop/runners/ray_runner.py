@@ -40,17 +40,11 @@ class RayHandle(Handle):
     `info` holds where it runs once known: node, node_id, worker_pid, harness_pid, workdir, data.
     """
 
-    pid: Optional[int] = None
-
     def __init__(self, runner: "RayRunner", job: Job, slot: Slot, on_done: Callable[[], None], want: dict):
-        self.exp_id = job.exp_id
-        self.slot = slot
-        self.job = job
-        self.started = time.time()
+        super().__init__(job, slot, on_done)
         self.info: dict = {}
         self._runner = runner
         self._want = want  # the driver's manifest fingerprints and train shards
-        self._on_done = on_done
         self._key = f"{job.exp_id}:{uuid.uuid4().hex[:12]}"
         self._ref = None
         self._shipping = False

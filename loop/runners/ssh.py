@@ -42,19 +42,13 @@ class SSHHandle(Handle):
     result.json at the end, so the files look as with the local runner.
     """
 
-    pid: Optional[int] = None  # remote processes are not this machine's: reap() them, never kill_group()
-
     def __init__(self, runner: "SSHRunner", host: SSHHost, job: Job, slot: Slot, on_done: Callable[[], None]):
-        self.exp_id = job.exp_id
-        self.slot = slot
-        self.job = job
+        super().__init__(job, slot, on_done)  # pid stays None: remote processes are reaped, never kill_group()
         self.host = host
         self.runner = runner
-        self._on_done = on_done
         self._timed_out = False
         self._kill_started: Optional[float] = None
         self._wake: Optional[asyncio.Event] = None
-        self.started = time.time()
         self.pgid: Optional[int] = None  # the remote process group, once launched
         self.remote_dir = ""  # <workdir>/runs/exp-NNNNNN on the host, once launched
         self.launched = 0.0
