@@ -122,11 +122,13 @@ class Proposals:
         return out
 
     def research_state(self, run: Run) -> ResearchState:
-        """The run as a proposer sees it: head, noise floor, threshold, hints, program.md, seen hashes, the edit
-        keys tried on head; for a slow proposer also the swarm's part of its prompt, what is queued or training
-        (in_progress) and the last kept diffs. A fast proposer is asked inline, one proposal at a time, once or
-        more per round: what is queued or training on head is in tried_on_head, and listing it every round
-        (thousands of rows on a large fleet) would cost more than the rest of the round's reads."""
+        """The run as a proposer sees it: head, noise floor, threshold, hints, program.md, seen hashes; for a slow
+        proposer also the swarm's part of its prompt, what is queued or training (in_progress) and the last kept
+        diffs; for a fast one instead the edit keys tried on head (tried_on_head). A fast proposer is asked inline,
+        once or more per round: what is queued or training on head is in tried_on_head, and listing it every round
+        (thousands of rows on a large fleet) would cost more than the rest of the round's reads. A slow one is
+        shown what was tried in its history and prompt, and never reads tried_on_head, which grows for as long as
+        head stands still."""
         swarm_prompt = self.proposer is None or not self.proposer.fast
         with Session(self.db) as db:
             hints = db.exec(select(Hint).where(Hint.run_id == run.id, Hint.closed_at.is_(None))
@@ -145,7 +147,7 @@ class Proposals:
                     Experiment.status.in_(("queued", "running", "confirming")))).all())) if swarm_prompt else ()
             tried = frozenset(db.exec(select(Experiment.edit_key).where(
                 Experiment.run_id == run.id, Experiment.kind == "experiment",
-                Experiment.parent_commit == run.head_commit)).all())
+                Experiment.parent_commit == run.head_commit)).all()) if not swarm_prompt else frozenset()
             kept = db.exec(select(Experiment.id, Experiment.description, Experiment.diff).where(
                 Experiment.run_id == run.id, Experiment.kind == "experiment", Experiment.status == "keep")
                 .order_by(Experiment.id.desc()).limit(KEPT_DIFFS)).all() if swarm_prompt else ()

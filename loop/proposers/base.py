@@ -81,7 +81,8 @@ class ResearchState:
     direction: str = ""
     direction_text: str = ""
     kept_diffs: tuple[tuple[str, str], ...] = ()
-    # edit keys of every experiment proposed on head (the history shows only the recent ones and the keeps)
+    # a fast proposer's: edit keys of every experiment proposed on head (the history shows only the recent ones
+    # and the keeps); empty for a slow one
     tried_on_head: frozenset[str] = frozenset()
 
 
