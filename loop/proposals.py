@@ -123,13 +123,12 @@ class Proposals:
 
     def research_state(self, run: Run) -> ResearchState:
         """The run as a proposer sees it: head, noise floor, threshold, hints, program.md, seen hashes; for a slow
-        proposer also the swarm's part of its prompt, what is queued or training (in_progress) and the last kept
-        diffs; for a fast one instead the edit keys tried on head (tried_on_head). A fast proposer is asked inline,
-        once or more per round: what is queued or training on head is in tried_on_head, and listing it every round
-        (thousands of rows on a large fleet) would cost more than the rest of the round's reads. A slow one is
-        shown what was tried in its history and prompt, and never reads tried_on_head, which grows for as long as
-        head stands still."""
-        swarm_prompt = self.proposer is None or not self.proposer.fast
+        proposer also the swarm's part of its prompt (in_progress: what is queued or training; the last kept
+        diffs), for a fast one the edit keys tried on head (tried_on_head) instead. Each reads thousands of rows
+        on a large fleet, and only its own kind of proposer uses it: a fast one, asked inline every round, sees
+        what is queued or training on head in tried_on_head; a slow one sees what was tried in its history and
+        prompt (tried_on_head grows for as long as head stands still)."""
+        fast = self.proposer is not None and self.proposer.fast
         with Session(self.db) as db:
             hints = db.exec(select(Hint).where(Hint.run_id == run.id, Hint.closed_at.is_(None))
                             .order_by(Hint.id)).all()
@@ -144,13 +143,13 @@ class Proposals:
             in_progress = tuple(f"#{i} {d}" + (f" [{dr}]" if dr else "") for i, d, dr in sorted(db.exec(
                 select(Experiment.id, Experiment.description, Experiment.direction).where(
                     Experiment.run_id == run.id, Experiment.kind == "experiment",
-                    Experiment.status.in_(("queued", "running", "confirming")))).all())) if swarm_prompt else ()
+                    Experiment.status.in_(("queued", "running", "confirming")))).all())) if not fast else ()
             tried = frozenset(db.exec(select(Experiment.edit_key).where(
                 Experiment.run_id == run.id, Experiment.kind == "experiment",
-                Experiment.parent_commit == run.head_commit)).all()) if not swarm_prompt else frozenset()
+                Experiment.parent_commit == run.head_commit)).all()) if fast else frozenset()
             kept = db.exec(select(Experiment.id, Experiment.description, Experiment.diff).where(
                 Experiment.run_id == run.id, Experiment.kind == "experiment", Experiment.status == "keep")
-                .order_by(Experiment.id.desc()).limit(KEPT_DIFFS)).all() if swarm_prompt else ()
+                .order_by(Experiment.id.desc()).limit(KEPT_DIFFS)).all() if not fast else ()
         kept_diffs = tuple((f"#{i} {d}", short_diff(diff)) for i, d, diff in kept)
         try:
             program = self.workspace.read_file(run.head_commit, "program.md")
