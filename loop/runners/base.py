@@ -121,6 +121,8 @@ class Handle:
     _aborted: str = ""  # why it was killed on purpose
 
     def __init__(self, job: Job, slot: Slot, on_done: Callable[[], None]):
+        """`job` training on `slot`, started now (time.time()); a runner calls `on_done` once, when the outcome
+        is ready."""
         self.exp_id, self.slot, self.job, self._on_done = job.exp_id, slot, job, on_done
         self.started = time.time()
 
