@@ -47,8 +47,10 @@ def write_json(name: str, figures: dict) -> Path:
 
 
 def run_loop(home: Path, *, budget_s: float, max_experiments: int, noise_repeats: int = 3, seed: int = 0,
-             eval_tokens: int | None = None, workspace: Path | None = None, echo=print, **settings_kw):
-    """Run the real engine (local runner, offline proposer, SQLite in `home`) until max_experiments are done.
+             eval_tokens: int | None = None, workspace: Path | None = None, device: str = "cpu", echo=print,
+             **settings_kw):
+    """Run the real engine (local runner, offline proposer, SQLite in `home`) on `device` (cpu | cuda | auto) until
+    max_experiments are done.
 
     Returns (settings, db engine, run id, wall seconds). Events are echoed as they are written.
     """
@@ -65,12 +67,12 @@ def run_loop(home: Path, *, budget_s: float, max_experiments: int, noise_repeats
     data_dir = prepared_data()
     link_data(home, data_dir)
     settings = Settings(home=home, workspace=workspace or home / "workspace", budget_s=budget_s,
-                        noise_repeats=noise_repeats, seed=seed, eval_tokens=eval_tokens, device="cpu", **settings_kw)
+                        noise_repeats=noise_repeats, seed=seed, eval_tokens=eval_tokens, device=device, **settings_kw)
     ws = Workspace.init(settings.workspace)
     db = make_engine(settings.db_url)
     create_tables(db)
-    engine = Engine(settings, db, ws, LocalRunner("cpu", standby=settings.standby), OfflineProposer(seed=seed, device="cpu"), data_dir,
-                    max_experiments=max_experiments)
+    engine = Engine(settings, db, ws, LocalRunner(device, standby=settings.standby),
+                    OfflineProposer(seed=seed, device=device), data_dir, max_experiments=max_experiments)
     run = engine.setup()
     seen = 0
     t0 = time.time()

@@ -1,6 +1,6 @@
-"""Loop overhead: N experiments at budget B through the real engine on CPU.
+"""Loop overhead: N experiments at budget B through the real engine (CPU unless --device says otherwise).
 
-    python bench/loop_overhead.py [--experiments 4] [--budget-s 60]
+    python bench/loop_overhead.py [--experiments 4] [--budget-s 60] [--device cpu]
 
 Prints the busy fraction (Σ training_seconds ÷ wall seconds) and the overhead per experiment
 (wall − training), split into harness time and engine time (proposing, validating, committing, deciding), and the
@@ -28,14 +28,16 @@ def main() -> None:
     ap.add_argument("--experiments", type=int, default=4, help="experiments after the baseline repeats")
     ap.add_argument("--budget-s", type=float, default=60.0)
     ap.add_argument("--noise-repeats", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     a = ap.parse_args()
     from sqlmodel import Session, select
 
     from db.models import Experiment
 
     home = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
+    # prune=False: a pruned run is not overhead
     _, db, run_id, wall, _ = run_loop(home, budget_s=a.budget_s, max_experiments=a.experiments,
-                                      noise_repeats=a.noise_repeats, prune=False)  # a pruned run is not overhead
+                                      noise_repeats=a.noise_repeats, device=a.device, prune=False)
     with Session(db) as s:
         exps = [e for e in s.exec(select(Experiment).where(Experiment.run_id == run_id)).all() if e.started_at]
     first = min(e.started_at for e in exps)
@@ -54,7 +56,7 @@ def main() -> None:
             if isinstance(t.get(k), (int, float)):
                 phases[k].append(t[k])
     figures = {
-        "budget_s": a.budget_s, "experiments": n, "wall_seconds": span, "training_seconds": train,
+        "budget_s": a.budget_s, "device": a.device, "experiments": n, "wall_seconds": span, "training_seconds": train,
         "busy_fraction": train / span, "overhead_s_per_experiment": (span - train) / n,
         "harness_overhead_s_per_experiment": harness / n,
         "engine_overhead_s_per_experiment": (span - train - harness) / n,

@@ -64,6 +64,16 @@ def test_short_run_beats_an_untrained_model(tmp_path, data_dir):
     assert {"step", "elapsed_s", "loss"} <= set(curve[0])
 
 
+def test_peak_memory_is_the_gpus_on_cuda_and_the_experiments_ram_elsewhere():
+    from trainer.harness import peak_memory_mb
+
+    # On CUDA the worker's torch.cuda.max_memory_allocated (an H200 run once reported 0: only the cgroup was read).
+    assert peak_memory_mb("cuda", {"peak_memory_mb": 20480.44}, 3 << 30) == 20480.4
+    assert peak_memory_mb("cuda", {}, 3 << 30) == 0.0  # unknown, not the host's RAM under the GPU's name
+    assert peak_memory_mb("cpu", {"peak_memory_mb": 5.0}, 3 << 30) == 3072.0
+    assert peak_memory_mb("cpu", {}, None) == 0.0
+
+
 def test_the_budget_is_enforced_through_should_stop(tmp_path, data_dir):
     script = ("import time\nimport torch.nn as nn\n"
               "def train(ctx):\n    step = 0\n    while not ctx.should_stop():\n"

@@ -237,6 +237,23 @@ def test_the_probe_says_what_is_enforced_and_what_is_missing():
         assert f["user"] == f"uid {SANDBOX_UID} on the host"
 
 
+def test_bubblewrap_outside_the_sandboxes_path_is_the_one_that_runs(tmp_path, monkeypatch):
+    # The sandbox starts with PATH=/usr/bin:/bin; a bwrap the service finds elsewhere (/usr/local/bin, a venv) must
+    # be the one run, not "not found" (which turned the sandbox off on a GPU host) nor another bwrap.
+    real = shutil.which("bwrap")
+    if not (sys.platform.startswith("linux") and real):
+        pytest.skip("needs Linux and bubblewrap")
+    local = tmp_path / "local-bin"
+    local.mkdir()
+    marker = tmp_path / "ran"
+    (local / "bwrap").write_text(f'#!/bin/sh\ntouch {marker}\nexec {real} "$@"\n')
+    (local / "bwrap").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{local}:{os.environ['PATH']}")
+    f = features(full_sandbox(), refresh=True)
+    assert f["enabled"] and f["network_isolated"], describe(f)
+    assert marker.exists()
+
+
 def test_without_bubblewrap_nothing_runs_unless_the_sandbox_is_off(tmp_path, data_dir):
     src = PROBE.replace("PORT", "9").replace("HOME", "'/'")
     proc, r = run_harness(tmp_path / "run", src, data_dir, full_sandbox(), env={"PATH": "/nonexistent"})

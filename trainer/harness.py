@@ -400,6 +400,14 @@ def mfu_percent(flops_per_token: float, tokens: int, seconds: float, device_name
     return 100.0 * flops_per_token * tokens / (seconds * peak * max(1, gpus))
 
 
+def peak_memory_mb(kind: str, told: dict, cgroup_peak: Optional[int]) -> float:
+    """A result's peak memory, MiB: on CUDA the GPU memory rank 0's torch allocated at most (as the worker reports
+    it: informational, nothing decides on it), else the most RAM the experiment's cgroup held; 0 when unknown."""
+    if kind == "cuda":
+        return round(float(told.get("peak_memory_mb") or 0.0), 1)
+    return round(cgroup_peak / 2**20, 1) if cgroup_peak else 0.0
+
+
 def run(*, script: Path, data_dir: Path, budget_s: float, out: Path, device: str = "auto", seed: int = 0,
         scale: dict | None = None, eval_tokens: int | None = None, seq_len: int | None = None,
         grace_s: float | None = None, curve: Path | None = None, warmup_steps: int | None = None,
@@ -422,6 +430,7 @@ def run(*, script: Path, data_dir: Path, budget_s: float, out: Path, device: str
     curve = curve or out.with_name(out.stem + ".curve.jsonl")
     artifact = workdir / "artifact" / "model.pt2"
     cfg = sandbox_cfg or sandbox.SandboxConfig()
+    told: dict = {}
     try:
         res.disk_full = free_space(workdir)
         if res.disk_full:
@@ -498,9 +507,7 @@ def run(*, script: Path, data_dir: Path, budget_s: float, out: Path, device: str
         res.status, res.error, res.val_bpb = "crash", f"harness error: {type(e).__name__}: {e}", None
     finally:
         if launched is not None:
-            peak = launched.cgroup.peak_bytes()
-            if peak:
-                res.peak_memory_mb = round(peak / 2**20, 1)
+            res.peak_memory_mb = peak_memory_mb(res.device, told, launched.cgroup.peak_bytes())
             launched.close()
         artifact.unlink(missing_ok=True)
         res.total_seconds = round(time.time() - t0, 3)

@@ -377,10 +377,16 @@ def command(cfg: SandboxConfig, p: Plan, argv: list[str], *, ro: list[tuple[str,
     return cmd
 
 
+def _exe(name: str) -> str:
+    """`name`'s absolute path on the service's PATH, as plan() found it: the command starts with the sandbox's
+    clean environment, whose PATH (/usr/bin:/bin) would miss a bwrap installed elsewhere (/usr/local/bin)."""
+    return shutil.which(name) or name
+
+
 def _bwrap(cfg: SandboxConfig, p: Plan, argv, ro, env, cuda: bool, limits: list[str]) -> list[str]:
     py = _python_paths()
     binds = [(s, s) for s in py] + [(s, d) for s, d in ro]
-    cmd = ["bwrap", "--die-with-parent", "--new-session", "--unshare-ipc", "--unshare-pid", "--unshare-net",
+    cmd = [_exe("bwrap"), "--die-with-parent", "--new-session", "--unshare-ipc", "--unshare-pid", "--unshare-net",
            "--unshare-uts", "--unshare-cgroup-try", "--hostname", "sandbox"]
     if p.mode == "userns":
         cmd += ["--unshare-user", "--uid", str(NS_UID), "--gid", str(NS_UID), "--disable-userns"]
@@ -418,7 +424,7 @@ def _bwrap(cfg: SandboxConfig, p: Plan, argv, ro, env, cuda: bool, limits: list[
     cmd += ["--", *limits, *drop, *argv]
     if p.mode == "subuid":
         first, count = p.subuid
-        cmd = ["unshare", "--user", "--map-root-user", f"--map-users={first},1,{count}",
+        cmd = [_exe("unshare"), "--user", "--map-root-user", f"--map-users={first},1,{count}",
                f"--map-groups={first},1,{count}", "--", *cmd]
     return cmd
 
