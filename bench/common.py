@@ -52,7 +52,8 @@ def run_loop(home: Path, *, budget_s: float, max_experiments: int, noise_repeats
     """Run the real engine (local runner, offline proposer, SQLite in `home`) on `device` (cpu | cuda | auto) until
     max_experiments are done.
 
-    Returns (settings, db engine, run id, wall seconds). Events are echoed as they are written.
+    Returns (settings, db engine, run id, wall seconds, engine). Events are echoed as they are written. Raises
+    RuntimeError when the run pauses first (nothing more would run).
     """
     from sqlmodel import Session, select
 
@@ -84,6 +85,8 @@ def run_loop(home: Path, *, budget_s: float, max_experiments: int, noise_repeats
                 for ev in s.exec(select(Event).where(Event.id > seen).order_by(Event.id)).all():
                     echo(f"  [{time.time() - t0:7.1f}s] {ev.text}")
                     seen = ev.id
+            if engine.idle() and not engine.finished():  # paused (a crashed baseline, say): nothing more will run
+                raise RuntimeError(f"the run paused: {engine.get_run().pause_reason}")
     finally:
         engine.stop(kill=True)
     return settings, db, run.id, time.time() - t0, engine
