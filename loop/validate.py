@@ -8,7 +8,7 @@ import collections
 import difflib
 import functools
 import hashlib
-import re
+import itertools
 import threading
 from collections.abc import Container, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -253,7 +253,6 @@ class _Facts:
 # when full.
 _FACTS: dict[tuple[int, bytes], _Facts] = {}
 _FACTS_MAX = 4096
-_NEWLINE = re.compile(rb"\r\n|\r|\n")  # the line ends ast counts (not \f)
 
 
 def _scan_and_hash(tree: ast.Module, source: str) -> tuple[str, str]:
@@ -261,7 +260,8 @@ def _scan_and_hash(tree: ast.Module, source: str) -> tuple[str, str]:
     sha256 of ast.dump of the whole tree without positions or docstrings. May strip docstrings from `tree` in place
     (from statements it has not seen before)."""
     data = source.encode("utf-8")
-    starts = [0] + [m.end() for m in _NEWLINE.finditer(data)]  # byte offset of each line
+    # byte offset of each line; bytes.splitlines breaks at \r\n, \r and \n, the line ends ast counts (not \f)
+    starts = list(itertools.accumulate(map(len, data.splitlines(keepends=True)), initial=0))
     facts, firsts = [], []
     for node in tree.body:
         # A decorated def's own position is its `def` line: its decorators come before it.
@@ -283,11 +283,13 @@ def _scan_and_hash(tree: ast.Module, source: str) -> tuple[str, str]:
     akey = tuple(sorted(aliases.items()))
     offences = []
     for (node, f), line in zip(facts, firsts):
-        if akey not in f.offences:
+        found = f.offences.get(akey)
+        if found is None:
             scanner = _Scanner(aliases)
             scanner.visit(node)
-            f.offences[akey] = [(ln - line, col, end, what) for ln, col, end, what in scanner.found]
-        offences += [(line + dl, col, end, what) for dl, col, end, what in f.offences[akey]]
+            found = f.offences[akey] = [(ln - line, col, end, what) for ln, col, end, what in scanner.found]
+        for dl, col, end, what in found:
+            offences.append((line + dl, col, end, what))
         if not f.dump:
             _strip_docstrings(node)
             f.dump = ast.dump(node, annotate_fields=True, include_attributes=False)
