@@ -248,8 +248,8 @@ def check_runner(settings, ssh_health: Optional[Callable] = None) -> list[Check]
         from loop.runners.ssh import SSHRunner
 
         def ssh_health():
-            # As serve builds it (host keys recorded where serve records them), without the background checks.
-            runner = SSHRunner(settings.hosts, known_hosts_file=settings.home / "known_hosts", health_interval_s=None,
+            # As serve builds it (host keys recorded where serve records them).
+            runner = SSHRunner(settings.hosts, known_hosts_file=settings.home / "known_hosts",
                                connect_timeout_s=10.0, op_timeout_s=20.0)
             try:
                 return runner.health()

@@ -111,7 +111,7 @@ def make_runner(settings: Settings):
         from loop.runners.ssh import SSHRunner
 
         # host keys learned on first contact live with the service's state; the engine runs the health checks
-        return SSHRunner(settings.hosts, known_hosts_file=settings.home / "known_hosts", health_interval_s=None)
+        return SSHRunner(settings.hosts, known_hosts_file=settings.home / "known_hosts")
     if settings.runner == "ray":
         try:
             from loop.runners.ray_runner import RayRunner

@@ -71,7 +71,7 @@ def make_runner(sshd, host_workdir, tmp_path):
     made = []
 
     def make(*, known_hosts_file=None, hosts=None, **kw) -> SSHRunner:
-        kw = {"poll_s": 0.2, "health_interval_s": None, "connect_timeout_s": 5, "op_timeout_s": 20,
+        kw = {"poll_s": 0.2, "connect_timeout_s": 5, "op_timeout_s": 20,
               "keepalive_s": 1.0, "keepalive_count": 2, "reconnect_s": 10, **kw}
         r = SSHRunner(hosts or [host_config(sshd, host_workdir)],
                       known_hosts_file=known_hosts_file or tmp_path / "known_hosts", **kw)
@@ -144,7 +144,7 @@ def assert_nothing_left(handle) -> None:
 def test_slots_one_per_gpu_or_one_cpu_slot(tmp_path):
     gpu = HostConfig(name="g", address="10.0.0.1", gpus=2)
     cpu = HostConfig(name="c", address="10.0.0.2", cpu_only=True)
-    r = SSHRunner([gpu, cpu], known_hosts_file=tmp_path / "kh", health_interval_s=None)
+    r = SSHRunner([gpu, cpu], known_hosts_file=tmp_path / "kh")
     try:
         assert [(s.name, s.host, s.env) for s in r.slots()] == [
             ("g:gpu0", "g", {"CUDA_VISIBLE_DEVICES": "0"}), ("g:gpu1", "g", {"CUDA_VISIBLE_DEVICES": "1"}),
@@ -153,7 +153,7 @@ def test_slots_one_per_gpu_or_one_cpu_slot(tmp_path):
     finally:
         r.close()
     with pytest.raises(ValueError, match="duplicate"):
-        SSHRunner([gpu, gpu], health_interval_s=None)
+        SSHRunner([gpu, gpu])
 
 
 def test_helpers(tmp_path):
@@ -278,7 +278,7 @@ def test_timeout_kills_a_harness_that_cannot_stop_itself(make_runner, data_dir, 
 
 
 def test_host_dies_mid_run_infra_failed_then_rejoins(make_runner, sshd, data_dir, tmp_path):
-    runner = make_runner(reconnect_s=2, health_interval_s=1.0)
+    runner = make_runner(reconnect_s=2)
     [h] = runner.health()
     assert h.up is True and h.error == "" and h.cpus >= 1 and h.free_disk_bytes > 0 and h.gpus == []
     handle, done = start(runner, make_job(tmp_path, data_dir, 5, budget_s=60))
@@ -296,7 +296,8 @@ def test_host_dies_mid_run_infra_failed_then_rejoins(make_runner, sshd, data_dir
         assert h.up is False and "cannot connect" in h.error
     finally:
         sshd.start()
-    wait_for(runner.slots, 60, "the background health check to bring the host back")  # a recovered host rejoins
+    # a recovered host rejoins at its next health check (the scheduler's health job calls health())
+    wait_for(lambda: runner.health() and runner.slots(), 60, "a health check to bring the host back")
     [h] = runner.host_status()
     assert h.up is True and h.error == "" and [s.name for s in runner.slots()] == ["box:cpu"]
 

@@ -277,7 +277,7 @@ class SSHRunner(Runner):
 
     A host is prepared at first contact (workdir, trainer package, Python check, data synced and verified).
     A host found down (connection refused or lost, bootstrap failed) leaves `slots()` until a health check
-    (every `health_interval_s` seconds in the background, or `health()`) finds it up again.
+    (`health()`, which the scheduler calls every `health_interval_s`) finds it up again.
     Times in seconds. The blocking methods must not be called from `on_done` (it runs on the runner's thread).
     """
 
@@ -286,14 +286,12 @@ class SSHRunner(Runner):
     def __init__(self, hosts: list[HostConfig], *, local_python_pkg: Path = Path(trainer.__file__).parent,
                  known_hosts_file: Optional[Path] = None, poll_s: float = 1.0, connect_timeout_s: float = 15.0,
                  op_timeout_s: float = 30.0, keepalive_s: float = 5.0, keepalive_count: int = 3,
-                 reconnect_s: float = 30.0, backstop_s: float = BACKSTOP_S,
-                 health_interval_s: Optional[float] = 60.0, sandbox: Optional[SandboxConfig] = None):
+                 reconnect_s: float = 30.0, backstop_s: float = BACKSTOP_S, sandbox: Optional[SandboxConfig] = None):
         """`known_hosts_file`: where unknown host keys are recorded (accept-new) for hosts without their own
         `known_hosts`; default `<ratchet home>/known_hosts`. `reconnect_s`: how long a running experiment
         waits for its host to come back before it is `infra_failed`. `backstop_s`: past budget + grace, when
-        the runner kills a harness that did not time itself out. `health_interval_s`: None disables the
-        background checks. `sandbox`: what the launcher on each host enforces (default: the configured
-        settings). Raises ValueError on duplicate host names."""
+        the runner kills a harness that did not time itself out. `sandbox`: what the launcher on each host
+        enforces (default: the configured settings). Raises ValueError on duplicate host names."""
         names = [h.name for h in hosts]
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate host names in [[hosts]]: {names}")
@@ -301,7 +299,7 @@ class SSHRunner(Runner):
         self.known_hosts_file = Path(known_hosts_file) if known_hosts_file else default_home() / "known_hosts"
         self.poll_s, self.connect_timeout_s, self.op_timeout_s = poll_s, connect_timeout_s, op_timeout_s
         self.keepalive_s, self.keepalive_count = keepalive_s, keepalive_count
-        self.reconnect_s, self.backstop_s, self.health_interval_s = reconnect_s, backstop_s, health_interval_s
+        self.reconnect_s, self.backstop_s = reconnect_s, backstop_s
         self.sandbox = sandbox or sandbox_config()
         self._cfgs = list(hosts)
         self._handles: dict[int, SSHHandle] = {}
@@ -309,8 +307,6 @@ class SSHRunner(Runner):
         self._closed = False
         self._loop = _LoopThread()
         self._hosts = {c.name: SSHHost(c, self) for c in self._cfgs}
-        if health_interval_s:
-            self._loop.submit(self._health_loop())
 
     @staticmethod
     def _host_slots(cfg: HostConfig) -> list[Slot]:
@@ -439,12 +435,3 @@ class SSHRunner(Runner):
                 h.mark_down(f"{h.name}: health check timed out after {timeout:.0f} s")
                 return h.health
         return list(await asyncio.gather(*(one(self._hosts[c.name]) for c in self._cfgs)))
-
-    async def _health_loop(self) -> None:
-        self._tasks.add(asyncio.current_task())
-        while True:
-            try:
-                await self._check_all(self.connect_timeout_s + 3 * self.op_timeout_s + 10)
-            except Exception:  # noqa: BLE001 - the loop must survive; logged
-                log.exception("host health check failed")
-            await asyncio.sleep(self.health_interval_s)
