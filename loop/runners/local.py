@@ -50,13 +50,12 @@ def detect_slots(device: str = "auto", cpu_slots: int = 1) -> list[Slot]:
 _warned: set = set()
 
 
-def check_sandbox(cfg: SandboxConfig) -> dict:
-    """trainer.sandbox.features(cfg), logging one warning per process for what is not available."""
+def warn_sandbox(cfg: SandboxConfig) -> None:
+    """Log once per process and config what the sandbox cannot enforce here (trainer.sandbox.features)."""
     f = features(cfg)
     if f["missing"] and cfg not in _warned:
         _warned.add(cfg)
         log.warning("%s", describe(f))
-    return f
 
 
 class Standby:
@@ -219,7 +218,7 @@ class LocalRunner(Runner):
     """Subprocess runner on this machine: one slot per GPU, or one CPU slot.
 
     `sandbox`: a SandboxConfig, True / False (defaults / off), or None for the configured settings
-    (`sandbox`, `sandbox_user`, … in ratchet.toml). `features` says what the sandbox enforces here.
+    (`sandbox`, `sandbox_user`, … in ratchet.toml); what it cannot enforce here is logged once.
     """
 
     name = "local"
@@ -238,7 +237,7 @@ class LocalRunner(Runner):
         self.sandbox: SandboxConfig = sandbox
         if sandbox.enabled:
             delegate_cgroup()  # a cgroup v2 the service may manage: one child cgroup per experiment
-        self.features = check_sandbox(sandbox)
+        warn_sandbox(sandbox)
 
     def slots(self) -> list[Slot]:
         return list(self._slots)
