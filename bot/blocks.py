@@ -28,7 +28,7 @@ MARK = {"kept": "✓", "discarded": "✗", "crashed": "!", "invalid": "⊘", "pr
         "reverted": "↩", "proposer_error": "!", "budget": "$", "digest": "📈", "rebased": "↷", "confirming": "🔁",
         "host_down": "▼",
         "host_up": "▲", "promotion": "⇪", "promotion_requested": "⇪", "promotion_started": "⇪",
-        "promotion_cancelled": "⇪"}
+        "promotion_cancelled": "⇪", "corpus_small": "⚠"}
 # A promotion's verdict (loop/promotion.py judge) → its mark and words.
 VERDICTS = {"transfers": ("✅", "transfers"), "does_not_transfer": ("❌", "does not transfer"),
             "inconclusive": ("❔", "inconclusive"), "scale_ignored": ("⚠️", "no verdict: train.py ignores ctx.scale")}

@@ -28,7 +28,7 @@ EVENT_STYLE = {"kept": "bold green", "discarded": "yellow", "crashed": "red", "i
                "pruned": "yellow", "rebased": "cyan", "confirming": "cyan", "host_down": "bold red",
                "host_up": "green", "budget_changed": "cyan", "reverted": "bold yellow",
                "promotion": "bold magenta", "promotion_requested": "magenta", "promotion_started": "magenta",
-               "promotion_cancelled": "magenta"}
+               "promotion_cancelled": "magenta", "corpus_small": "bold yellow"}
 EVENT_MARK = {"kept": "✓", "discarded": "✗", "crashed": "!", "invalid": "⊘", "aborted": "■", "paused": "⏸",
               "resumed": "▶", "baseline": "≈", "baseline_run": "·", "infra_failed": "↻", "hint": "✎", "pruned": "✂",
               "rebased": "↷", "confirming": "⟳", "host_down": "▼", "host_up": "▲", "budget_changed": "$",

@@ -106,6 +106,7 @@ def record(db: Session, exp_id: int, outcome: Optional[Outcome], *, settings: Se
     elif exp.kind == "baseline":
         exp.status = "keep"
         db.add(events.experiment_event(exp, run))
+        noise.corpus_check(db, run, outcome.result.epochs)
         db.flush()
         noise.measure(db, run, settings)
     elif exp.kind in ("promotion", "confirm"):

@@ -11,7 +11,7 @@ from typing import Optional, Union
 
 from sqlmodel import Session, select
 
-from db.models import Experiment, Run, utcnow
+from db.models import Event, Experiment, Run, utcnow
 from loop import events, hardware
 from loop.config import Settings
 from loop.validate import normalised_ast_hash
@@ -82,6 +82,23 @@ def measure(db: Session, run: Run, settings: Settings) -> None:
                             f"{max(settings.min_delta, settings.noise_z * run.noise_sigma):.4f}",
                             val_bpb=run.head_val_bpb, sigma=run.noise_sigma, runs=vals,
                             class_sigma={c: e["sigma"] for c, e in measured.items()}))
+
+
+# Passes over the training split past which a baseline mostly memorises: its val_bpb then gets worse with more
+# training, so the rule would reward changes that train less, not better (our bound: a few passes still help).
+MAX_EPOCHS = 4.0
+
+
+def corpus_check(db: Session, run: Run, epochs: float) -> None:
+    """Once per run, a `corpus_small` event when a baseline run saw the training split more than MAX_EPOCHS
+    times (`epochs`: its tokens ÷ the split's): the corpus is too small for this device and budget."""
+    if epochs <= MAX_EPOCHS or db.exec(select(Event.id).where(Event.run_id == run.id,
+                                                              Event.kind == "corpus_small")).first():
+        return
+    db.add(events.run_event(run, "corpus_small", f"corpus too small: a baseline run saw the training split "
+                            f"{epochs:.0f} times in {run.budget_s:g} s, so val_bpb rewards changes that train less "
+                            "rather than better; prepare a larger corpus (`ratchet data prepare --corpus "
+                            "climbmix:10`) and set `corpus` to it", epochs=epochs))
 
 
 def dof(done: list[tuple[float, str]]) -> int:

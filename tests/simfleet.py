@@ -80,8 +80,10 @@ class SimFleet(Runner):
     name = "sim"
 
     def __init__(self, hosts: list[SimHost], *, gain: float = 0.01, gain_fraction: float = 0.1, sigma: float = 0.002,
-                 drift: float = 0.0, horizon: int = 100, seed: int = 0, report_hardware: bool = True):
+                 drift: float = 0.0, horizon: int = 100, seed: int = 0, report_hardware: bool = True,
+                 epochs: float = 0.1):
         self.set_hosts(hosts)
+        self.epochs = epochs  # passes over the training split each run reports
         self.gain, self.gain_fraction, self.sigma = gain, gain_fraction, sigma
         self.drift, self.horizon, self.seed, self.report_hardware = drift, horizon, seed, report_hardware
         self.rng = random.Random(seed)
@@ -109,7 +111,8 @@ class SimFleet(Runner):
         truth = self.true_bpb(job.source)
         v = truth - SPEED_SLOPE * math.log(speed) + self.rng.gauss(0, self.sigma if host.sigma is None else host.sigma)
         res = Result(status="ok", val_bpb=v, training_seconds=job.budget_s, total_seconds=job.budget_s + 1,
-                     tokens=int(10_000 * speed), steps=int(100 * speed), params=1_000_000, device="cuda",
+                     tokens=int(10_000 * speed), epochs=self.epochs, steps=int(100 * speed), params=1_000_000,
+                     device="cuda",
                      device_name=host.device_name if self.report_hardware else "", seed=job.seed)
         self.log.append({"exp_id": job.exp_id, "host": host.name, "speed": speed, "true": truth, "val_bpb": v})
         out = Outcome(result=res, slot=slot.name, host=slot.host, wall_seconds=job.budget_s,

@@ -498,3 +498,22 @@ def test_only_a_slow_proposer_is_shown_what_is_queued_or_training(tmp_path, data
     assert [line.split(" ", 1)[1] for line in slow.in_progress] == ["idea 0", "idea 1", "idea 2"]
     assert len(slow.kept_diffs) == 1 and slow.kept_diffs[0][0].endswith(" old keep")
     assert slow.tried_on_head == frozenset()  # grows while head stands still; its history and prompt tell it
+
+
+@pytest.mark.parametrize("epochs", [66.0, 3.5])
+def test_a_corpus_the_baseline_sees_many_times_over_is_told_once(tmp_path, epochs):
+    # On an H200 the CUDA preset read Shakespeare's training split 66 times in 60 s: val_bpb then gets worse
+    # with training, and the rule would reward changes that train less. Told once per run, not per baseline run.
+    from tests.simfleet import SimFleet, SimHost, build, run_until_finished
+
+    eng, db = build(tmp_path, SimFleet([SimHost("h", "NVIDIA H200 x1")], epochs=epochs), max_experiments=2)
+    run_until_finished(eng)
+    with Session(db) as s:
+        told = s.exec(select(Event).where(Event.kind == "corpus_small")).all()
+        baselines = s.exec(select(Experiment).where(Experiment.kind == "baseline")).all()
+    assert len(baselines) >= 3
+    if epochs > 4:
+        assert len(told) == 1 and "saw the training split 66 times" in told[0].text
+        assert "ratchet data prepare --corpus climbmix" in told[0].text
+    else:
+        assert told == []

@@ -58,6 +58,7 @@ def test_short_run_beats_an_untrained_model(tmp_path, data_dir):
     uniform_bpb = math.log2(m["vocab_size"]) * m["tokens"]["val"] / m["bytes"]["val"]  # an untrained model's
     assert r.status == "ok" and r.val_bpb < 0.75 * uniform_bpb
     assert r.steps == 149 and r.tokens == 150 * 4 * 256 and r.params > 0 and r.peak_memory_mb > 0
+    assert r.epochs == round(r.tokens / m["tokens"]["train"], 3) and 0 < r.epochs < 1
     assert "val_bpb:" in proc.stdout and proc.stdout.splitlines()[0] == "---"
     curve = [json.loads(line) for line in (tmp_path / "result.curve.jsonl").read_text().splitlines()]
     assert len(curve) == r.steps + 1 and curve[-1]["loss"] < curve[0]["loss"]

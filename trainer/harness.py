@@ -475,6 +475,7 @@ def run(*, script: Path, data_dir: Path, budget_s: float, out: Path, device: str
         launched.worker.close()  # nothing of it may run while the artifact is read
         (workdir / TRAINING_DONE).touch()
         res.steps = int(told.get("steps", 0))
+        res.epochs = round(res.tokens / max(1, int(manifest["tokens"]["train"])), 3)
         tdata.verify_fingerprints(data_dir, manifest)  # again: nothing changed them while training ran
         scored = _score(launched.scorer, {"op": "score", "artifact": launched.artifact, "seq_len": T,
                                           "vocab_size": job["vocab_size"], "eval_batch": eval_batch,

@@ -29,6 +29,7 @@ class Result:
     peak_memory_mb: float = 0.0  # CUDA max allocated, or peak RSS on CPU
     mfu_percent: float | None = None  # CUDA only: model FLOPs ÷ (peak bf16 FLOPs × time)
     tokens: int = 0  # training tokens consumed
+    epochs: float = 0.0  # tokens ÷ the training split's tokens: how many times the run saw the corpus
     steps: int = 0  # last step passed to ctx.log
     params: int = 0
     device: str = ""  # cpu | cuda | mps
