@@ -19,8 +19,9 @@ def ratchet_home() -> Path:
     return Path(os.environ.get("RATCHET_HOME", Path.home() / ".ratchet")).expanduser()
 
 
-def prepared_data(corpus: str = "shakespeare", vocab_size: int = 4096) -> Path:
-    """The prepared default corpus (prepared now if missing)."""
+def prepared_data(corpus: str = "shakespeare", vocab_size: int | None = 4096) -> Path:
+    """The prepared corpus (the default one unless named; prepared now if missing). `vocab_size` None: the
+    corpus's own default."""
     from trainer.data import prepare
 
     out, _ = prepare(corpus, vocab_size, home=ratchet_home())
