@@ -225,7 +225,7 @@ def test_pruning_stops_a_deliberately_bad_run_early(tmp_path, data_dir, tiny_wor
     assert all(len(e.curve) > 3 for e in base)  # head's curve, kept for comparison
 
 
-def test_two_slots_finishing_on_the_same_parent_one_kept_one_rebased(tmp_path):
+def test_two_slots_finishing_on_the_same_parent_one_kept_one_rebased(tmp_path, whole_rounds):
     """Both changes beat head; the second to be recorded is rebased onto the new head and must confirm there, so
     the branch only ever moves forward from the head it was compared with. A simulated fleet (tests/simfleet.py:
     real engine, git and SQLite; runs finish at once), so both results are in before the next tick, which records

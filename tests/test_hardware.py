@@ -19,6 +19,9 @@ H100 = "NVIDIA H100 80GB HBM3 x1"
 A100 = "NVIDIA A100-SXM4-80GB x1"
 
 
+pytestmark = pytest.mark.usefixtures("whole_rounds")  # tests/conftest.py: rounds not cut by the wall clock
+
+
 def rows(db, model=Experiment):
     with Session(db) as s:
         return s.exec(select(model).order_by(model.id)).all()
