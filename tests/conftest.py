@@ -123,7 +123,6 @@ def measured(tmp_path_factory, data_dir) -> Path:
     return make_measured(tmp_path_factory.mktemp("measured"), data_dir)
 
 
-
 @pytest.fixture
 def whole_rounds(monkeypatch):
     """A round of filling free slots stops after loop.engine.ROUND_S of wall time. On a slow machine that changes

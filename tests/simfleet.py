@@ -112,8 +112,7 @@ class SimFleet(Runner):
         v = truth - SPEED_SLOPE * math.log(speed) + self.rng.gauss(0, self.sigma if host.sigma is None else host.sigma)
         res = Result(status="ok", val_bpb=v, training_seconds=job.budget_s, total_seconds=job.budget_s + 1,
                      tokens=int(10_000 * speed), epochs=self.epochs, steps=int(100 * speed), params=1_000_000,
-                     device="cuda",
-                     device_name=host.device_name if self.report_hardware else "", seed=job.seed)
+                     device="cuda", device_name=host.device_name if self.report_hardware else "", seed=job.seed)
         self.log.append({"exp_id": job.exp_id, "host": host.name, "speed": speed, "true": truth, "val_bpb": v})
         out = Outcome(result=res, slot=slot.name, host=slot.host, wall_seconds=job.budget_s,
                       curve=[[job.budget_s * i / 4, 5.0 - i] for i in range(5)])

@@ -26,7 +26,7 @@ class Result:
     val_bpb: float | None = None
     training_seconds: float = 0.0  # counted training time, warm-up steps excluded
     total_seconds: float = 0.0  # wall time of the whole process
-    peak_memory_mb: float = 0.0  # CUDA max allocated, or peak RSS on CPU
+    peak_memory_mb: float = 0.0  # on CUDA the GPU memory torch allocated at most; else the experiment's peak RAM
     mfu_percent: float | None = None  # CUDA only: model FLOPs ÷ (peak bf16 FLOPs × time)
     tokens: int = 0  # training tokens consumed
     epochs: float = 0.0  # tokens ÷ the training split's tokens: how many times the run saw the corpus
