@@ -1,6 +1,6 @@
 """Profile the engine thread of bench/scheduler_scale.py: where one decision's time goes.
 
-    python bench/profile_scale.py [--slots 1024] [--trainer-s 60] [--seconds 120] [--top 35] [--knobs 400]
+    python bench/profile_scale.py [--slots 1024] [--trainer-s 60] [--seconds 120] [--top 35] [--knobs 100]
 
 Builds the same simulated fleet (SimRunner, real engine, SQLite, dulwich workspace, offline proposer),
 runs the engine's own thread with every tick() after the first fill of every slot under cProfile, and prints: ticks, the share of wall time
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.scheduler_scale import build  # noqa: E402
 
 
-def profile(n_slots: int, trainer_s: float, seconds: float, top: int, dump: str = "", knobs: int = 400) -> None:
+def profile(n_slots: int, trainer_s: float, seconds: float, top: int, dump: str = "", knobs: int = 100) -> None:
     """Run the engine for `seconds` (wall) with its ticks under cProfile and print what it measured; with `dump`,
     also write the raw stats to `<dump>.<n_slots>` (for pstats). Raises nothing new."""
     from sqlmodel import Session, select
@@ -106,7 +106,7 @@ def main() -> None:
     ap.add_argument("--trainer-s", type=float, default=60.0)
     ap.add_argument("--seconds", type=float, default=120.0)
     ap.add_argument("--top", type=int, default=35)
-    ap.add_argument("--knobs", type=int, default=400, help="extra constants in the simulated train.py (see scheduler_scale)")
+    ap.add_argument("--knobs", type=int, default=100, help="extra constants in the simulated train.py (see scheduler_scale)")
     ap.add_argument("--dump", default="", help="write raw cProfile stats to DUMP.<slots>")
     a = ap.parse_args()
     for n in a.slots:

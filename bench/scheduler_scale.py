@@ -1,12 +1,14 @@
 """Scheduler scale: a simulated fleet through the real engine, database, git workspace and offline proposer.
 
-    python bench/scheduler_scale.py [--slots 64 256 1024] [--trainer-s 60] [--seconds 120] [--knobs 400]
+    python bench/scheduler_scale.py [--slots 64 256 1024] [--trainer-s 60] [--seconds 120] [--knobs 100]
 
 The trainer is simulated (each "experiment" returns after --trainer-s seconds with a plausible
 val_bpb: head's value plus noise, sometimes better), so what is measured is the loop itself. The
-simulated train.py is the template plus --knobs constants, so that the offline proposer has an
-untried edit for every slot of the largest fleet (the template alone has fewer edits per head than
-such a fleet trains at once; a fleet that size would run the Claude proposer).
+simulated train.py is the template plus --knobs constants, and the offline proposer scales each number
+by one of FACTORS, so that it has an untried edit for every experiment the largest fleet trains on one
+head (the template alone has a few hundred; a fleet that size would run the Claude proposer). The file
+stays close to the template's size, as a Claude proposal is: validating a proposal costs in proportion
+to its length, so a file padded to several times that would measure the padding.
 Prints decisions per second, database time per experiment, slot idle fraction and the engine
 process's CPU (% of one core); writes bench/results/scheduler_scale.json.
 Target: at 1,024 slots with 60 s runs, slot idle fraction < 1% and engine CPU < 25% of one core.
@@ -33,6 +35,9 @@ from loop.runners.base import Handle, Outcome, Runner, Slot  # noqa: E402
 
 
 JITTER = 0.1  # a simulated run lasts trainer_s × U(1 - JITTER, 1 + JITTER)
+# The offline proposer's scale factors: 40 steps of 2^(1/20) from 0.5 to 2, so 100 knobs give 4,000 edits per head,
+# more than the ~3,000 experiments a 1,024-slot fleet trains on one head in a measurement.
+FACTORS = tuple(round(2 ** (k / 20), 4) for k in range(-20, 21) if k)
 
 
 class SimHandle(Handle):
@@ -138,8 +143,7 @@ def build(n_slots: int, trainer_s: float, knobs: int = 0, prefix: str = "bench-s
     create_tables(db)
     ref: list = []
     runner = SimRunner(n_slots, trainer_s, ref)
-    engine = Engine(settings, db, ws, runner, OfflineProposer(seed=0, device="cuda", factors=(0.5, 0.6, 0.7, 0.8, 0.9,
-                                                                                             1.1, 1.25, 1.4, 2.0)),
+    engine = Engine(settings, db, ws, runner, OfflineProposer(seed=0, device="cuda", factors=FACTORS),
                     home / "data", device="cuda")
     ref.append(engine)
     engine.setup()
@@ -159,6 +163,7 @@ def measure(n_slots: int, trainer_s: float, seconds: float, knobs: int = 0) -> d
     from db.models import Experiment, utcnow
 
     engine, db = build(n_slots, trainer_s, knobs)
+    train_py_bytes = len(engine.workspace.read_file(engine.get_run().head_commit).encode())
     db_time = [0.0]
 
     @event.listens_for(db, "before_cursor_execute")
@@ -208,7 +213,8 @@ def measure(n_slots: int, trainer_s: float, seconds: float, knobs: int = 0) -> d
         "slot_idle_fraction": 1 - busy_area / (n_slots * wall), "engine_cpu_percent_of_one_core": 100 * cpu / wall,
         "engine_cpu_user_percent": 100 * user / wall, "engine_cpu_system_percent": 100 * system / wall,
         "kept": by_status.get("keep", 0), "invalid": by_status.get("invalid", 0),
-        "knobs": knobs, "warmup_seconds": warmup, "jitter": JITTER,
+        "knobs": knobs, "factors": len(FACTORS), "train_py_bytes": train_py_bytes, "warmup_seconds": warmup,
+        "jitter": JITTER,
     }
 
 
@@ -217,7 +223,7 @@ def main() -> None:
     ap.add_argument("--slots", type=int, nargs="+", default=[64, 256, 1024])
     ap.add_argument("--trainer-s", type=float, default=60.0, help="length of a simulated run, seconds")
     ap.add_argument("--seconds", type=float, default=120.0, help="measured wall time per fleet size")
-    ap.add_argument("--knobs", type=int, default=400, help="extra constants in the simulated train.py")
+    ap.add_argument("--knobs", type=int, default=100, help="extra constants in the simulated train.py")
     a = ap.parse_args()
     rows = []
     for n in a.slots:
