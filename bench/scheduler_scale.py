@@ -6,9 +6,9 @@ The trainer is simulated (each "experiment" returns after --trainer-s seconds wi
 val_bpb: head's value plus noise, sometimes better), so what is measured is the loop itself. The
 simulated train.py is the template plus --knobs constants, and the offline proposer scales each number
 by one of FACTORS, so that it has an untried edit for every experiment the largest fleet trains on one
-head (the template alone has a few hundred; a fleet that size would run the Claude proposer). The file
-stays close to the template's size, as a Claude proposal is: validating a proposal costs in proportion
-to its length, so a file padded to several times that would measure the padding.
+head (the template's two dozen constants give too few; a fleet that size would run the Claude
+proposer). The file stays close to the template's size, as a Claude proposal is: validating a proposal
+costs in proportion to its length, so a file padded to several times that would measure the padding.
 Prints decisions per second, database time per experiment, slot idle fraction and the engine
 process's CPU (% of one core); writes bench/results/scheduler_scale.json.
 Target: at 1,024 slots with 60 s runs, slot idle fraction < 1% and engine CPU < 25% of one core.
