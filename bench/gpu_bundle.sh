@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Measure the CUDA path on a GPU host that has torch but no network (a lent or air-gapped machine).
 #
-#   bash bench/gpu_bundle.sh prepare [DIR]    here, with network: fill DIR (default .gpu/, ~35 MB) with what such a
-#                                             host lacks: the service's wheels for its Python (PY_VERSION, default
+#   bash bench/gpu_bundle.sh prepare [DIR]    here, with network: fill DIR (default <checkout>/.gpu/, ~35 MB)
+#                                             with what such a host lacks: the service's wheels for its Python (PY_VERSION, default
 #                                             3.12), a bubblewrap binary, a git binary, the prepared default corpus
 #   bash bench/gpu_bundle.sh run [DIR]        there, from a copy of the checkout with DIR beside it: install the
 #                                             wheels into /tmp/site and run the CUDA benches under `timeout`
@@ -13,16 +13,19 @@
 # GPU a 60 s run takes about 100 s (torch.compile adds ~30 s of start), so both fit in 10 minutes.
 set -euo pipefail
 cmd=${1:?usage: gpu_bundle.sh prepare|run [DIR]}
-dir=$(realpath -m "${2:-.gpu}")
+root=$(cd "$(dirname "$0")/.." && pwd)
+dir=$(realpath -m "${2:-$root/.gpu}")
+cd "$root"  # the benches, PYTHONPATH and prepared_data() all start from the checkout
 
 prepare() {
     mkdir -p "$dir/whl" "$dir/bin" "$dir/home/data"
-    # The service's own dependencies, not torch or numpy (the GPU host's image has its own, built for its CUDA).
+    # pyproject.toml's dependencies, less torch and numpy (the GPU host's image has its own, built for its CUDA) and
+    # what the benches never import (matplotlib, psycopg, uvicorn).
     pip download -q -d "$dir/whl" --only-binary=:all: --python-version "${PY_VERSION:-3.12}" --implementation cp \
         --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
         sqlmodel sqlalchemy dulwich alembic "apscheduler<4" pydantic pydantic-settings slack-bolt slack-sdk rich typer \
         httpx anthropic tokenizers asyncssh
-    # Packages torch imports too: the host's own versions stay first.
+    # Packages torch imports too are left out, so that torch gets the host's own versions (/tmp/site comes first).
     rm -f "$dir"/whl/{huggingface_hub,hf_xet,filelock,fsspec,tqdm}-*.whl
     tmp=$(mktemp -d)
     (cd "$tmp" && apt-get download -q bubblewrap git >/dev/null && for deb in *.deb; do dpkg -x "$deb" x; done)
