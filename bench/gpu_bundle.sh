@@ -2,8 +2,9 @@
 # Measure the CUDA path on a GPU host that has torch but no network (a lent or air-gapped machine).
 #
 #   bash bench/gpu_bundle.sh prepare [DIR]    here, with network: fill DIR (default <checkout>/.gpu/, ~35 MB)
-#                                             with what such a host lacks: the service's wheels for its Python (PY_VERSION, default
-#                                             3.12), a bubblewrap binary, a git binary, the prepared default corpus
+#                                             with what such a host lacks: the service's wheels for its Python
+#                                             (PY_VERSION, default 3.12), bubblewrap and git binaries, and the
+#                                             prepared default corpus
 #   bash bench/gpu_bundle.sh run [DIR]        there, from a copy of the checkout with DIR beside it: install the
 #                                             wheels into /tmp/site and run the CUDA benches under `timeout`
 #
