@@ -339,9 +339,9 @@ def format_status(st) -> str:
     for r in st.running:
         loss = f", loss {r.loss:.3f}" if r.loss is not None else ""
         lines.append(f"training #{r.exp_id} {r.description} on {r.slot}: {r.elapsed_s:.0f}/{r.budget_s:.0f} s{loss}")
-    for p in getattr(st, "promotions", []):
+    for p in st.promotions:
         lines.append(f"promotion #{p.id} to {p.scale}: {p.status}")
-    if getattr(st, "proposals_in_flight", None):
+    if st.proposals_in_flight:
         n, limit = st.proposals_in_flight
         lines.append(f"proposals being written: {n} (at most {limit} at once)")
     if st.open_hints:

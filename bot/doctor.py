@@ -280,7 +280,7 @@ def check_sandbox(settings) -> Check:
     if settings.runner != "local":
         return Check("sandbox", "ok", f"{settings.runner} runner: each host's harness sandboxes its own runs "
                                       "(deploy/bootstrap-gpu-host.sh installs bubblewrap)")
-    from loop.runners.local import sandbox_config
+    from loop.runners.base import sandbox_config
     from trainer.sandbox import describe, features
 
     f = features(sandbox_config(settings))

@@ -94,7 +94,7 @@ class SlackConfig:
         return cls(bot_token=bot, app_token=app, signing_secret=secret, channel=settings.slack_channel,
                    api_url=settings.slack_api_url, mode=mode, http_host=settings.slack_http_host,
                    http_port=settings.slack_http_port, roles=dict(settings.slack_roles),
-                   daily_thread=settings.slack_daily_thread, timezone=getattr(settings, "timezone", "UTC"))
+                   daily_thread=settings.slack_daily_thread, timezone=settings.timezone)
 
 
 def slack_configured(env: Mapping[str, str] = os.environ) -> bool:
