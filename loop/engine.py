@@ -443,7 +443,7 @@ class Engine:
 
     def check_health(self) -> list[dict]:
         """Ask the runner about its hosts, record them (loop/hosts.py) and keep new experiments off hosts that
-        are down. Returns [{name, up, error, detail}]. A host's running experiments are the runner's to report
+        are down. Returns [{name, up, error, address}]. A host's running experiments are the runner's to report
         (as infra_failed); they are then re-queued onto another slot."""
         records = [hosts.normalise_health(r) for r in self.runner.health()]
         with session_scope(self.db) as db:

@@ -6,6 +6,7 @@ Reads what runners report; never starts or stops a run.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 from pathlib import Path
@@ -21,14 +22,10 @@ SPACE_PROBE_BYTES = 1 << 16  # a failed run's work directory must take this much
 
 
 def normalise_health(rec) -> dict:
-    """A runner's host record (SSH HostHealth, a Ray node dict, …) as {name, up, error, detail}."""
-    get = rec.get if isinstance(rec, dict) else (lambda k, d=None: getattr(rec, k, d))
-    name = get("name") or get("hostname") or get("address") or get("node_id") or "?"
-    up = get("up")
-    if up is None:
-        up = get("alive", False)
-    detail = dict(rec) if isinstance(rec, dict) else {k: v for k, v in vars(rec).items() if k not in ("name", "up")}
-    return {"name": str(name), "up": bool(up), "error": str(get("error", "") or ""), "detail": detail}
+    """A runner's host record (see Runner.health: a dict or a dataclass) as {name, up, error, address}."""
+    d = rec if isinstance(rec, dict) else dataclasses.asdict(rec)
+    return {"name": str(d["name"]), "up": bool(d["up"]), "error": str(d.get("error") or ""),
+            "address": str(d.get("address") or "")}
 
 
 def record_health(db: Session, run: Run, records: list[dict], runner: Runner) -> None:
@@ -43,7 +40,7 @@ def record_health(db: Session, run: Run, records: list[dict], runner: Runner) ->
         was_up = row.state == "up"
         row.state = "up" if rec["up"] else "down"
         row.slots = slots_by_host.get(rec["name"], row.slots)
-        row.address = str(rec["detail"].get("address", row.address) or "")
+        row.address = rec["address"] or row.address or ""
         row.last_error = rec["error"] if not rec["up"] else row.last_error
         row.last_seen = utcnow() if rec["up"] else row.last_seen
         db.add(row)

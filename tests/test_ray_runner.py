@@ -76,7 +76,7 @@ def test_slots_and_health(runner):
     assert [s.name for s in runner.slots()] == ["ray:0", "ray:1"]  # 2 CPUs, 1 CPU per task
     assert runner.slots()[0].env == {"CUDA_VISIBLE_DEVICES": ""}  # CPU tasks reserve no GPU, so use none
     (node,) = runner.health()
-    assert node["alive"] and node["cpus"] == 2.0 and node["slots"] == 2 and node["name"] == node["address"]
+    assert node["up"] and node["cpus"] == 2.0 and node["slots"] == 2 and node["name"] == node["address"]
     rec = normalise_health(node)  # what the engine's host checks make of it
     assert rec["up"] and rec["name"] == node["address"] and rec["error"] == ""
 

@@ -168,7 +168,8 @@ class Runner:
         raise NotImplementedError
 
     def health(self) -> list:
-        """One record per host ({name, up, error, …}, or an object with those attributes): every host up."""
+        """One record per host: a dict, or a dataclass (SSH's HostHealth), with at least name, up (False or None
+        when down or never checked) and error, and address where there is one. This default: every host up."""
         return [{"name": host, "up": True, "error": ""} for host in dict.fromkeys(s.host for s in self.all_slots())]
 
     def reap(self, exp_id: int, host: str) -> bool:

@@ -302,7 +302,7 @@ class RayRunner(Runner):
 
     def health(self) -> list[dict]:
         """One dict per node: name (its address; a dead node is left out once a live one has its address,
-        so a replaced node rejoins under the same name), node_id, address, hostname, alive, gpus, cpus
+        so a replaced node rejoins under the same name), node_id, address, hostname, up (alive), gpus, cpus
         (totals), slots (experiments it can hold), free (resources free now; {} when unknown), running
         (experiment ids of this runner there), error (Ray's death reason; "" when alive).
         Raises ConnectionError when the cluster cannot be asked."""
@@ -332,7 +332,7 @@ class RayRunner(Runner):
             total = res.get("GPU" if self.num_gpus_per_task else "CPU", 0.0)
             out.append({
                 "name": name, "node_id": nid, "address": address, "hostname": n.get("NodeManagerHostname", ""),
-                "alive": alive, "gpus": res.get("GPU", 0.0), "cpus": res.get("CPU", 0.0),
+                "up": alive, "gpus": res.get("GPU", 0.0), "cpus": res.get("CPU", 0.0),
                 "slots": int(total // per) if per else 0,
                 "free": {k: v for k, v in free.get(nid, {}).items()
                          if k in ("GPU", "CPU", "memory", "object_store_memory")},
