@@ -24,11 +24,6 @@ T = TypeVar("T")
 RETRY_WAITS_S = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 
 
-def sqlite_url(path: Path) -> str:
-    """`sqlite:///` URL for a file path."""
-    return f"sqlite:///{Path(path).expanduser().resolve()}"
-
-
 def normalise_url(url: str) -> str:
     """`postgresql://` and `postgres://` → the psycopg 3 driver SQLAlchemy needs spelled out."""
     for prefix in ("postgres://", "postgresql://"):
