@@ -590,6 +590,12 @@ def train_tokens(data_dir: Path, manifest: dict) -> list[np.ndarray]:
     return [np.memmap(Path(data_dir) / s, dtype=TOKEN_DTYPE, mode="r") for s in manifest["train_shards"]]
 
 
+def val_tokens(data_dir: Path, manifest: dict) -> np.ndarray:
+    """All validation tokens in pinned order, uint16 [N]."""
+    parts = [np.fromfile(Path(data_dir) / s, dtype=TOKEN_DTYPE) for s in manifest["val_shards"]]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=TOKEN_DTYPE)
+
+
 def val_paths(data_dir: Path, manifest: dict) -> list[Path]:
     """Files training code must never open: the validation shards (absolute paths)."""
     return [(Path(data_dir) / s).resolve() for s in manifest["val_shards"]]
