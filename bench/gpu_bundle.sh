@@ -48,10 +48,11 @@ run() {
     export PYTHONPATH="/tmp/site:$PWD" RATCHET_HOME="$dir/home"
     out=${OUT:-bench/results}
     budget=${BENCH_BUDGET_S:-60}
-    case " ${BENCHES:-trainer loop} " in *" trainer "*)
+    benches=" ${BENCHES:-trainer loop} "
+    case "$benches" in *" trainer "*)
         timeout 180 python3 bench/trainer.py --device cuda --scripts baseline --budget-s "$budget" || true ;;
     esac
-    case " ${BENCHES:-trainer loop} " in *" loop "*)
+    case "$benches" in *" loop "*)
         timeout 400 python3 bench/loop_overhead.py --device cuda --budget-s "$budget" --experiments 1 \
             --noise-repeats 2 || true ;;
     esac

@@ -21,10 +21,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.scheduler_scale import build  # noqa: E402
+from bench.scheduler_scale import KNOBS, build  # noqa: E402
 
 
-def profile(n_slots: int, trainer_s: float, seconds: float, top: int, dump: str = "", knobs: int = 100) -> None:
+def profile(n_slots: int, trainer_s: float, seconds: float, top: int, dump: str = "", knobs: int = KNOBS) -> None:
     """Run the engine for `seconds` (wall) with its ticks under cProfile and print what it measured; with `dump`,
     also write the raw stats to `<dump>.<n_slots>` (for pstats). Raises nothing new."""
     from sqlmodel import Session, select
@@ -106,7 +106,7 @@ def main() -> None:
     ap.add_argument("--trainer-s", type=float, default=60.0)
     ap.add_argument("--seconds", type=float, default=120.0)
     ap.add_argument("--top", type=int, default=35)
-    ap.add_argument("--knobs", type=int, default=100, help="extra constants in the simulated train.py (see scheduler_scale)")
+    ap.add_argument("--knobs", type=int, default=KNOBS, help="extra constants in the simulated train.py (see scheduler_scale)")
     ap.add_argument("--dump", default="", help="write raw cProfile stats to DUMP.<slots>")
     a = ap.parse_args()
     for n in a.slots:

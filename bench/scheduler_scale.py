@@ -35,7 +35,8 @@ from loop.runners.base import Handle, Outcome, Runner, Slot  # noqa: E402
 
 
 JITTER = 0.1  # a simulated run lasts trainer_s × U(1 - JITTER, 1 + JITTER)
-# The offline proposer's scale factors: 40 steps of 2^(1/20) from 0.5 to 2, so 100 knobs give 4,000 edits per head,
+KNOBS = 100  # constants appended to the template's train.py by default (--knobs; bench/profile_scale.py too)
+# The offline proposer's scale factors: 40 steps of 2^(1/20) from 0.5 to 2, so KNOBS (100) give 4,000 edits per head,
 # more than the ~3,000 experiments a 1,024-slot fleet trains on one head in a measurement.
 FACTORS = tuple(round(2 ** (k / 20), 4) for k in range(-20, 21) if k)
 
@@ -223,7 +224,7 @@ def main() -> None:
     ap.add_argument("--slots", type=int, nargs="+", default=[64, 256, 1024])
     ap.add_argument("--trainer-s", type=float, default=60.0, help="length of a simulated run, seconds")
     ap.add_argument("--seconds", type=float, default=120.0, help="measured wall time per fleet size")
-    ap.add_argument("--knobs", type=int, default=100, help="extra constants in the simulated train.py")
+    ap.add_argument("--knobs", type=int, default=KNOBS, help="extra constants in the simulated train.py")
     a = ap.parse_args()
     rows = []
     for n in a.slots:
