@@ -42,67 +42,15 @@ def _close_repo(ref) -> None:
         ws.close()
 
 
-def _read_ref(git_dir: str, name: str) -> bytes | None:
-    """The sha (40 hex bytes) the ref `name` holds, loose or in packed-refs (after `git pack-refs`); None when
-    it does not exist."""
+def _remove_stale_lock(lock: str) -> None:
+    """Remove git's lock file `lock` when it is older than STALE_LOCK_S: a writer holds one for milliseconds, so
+    an older one was left by a crash, and dulwich (as git) would refuse the ref for good while it stays."""
     try:
-        with open(os.path.join(git_dir, name), "rb") as f:
-            return f.read(40)
-    except FileNotFoundError:
-        pass
-    try:
-        with open(os.path.join(git_dir, "packed-refs"), "rb") as f:
-            for line in f:
-                if line.rstrip(b"\n").endswith(b" " + name.encode()) and not line.startswith((b"#", b"^")):
-                    return line[:40]
-    except FileNotFoundError:
-        pass
-    return None
-
-
-def _update_ref(git_dir: str, name: str, new_tip) -> bytes:
-    """Move the ref `name` as `git update-ref` does by default: under git's `<ref>.lock`, renamed into place,
-    without fsync and without a reflog. `new_tip(old)` is called with the lock held and the ref's sha (None
-    when there is none) and returns the new sha (40 hex bytes), which is returned. A lock older than
-    STALE_LOCK_S is taken to be left by a crash (holders keep it for milliseconds) and removed.
-
-    Why not dulwich's set_if_equals: it fsyncs and appends a reflog entry, at every experiment, for a ref git
-    itself would not log (the objects it points at are written without fsync anyway), and it leaves a lock a
-    crash left behind in place for good. Raises OSError (FileExistsError while another writer holds
-    the lock), or what `new_tip` raises; the ref is unchanged then.
-    """
-    path = os.path.join(git_dir, name)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    lock = path + ".lock"
-    try:
-        fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except FileExistsError:
-        try:
-            stale = time.time() - os.stat(lock).st_mtime > STALE_LOCK_S
-        except FileNotFoundError:
-            stale = True  # released meanwhile
-        if not stale:
-            raise
-        log.warning("removing %s: older than %d s, left by a writer that did not finish", lock, STALE_LOCK_S)
-        try:
+        if time.time() - os.stat(lock).st_mtime > STALE_LOCK_S:
+            log.warning("removing %s: older than %d s, left by a writer that did not finish", lock, STALE_LOCK_S)
             os.unlink(lock)
-        except FileNotFoundError:
-            pass
-        fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        try:
-            sha = new_tip(_read_ref(git_dir, name))
-            os.write(fd, sha + b"\n")
-        finally:
-            os.close(fd)
-        os.replace(lock, path)
-    except BaseException:
-        try:
-            os.unlink(lock)
-        except OSError:
-            pass
-        raise
-    return sha
+    except FileNotFoundError:
+        pass  # none, or released meanwhile
 
 
 def _commit(tree: bytes, parents: list[bytes], message: str):
@@ -287,8 +235,9 @@ class Workspace:
         Its objects are written loose, as git writes them, and the commit is kept reachable: a commit whose
         parents are the previous tip of refs/ratchet/experiments and this one becomes that ref's tip, so
         `git gc` keeps every experiment commit. Returns the new commit's sha. Raises WorkspaceError when git
-        fails or another writer holds the ref.
+        fails, or another writer holds the ref or moved it meanwhile (the caller stores again).
         """
+        from dulwich.file import FileLocked
         from dulwich.objects import Blob, Tree
 
         if "/" in path:
@@ -310,18 +259,20 @@ class Workspace:
                     tree.add(entry.path, entry.mode, entry.sha)
             tree.add(path.encode(), mode, blob.id)
             commit = _commit(tree.id, [parent.encode()], message)
+            ref = EXPERIMENTS_REF.encode()
+            _remove_stale_lock(os.path.join(os.fsdecode(repo.controldir()), EXPERIMENTS_REF + ".lock"))
+            old = repo.refs.read_ref(ref)
             empty = Tree()
-
-            def new_tip(old: bytes | None) -> bytes:  # with the ref locked: its old tip is the first parent
-                log_commit = _commit(empty.id, ([old] if old else []) + [commit.id], f"experiments #{exp_id}")
-                for obj in (blob, tree, commit, empty, log_commit):
-                    repo.object_store.add_object(obj)
-                return log_commit.id
-
-            try:
-                _update_ref(os.fsdecode(repo.controldir()), EXPERIMENTS_REF, new_tip)
-            except OSError as e:
+            log_commit = _commit(empty.id, ([old] if old else []) + [commit.id], f"experiments #{exp_id}")
+            for obj in (blob, tree, commit, empty, log_commit):
+                repo.object_store.add_object(obj)
+            try:  # compare-and-swap under git's <ref>.lock; the objects of a refused commit are left for `git gc`
+                moved = (repo.refs.add_if_new(ref, log_commit.id) if old is None
+                         else repo.refs.set_if_equals(ref, old, log_commit.id))
+            except (OSError, FileLocked) as e:
                 raise WorkspaceError(f"cannot store the commit of experiment #{exp_id}: {e}") from e
+            if not moved:
+                raise WorkspaceError(f"cannot store the commit of experiment #{exp_id}: {EXPERIMENTS_REF} moved")
         return commit.id.decode()
 
     def fast_forward(self, run: str, commit: str, expected_old: str) -> None:
