@@ -224,8 +224,7 @@ def serve(settings: Settings, *, max_experiments: Optional[int] = None, budget_e
         engine.stop(kill=stop.is_set())
         scheduler.shutdown(wait=False)
         shell.deliver()
-        if hasattr(shell, "stop"):
-            shell.stop()  # Slack: post what is pending (bounded), then disconnect
+        shell.stop()  # Slack: post what is pending (bounded), then disconnect
         for s, h in old.items():
             signal.signal(s, h)
     console.print(format_status(control.status()))

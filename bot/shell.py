@@ -147,6 +147,9 @@ class ShellBackend:
         """Whether a command can still come: stdin is a terminal or a pipe and has not reached its end."""
         return self.read_commands and not self._input_closed.is_set()
 
+    def stop(self) -> None:
+        """Nothing to release: every event is printed by `deliver`, and the reader thread is a daemon."""
+
     def _read_loop(self) -> None:
         for line in self.stdin:
             try:
