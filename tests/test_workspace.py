@@ -270,6 +270,29 @@ def test_every_experiment_commit_stays_reachable_and_a_held_lock_is_respected(ws
     assert git(ws, "rev-list", "--parents", "-n", "1", EXPERIMENTS_REF).split()[1:] == [packed_tip, fourth]
 
 
+def test_a_commit_that_another_writer_overtakes_is_refused_and_stored_again(ws, monkeypatch):
+    base = ws.head_commit()
+    first = ws.commit_experiment(1, base, edit(SCRIPT, "A = 1", "A = 2"), "first")
+    refs = ws._dulwich().refs
+    read_ref = refs.read_ref
+    other = []
+
+    def overtaken(name):  # another process stores its experiment between this store's read and its swap
+        old = read_ref(name)
+        if not other:
+            other.append(Workspace(ws.path).commit_experiment(2, base, edit(SCRIPT, "A = 1", "A = 5"), "other"))
+        return old
+
+    monkeypatch.setattr(refs, "read_ref", overtaken)
+    with pytest.raises(WorkspaceError, match=f"#3: {EXPERIMENTS_REF} moved"):
+        ws.commit_experiment(3, base, edit(SCRIPT, "A = 1", "A = 6"), "third")
+    assert git(ws, "rev-parse", f"{EXPERIMENTS_REF}^2") == other[0]  # theirs stands; nothing was lost
+    third = ws.commit_experiment(3, base, edit(SCRIPT, "A = 1", "A = 6"), "third again")  # the caller's retry
+    for sha in (first, other[0], third):
+        assert subprocess.run(["git", "-C", str(ws.path), "merge-base", "--is-ancestor", sha, EXPERIMENTS_REF]
+                              ).returncode == 0
+
+
 def test_a_committed_source_read_back_is_what_git_stored(ws):
     base = ws.head_commit()
     source = edit(ws.read_file(base), "DEPTH_CPU = 4", "DEPTH_CPU = 5") + "# é ✓\n"
