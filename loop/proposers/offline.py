@@ -27,7 +27,6 @@ UNIT_TOKENS = frozenset({"FRAC", "FRACTION", "RATIO", "DROPOUT", "PROB"})
 
 # Chance of following up a direction that was kept before (see OfflineProposer.propose).
 FOLLOW_UP_PROB = 0.5
-REJECTION_TRIES = 32  # uniform draws before the untried candidates are listed (see OfflineProposer._choose)
 
 _NAME_RE = re.compile(r"^[A-Z][A-Z0-9_]*$")
 _OPTIONS_RE = re.compile(r"one of:(.*)", re.IGNORECASE)
@@ -111,7 +110,7 @@ class OfflineProposer(Proposer):
             raise ProposalError(f"head train.py does not parse: line {exc.lineno}: {exc.msg}") from exc
         tried = {t.edit_key for t in history if t.parent == parent} | (state.tried_on_head if state else set())
         kept = kept_directions(history)
-        mutation = self._choose(every, _edit_keys(head_source, self.device, self.factors), tried, kept)
+        mutation = self._choose(every, tried, kept)
         if mutation is None:
             raise ProposalExhausted(
                 f"no untried offline edit left from {parent[:12]} ({len(tried)} edits tried there)")
@@ -123,25 +122,14 @@ class OfflineProposer(Proposer):
             edit_key=mutation.edit_key,
         )
 
-    def _choose(self, every: tuple[Mutation, ...], keys: tuple[str, ...], tried: set[str],
-                kept: dict[str, int]) -> Mutation | None:
-        """The next mutation (see propose), or None when every candidate was tried.
-
-        A large fleet proposes thousands of times on one head from thousands of candidates, so the untried
-        ones are not listed while most are untried: drawing uniformly from all and skipping tried ones (up to
-        REJECTION_TRIES draws) is a uniform draw from the untried ones."""
-        if kept and self._rng.random() < FOLLOW_UP_PROB:  # drawn first: listing every candidate is the cost
-            follow_ups = [m for m in every if m.direction and kept.get(m.constant.name) == m.direction
-                          and m.edit_key not in tried]
+    def _choose(self, every: tuple[Mutation, ...], tried: set[str], kept: dict[str, int]) -> Mutation | None:
+        """The next mutation (see propose), or None when every candidate was tried."""
+        untried = [m for m in every if m.edit_key not in tried]
+        if kept and self._rng.random() < FOLLOW_UP_PROB:
+            follow_ups = [m for m in untried if m.direction and kept.get(m.constant.name) == m.direction]
             if follow_ups:
                 return self._rng.choice(follow_ups)
-        if 2 * len(tried) < len(every):
-            for _ in range(REJECTION_TRIES):
-                i = self._rng.randrange(len(every))
-                if keys[i] not in tried:
-                    return every[i]
-        candidates = [m for m, key in zip(every, keys) if key not in tried]
-        return self._rng.choice(candidates) if candidates else None
+        return self._rng.choice(untried) if untried else None
 
 
 @functools.lru_cache(maxsize=16)
@@ -154,13 +142,6 @@ def _all_candidates(source: str, device: str, factors: tuple[float, ...]) -> tup
     constants = read_constants(source)
     preset = preset_suffix(constants, device)
     return tuple(m for c in constants if _mutable(c, preset) for m in candidate_mutations(c, factors))
-
-
-@functools.lru_cache(maxsize=16)
-def _edit_keys(source: str, device: str, factors: tuple[float, ...]) -> tuple[str, ...]:
-    """The edit keys of _all_candidates(source, device, factors), in its order (cached with the same key:
-    a tuple of thousands of mutations would be hashed on every call)."""
-    return tuple(m.edit_key for m in _all_candidates(source, device, factors))
 
 
 def preset_suffix(constants: Sequence[Constant], device: str) -> str:
@@ -190,12 +171,6 @@ def read_constants(source: str) -> list[Constant]:
     Only UPPERCASE names assigned once at module level to an int/float/bool/str literal on
     one line (a leading - or + allowed for numbers). Raises SyntaxError if source does not parse.
     """
-    return list(_read_constants(source))
-
-
-@functools.lru_cache(maxsize=64)
-def _read_constants(source: str) -> tuple[Constant, ...]:
-    """read_constants, cached: head's source is read again for every proposal made on it."""
     tree = parse(source)
     lines = source.split("\n")
     counts = _assignment_counts(tree)
@@ -205,7 +180,7 @@ def _read_constants(source: str) -> tuple[Constant, ...]:
         # A name bound twice: editing the first binding may change nothing.
         if constant is not None and counts.get(constant.name) == 1:
             found.append(constant)
-    return tuple(found)
+    return found
 
 
 def _constant(node: ast.stmt, lines: list[str]) -> Constant | None:
