@@ -82,7 +82,6 @@ class Workspace:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self._read_cache: dict[tuple[str, str], str] = {}
         self._repo = None  # dulwich.repo.Repo, opened on first use
         self._repo_lock = threading.Lock()
 
@@ -167,22 +166,11 @@ class Workspace:
         return self._out("rev-parse", "--verify", "--end-of-options", f"{ref}^{{commit}}")
 
     def read_file(self, commit: str, path: str = "train.py") -> str:
-        """Text (UTF-8) of `path` in `commit`. Raises WorkspaceError if it is not there.
-
-        Cached for full commit ids: a commit's content never changes, and the engine reads head often.
-        """
-        key = (commit, path)
-        if key in self._read_cache:
-            return self._read_cache[key]
+        """Text (UTF-8) of `path` in `commit`. Raises WorkspaceError if it is not there."""
         data = self._read_blob(commit, path) if _SHA.fullmatch(commit) else None
         if data is None:
             data = self._git("cat-file", "blob", f"{commit}:{path}").stdout
-        text = data.decode("utf-8")
-        if len(commit) == 40:
-            if len(self._read_cache) >= 256:  # bounded: the oldest entry goes first
-                self._read_cache.pop(next(iter(self._read_cache)))
-            self._read_cache[key] = text
-        return text
+        return data.decode("utf-8")
 
     def _read_blob(self, commit: str, path: str) -> bytes | None:
         """The bytes of a top-level file at a full commit sha through dulwich; None when not found that way."""
