@@ -25,6 +25,8 @@ def test_serve_uses_slack_when_its_tokens_are_set(tmp_path, data_dir, tiny_works
             fake.wait_for(lambda: any("baseline run #" in m["text"] for m in fake.event_posts(CHANNEL)), timeout=120,
                           what="a baseline run posted")
             fake.wait_ack(fake.slash_command("pause for the test", user="U0VIEWER"))
+            # each command answers from its own worker: wait for pause's answer so status's comes second
+            fake.wait_for(lambda: fake.responses, timeout=30, what="the pause answered")
             fake.wait_for(lambda: any("paused by <@U0VIEWER>: for the test" in m["text"]
                                       for m in fake.event_posts(CHANNEL)), timeout=30, what="the pause announced")
             fake.wait_ack(fake.slash_command("status", user="U0VIEWER"))
@@ -35,6 +37,7 @@ def test_serve_uses_slack_when_its_tokens_are_set(tmp_path, data_dir, tiny_works
         assert code == 0, out.read_text()[-3000:]
     text = out.read_text()
     assert "slack: Socket Mode, posting to C0RATCHET" in text and "→ slack: baseline run #" in text
+    assert "paused by <@U0VIEWER>: for the test" in fake.responses[0]["text"]
     assert "run main: paused (for the test)" in fake.responses[1]["text"]
     assert db_rows(home, Run)[0].state == "paused"
     evs = db_rows(home, Event)
